@@ -1,0 +1,90 @@
+"""Small building blocks shared by the backbones: dense, norms, attention, activation constraints.
+
+Every parameter is created with logical axis names (`nn.with_logical_partitioning`); `sharding.RULES` maps them to
+mesh axes. Kernels are stored `[in, out]` (PyTorch's Linear weight transposed).
+
+Letters used in shapes: B batch (or images), T query length, S key length, D model width, N query heads,
+K key/value heads, H head dim, F feed-forward width, V vocabulary, C channels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_vl_jax import common
+
+Dtype = Any
+
+
+def dense(features: int, axes: tuple[str, str], use_bias: bool, dtype: Dtype, param_dtype: Dtype, name: str,
+          bias_axis: str | None = None) -> nn.Dense:
+    """A Linear layer: kernel [in, out] with logical `axes`, bias [out] (sharded like the kernel's output axis)."""
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (bias_axis or axes[1],)),
+        name=name,
+    )
+
+
+class RMSNorm(nn.Module):
+    """LLaMA RMSNorm, computed in float32 and cast back, then scaled (as HF: weight * x.to(input_dtype))."""
+
+    eps: float
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), (common.NORM,)),
+                           (x.shape[-1],), self.param_dtype)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def layer_norm(eps: float, param_dtype: Dtype, name: str) -> nn.LayerNorm:
+    """LayerNorm over the last axis, statistics in float32 (torch's LayerNorm semantics)."""
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=jnp.float32,
+        param_dtype=param_dtype,
+        use_fast_variance=False,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), (common.NORM,)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (common.NORM,)),
+        name=name,
+    )
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+              bias: jax.Array | None = None, scale: float | None = None) -> jax.Array:
+    """Softmax attention: q [B, T, N, H], k/v [B, S, K, H] (N a multiple of K: grouped-query) -> [B, T, N, H].
+
+    mask: bool, broadcastable to [B, N, T, S], True where a query may attend. bias: added to the logits.
+    Uses `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPU where the inputs allow it and
+    XLA's fused path elsewhere; logits and softmax run in float32.
+    """
+    out_dtype = q.dtype
+    if q.dtype != jnp.float32 and bias is not None:
+        bias = bias.astype(q.dtype)
+    out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
+    return out.astype(out_dtype)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    """Pin an activation's sharding by logical axes; a no-op outside a mesh / rules context."""
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+def remat(module_cls, policy: common.RematPolicy, static_argnums: tuple[int, ...] = ()):
+    """Wrap a module class in `nn.remat` according to the config's policy (NONE: unchanged)."""
+    checkpoint_policy = common.checkpoint_policy(policy)
+    if checkpoint_policy is None:
+        return module_cls
+    return nn.remat(module_cls, policy=checkpoint_policy, prevent_cse=False, static_argnums=static_argnums)

@@ -1,0 +1,132 @@
+"""The LLaMA decoder: embeddings, scanned blocks (RMSNorm, half-split RoPE, grouped-query attention, gated MLP),
+final norm and LM head (tied to the embeddings or not). Matches transformers' `LlamaModel` + `lm_head`.
+
+The KV cache is an explicit pytree (`kv_cache.KVCache`, [L, B, S, K, H] per key/value) that the stack takes and
+returns; it rides in the scan carry so each layer updates its slice in place (`lax.dynamic_update_slice`).
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_vl_jax import common, layers
+from deepseek_vl_jax.config import TextConfig
+from deepseek_vl_jax.rope import apply_rope
+
+
+class LlamaAttention(nn.Module):
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache_kv, cache_index):
+        """x [B, T, D], cos/sin [B, T, H], mask bool [B, 1, T, S].
+
+        cache_kv: None (attend over x itself, S = T) or (k, v) [B, S, K, H] of this layer, into which this call's
+        keys/values are written at slot `cache_index` before attending over all S slots. Returns (out, cache_kv).
+        """
+        c = self.config
+        n, kh, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        b, t, _ = x.shape
+        proj = lambda f, axes, name: layers.dense(f, axes, c.attention_bias, self.dtype, self.param_dtype, name)
+        q = proj(n * h, (common.EMBED, common.HEADS), "q_proj")(x).reshape(b, t, n, h)
+        k = proj(kh * h, (common.EMBED, common.KV_HEADS), "k_proj")(x).reshape(b, t, kh, h)
+        v = proj(kh * h, (common.EMBED, common.KV_HEADS), "v_proj")(x).reshape(b, t, kh, h)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+            cache_kv = (ck, cv)
+            k, v = ck.astype(self.dtype), cv.astype(self.dtype)
+        out = layers.attention(q, k, v, mask=mask, scale=h**-0.5).reshape(b, t, n * h)
+        out = proj(c.hidden_size, (common.HEADS, common.EMBED), "o_proj")(out)
+        return out, cache_kv
+
+
+class LlamaMLP(nn.Module):
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        proj = lambda f, axes, name: layers.dense(f, axes, c.mlp_bias, self.dtype, self.param_dtype, name)
+        gate = proj(c.intermediate_size, (common.EMBED, common.MLP), "gate_proj")(x)
+        up = proj(c.intermediate_size, (common.EMBED, common.MLP), "up_proj")(x)
+        return proj(c.hidden_size, (common.MLP, common.EMBED), "down_proj")(common.ACTIVATIONS[c.hidden_act](gate) * up)
+
+
+class LlamaBlock(nn.Module):
+    """One decoder layer. Scan carry: (x, cache or None, layer index); broadcast: cos, sin, mask, cache_index."""
+
+    config: TextConfig
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, carry, cos, sin, mask, cache_index):
+        x, cache, i = carry
+        c = self.config
+        x = layers.constrain(x, (common.BATCH, common.LENGTH, common.EMBED))
+        cache_kv = None if cache is None else (cache[0][i], cache[1][i])
+        y = layers.RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
+        y, cache_kv = LlamaAttention(c, self.dtype, self.param_dtype, name="self_attn")(
+            y, cos, sin, mask, cache_kv, cache_index)
+        x = x + y
+        y = layers.RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
+        x = x + LlamaMLP(c, self.dtype, self.param_dtype, name="mlp")(y)
+        if cache is not None:
+            cache = (jax.lax.dynamic_update_index_in_dim(cache[0], cache_kv[0], i, 0),
+                     jax.lax.dynamic_update_index_in_dim(cache[1], cache_kv[1], i, 0))
+        return (x, cache, i + 1), None
+
+
+class LlamaForCausalLM(nn.Module):
+    """Embeddings, decoder stack, norm and LM head. Params: embed_tokens, layers (stacked), norm, lm_head."""
+
+    config: TextConfig
+    tie_word_embeddings: bool
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat_policy: common.RematPolicy = common.RematPolicy.NONE
+
+    def setup(self):
+        c = self.config
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (common.VOCAB, common.EMBED)))
+        block = layers.remat(LlamaBlock, self.remat_policy)
+        self.layers = nn.scan(
+            block, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_hidden_layers,
+            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            metadata_params={nn.PARTITION_NAME: common.LAYERS},
+        )(c, self.dtype, self.param_dtype)
+        self.norm = layers.RMSNorm(c.rms_norm_eps, self.param_dtype)
+        if not self.tie_word_embeddings:
+            self.lm_head = layers.dense(c.vocab_size, (common.EMBED, common.VOCAB), False, self.dtype,
+                                        self.param_dtype, "lm_head")
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids [B, T] -> [B, T, D]."""
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, embeds, cos, sin, mask, cache=None, cache_index=0):
+        """embeds [B, T, D]; cos/sin [B, T, H] for the tokens' positions; mask bool [B, 1, T, S].
+
+        cache: None, or (k, v) each [L, B, S, K, H]. Returns (hidden [B, T, D] after the final norm, cache).
+        """
+        (x, cache, _), _ = self.layers((embeds, cache, 0), cos, sin, mask, cache_index)
+        return self.norm(x), cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, T, D] -> logits [B, T, V] in float32."""
+        if self.tie_word_embeddings:
+            out = self.embed_tokens.attend(hidden.astype(self.dtype))
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
