@@ -99,9 +99,6 @@ class Model:
             if tuple(np.shape(high_res_pixel_values)) != want:
                 raise ValueError(f"high_res_pixel_values must be {want}, got {tuple(np.shape(high_res_pixel_values))}")
         multimodal.check_image_tokens(ids, n_images, c.num_image_tokens, c.image_token_id)
-        if ids.shape[1] > c.text.max_position_embeddings:
-            raise ValueError(f"sequence of {ids.shape[1]} tokens is longer than the model's maximum positions "
-                             f"({c.text.max_position_embeddings})")
 
     def __call__(self, input_ids, attention_mask=None, pixel_values=None, high_res_pixel_values=None) -> jax.Array:
         self.check_inputs(input_ids, pixel_values, high_res_pixel_values)

@@ -1,0 +1,50 @@
+"""SigLIP vision tower parity with transformers' SiglipVisionModel (float32; max rel error <= 1e-5)."""
+
+import jax
+import numpy as np
+import torch
+import transformers
+from flax.core import meta
+
+from deepseek_vl_jax.config import SiglipConfig
+from deepseek_vl_jax.hf_mapping import hf_to_flax
+from deepseek_vl_jax.siglip import SiglipVisionModel
+
+import hf_fixtures as F
+
+TOL = 1e-5
+
+
+def _pair(use_head: bool, seed=0):
+    kw = {**F.VISION, "vision_use_head": use_head}
+    torch.manual_seed(seed)
+    ref = F.perturb(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**kw)).eval(), seed)
+    cfg = SiglipConfig.from_hf(kw)
+    module = SiglipVisionModel(cfg)
+    x = jax.ShapeDtypeStruct((1, 3, cfg.image_size, cfg.image_size), np.float32)
+    template = meta.unbox(jax.eval_shape(module.init, jax.random.key(0), x)["params"])
+    tensors = {"model.vision_model." + k: v.numpy() for k, v in ref.state_dict().items()}
+    params = hf_to_flax(tensors, {"vision_model": template})["vision_model"]
+    return ref, module, params
+
+
+def test_siglip_matches_transformers_with_head():
+    ref, module, params = _pair(use_head=True)
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        out = ref(torch.from_numpy(pixels))
+    last, pooled = module.apply({"params": params}, pixels)
+    assert F.max_rel_err(last, out.last_hidden_state.numpy()) <= TOL
+    assert F.max_rel_err(pooled, out.pooler_output.numpy()) <= TOL
+    assert last.shape == (3, 16, 48) and pooled.shape == (3, 48)
+
+
+def test_siglip_without_head_has_no_head_params():
+    ref, module, params = _pair(use_head=False, seed=1)
+    assert "head" not in params
+    pixels = np.random.default_rng(1).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        out = ref(torch.from_numpy(pixels)).last_hidden_state.numpy()
+    last, pooled = module.apply({"params": params}, pixels)
+    assert pooled is None
+    assert F.max_rel_err(last, out) <= TOL
