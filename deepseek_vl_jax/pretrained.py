@@ -110,7 +110,7 @@ class Model:
                 else jnp.asarray(high_res_pixel_values, jnp.float32)]
         if self.mesh is None:
             return self._forward(self.params, *args)
-        with self.mesh, sharding.axis_rules(self.mesh):
+        with jax.set_mesh(self.mesh), sharding.axis_rules(self.mesh):
             return self._forward(self.params, *args)
 
 
