@@ -19,6 +19,7 @@ COMMANDS = {
     "verify": ("deepseek_vl_jax.conversion.verify", "compare two checkpoints module by module"),
     "train": ("deepseek_vl_jax.training.cli", "sharded, resumable fine-tuning"),
     "evaluate": ("deepseek_vl_jax.training.evaluate", "exact-match accuracy on a held-out JSONL"),
+    "synthetic": ("deepseek_vl_jax.synthetic.cli", "write the synthetic shapes VQA set and its tokenizer"),
 }
 
 

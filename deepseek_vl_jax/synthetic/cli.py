@@ -1,0 +1,40 @@
+"""`deepseek-vl-jax synthetic OUT`: write the synthetic VQA set and a tokenizer/processor directory for it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from deepseek_vl_jax.synthetic.dataset import write_dataset
+from deepseek_vl_jax.synthetic.tokenizer import write_processor
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("output", help="directory for train.jsonl, heldout.jsonl, images/ and processor/")
+    p.add_argument("--train", type=int, default=6000, help="training rows")
+    p.add_argument("--heldout", type=int, default=300, help="held-out rows")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=64, help="the processor's (SigLIP's) input size")
+    p.add_argument("--patch-size", type=int, default=8, help="to derive num_image_tokens = (size / patch)^2")
+    p.add_argument("--vocab-size", type=int, default=512)
+
+
+def texts(jsonl: str):
+    """Every text item of every message (the tokenizer's training corpus)."""
+    with open(jsonl) as f:
+        for line in f:
+            for m in json.loads(line)["messages"]:
+                for item in m["content"]:
+                    if item["type"] == "text":
+                        yield item["text"]
+
+
+def run(args: argparse.Namespace) -> int:
+    paths = write_dataset(args.output, args.train, args.heldout, args.seed)
+    tokens = (args.image_size // args.patch_size) ** 2
+    tok = write_processor(os.path.join(args.output, "processor"), texts(paths["train"]), args.image_size, tokens,
+                          args.vocab_size)
+    print(f"wrote {args.train} train and {args.heldout} held-out rows to {args.output}; "
+          f"tokenizer of {tok.get_vocab_size()} tokens, {tokens} image tokens per picture")
+    return 0

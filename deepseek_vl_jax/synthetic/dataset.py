@@ -1,0 +1,42 @@
+"""Write the synthetic VQA set: PNG pictures and JSONL chats (train and held-out splits), seeded."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from deepseek_vl_jax.synthetic.questions import ask
+from deepseek_vl_jax.synthetic.scenes import draw, random_scene
+
+
+def chat(image: str, question: str, answer: str | None = None) -> list[dict]:
+    """A chat in the processor's format: the user shows one picture and asks; the assistant answers."""
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def write_split(directory: str, name: str, count: int, seed: int) -> str:
+    """`count` rows into `directory/name.jsonl`, pictures under `directory/images/name/`. Returns the JSONL path."""
+    rng = np.random.default_rng(seed)
+    image_dir = os.path.join(directory, "images", name)
+    os.makedirs(image_dir, exist_ok=True)
+    path = os.path.join(directory, f"{name}.jsonl")
+    with open(path, "w") as f:
+        for i in range(count):
+            scene = random_scene(rng)
+            kind, question, answer = ask(scene, rng)
+            rel = f"images/{name}/{i:06d}.png"
+            draw(scene).save(os.path.join(directory, rel))
+            f.write(json.dumps({"messages": chat(rel, question, answer), "kind": kind}) + "\n")
+    return path
+
+
+def write_dataset(directory: str, train: int = 6000, heldout: int = 300, seed: int = 0) -> dict[str, str]:
+    """Both splits, from independent seeds (the held-out pictures are never seen in training)."""
+    os.makedirs(directory, exist_ok=True)
+    return {"train": write_split(directory, "train", train, seed),
+            "heldout": write_split(directory, "heldout", heldout, seed + 1_000_003)}

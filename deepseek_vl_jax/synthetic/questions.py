@@ -1,0 +1,38 @@
+"""Questions with one-word answers about a scene; only questions whose answer is unambiguous are asked."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from deepseek_vl_jax.synthetic.scenes import Scene
+
+NUMBERS = ("zero", "one", "two", "three", "four", "five")
+QUESTION_KINDS = ("color", "shape", "count", "side", "size")
+
+
+def _candidates(scene: Scene) -> list[tuple[str, str, str]]:
+    """(kind, question, answer) for every unambiguous question about the scene."""
+    out = [("count", "How many shapes are there?", NUMBERS[len(scene.shapes)])]
+    kinds = Counter(s.kind for s in scene.shapes)
+    colors = Counter(s.color for s in scene.shapes)
+    pairs = Counter((s.color, s.kind) for s in scene.shapes)
+    for s in scene.shapes:
+        if kinds[s.kind] == 1:
+            out.append(("color", f"What color is the {s.kind}?", s.color))
+        if colors[s.color] == 1:
+            out.append(("shape", f"What shape is the {s.color} object?", s.kind))
+        if pairs[(s.color, s.kind)] == 1:
+            out.append(("side", f"Is the {s.color} {s.kind} on the left or the right?", s.side))
+            out.append(("size", f"Is the {s.color} {s.kind} big or small?", s.size))
+    return out
+
+
+def ask(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
+    """One (kind, question, answer), the kind drawn uniformly among those the scene allows."""
+    cands = _candidates(scene)
+    kinds = sorted({k for k, _, _ in cands})
+    kind = kinds[int(rng.integers(len(kinds)))]
+    options = [c for c in cands if c[0] == kind]
+    return options[int(rng.integers(len(options)))]
