@@ -1,0 +1,128 @@
+"""`deepseek-vl-jax export SRC DST`: a Flax checkpoint (or a training output directory) -> an HF directory that
+transformers loads with `from_pretrained`.
+
+Writes what `save_pretrained` writes: safetensors with transformers' key names and `{"format": "pt"}` metadata
+(one `model.safetensors`, or `model-0000i-of-0000N.safetensors` + `model.safetensors.index.json` above
+--max-shard-size), no `lm_head.weight` for tied embeddings (transformers omits it too), `config.json` and the
+tokenizer/processor files. Leaves are read from Orbax a group at a time (partial restore), so memory stays near
+the largest leaf. Atomic like `convert`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Iterator
+
+import numpy as np
+
+from deepseek_vl_jax import common, hf_mapping
+from deepseek_vl_jax.config import ModelConfig
+from deepseek_vl_jax.conversion import atomic, fast_mapping, flax_checkpoint, orbax_io
+from deepseek_vl_jax.conversion import safetensors_writer as sw
+from deepseek_vl_jax.conversion.convert import DTYPES, handle_sigterm, report_errors
+
+READ_GROUP_BYTES = 256 * 2**20  # leaves restored per Orbax call (bounded by this, or one leaf if larger)
+
+
+def _groups(table: list[hf_mapping.Entry], nbytes: dict) -> Iterator[list[hf_mapping.Entry]]:
+    group, size = [], 0
+    for e in table:
+        if group and size + nbytes[e.path] > READ_GROUP_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(e)
+        size += nbytes[e.path]
+    if group:
+        yield group
+
+
+def export(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int | str = "5GB",
+           dtype: str | None = None, force: bool = False, step: int | None = None, progress: bool = True) -> list[str]:
+    """Export a Flax checkpoint directory / training output (latest step, or `step`) to an HF directory at `dst`.
+    Returns the weight files written."""
+    source = flax_checkpoint.resolve(src, step)
+    dst = os.path.abspath(os.fspath(dst))
+    atomic.check_destination(dst, force)
+    sw.parse_size(max_shard_size)
+    config_dict = flax_checkpoint.read_config_dict(source)
+    config = ModelConfig.from_hf(config_dict)
+    stored = orbax_io.leaf_metadata(source.params_dir)
+    flax_checkpoint.check_tree(flax_checkpoint.template_shapes(config), {k: s for k, (s, _) in stored.items()},
+                               f"checkpoint {source.params_dir}")
+    target = np.dtype(common.to_dtype(dtype)) if dtype else None
+    leaf_dtype = {k: target or d for k, (_, d) in stored.items()}
+    table = hf_mapping.entries(_shape_tree(stored))
+    specs = [sw.TensorSpec(k, e.hf_shape(), leaf_dtype[e.path]) for e in table for k in e.hf_keys]
+    nbytes = {e.path: int(np.prod(e.shape, dtype=np.int64)) * stored[e.path][1].itemsize for e in table}
+    dtypes = sorted({np.dtype(d).name for d in leaf_dtype.values()})
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(s.nbytes for s in specs), unit="B", unit_scale=True,
+                   desc=f"export {os.path.basename(os.path.normpath(os.fspath(src)))}")
+
+    def arrays():
+        for group in _groups(table, nbytes):
+            leaves = orbax_io.restore_leaves_numpy(source.params_dir, [e.path for e in group])
+            for e in group:
+                leaf = leaves.pop(e.path)
+                for key, x in fast_mapping.hf_from_leaf(e, leaf, leaf_dtype[e.path]):
+                    if bar is not None:
+                        bar.update(x.nbytes)
+                    yield key, x
+                del leaf
+
+    try:
+        with atomic.staged_directory(dst, force) as tmp:
+            files = sw.write_checkpoint(tmp, specs, arrays(), max_shard_size)
+            cfg = dict(config_dict)
+            if len(dtypes) == 1:
+                cfg = flax_checkpoint.with_dtype(cfg, dtypes[0])
+            cfg.setdefault("architectures", ["DeepseekVLHybridForConditionalGeneration" if config.is_hybrid
+                                             else "DeepseekVLForConditionalGeneration"])
+            with open(os.path.join(tmp, flax_checkpoint.CONFIG), "w") as f:
+                json.dump(cfg, f, indent=2, sort_keys=True)
+                f.write("\n")
+            flax_checkpoint.copy_auxiliary_files(source.root, tmp, selective=source.kind == "training")
+    finally:
+        if bar is not None:
+            bar.close()
+    return files
+
+
+def _shape_tree(stored: dict) -> dict:
+    tree: dict = {}
+    for path, (shape, _) in stored.items():
+        hf_mapping.set_path(tree, path, _Shape(shape))
+    return tree
+
+
+class _Shape:
+    """A leaf with only a shape (what `hf_mapping.entries` reads)."""
+
+    def __init__(self, shape):
+        self.shape = tuple(shape)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", help="Flax checkpoint directory (from `convert`) or a training output directory "
+                                    "(OUT with checkpoints/<step>/params; the latest step unless --step)")
+    parser.add_argument("dst", help="output HF directory (must not exist unless --force)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    parser.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype (default: as stored)")
+    parser.add_argument("--step", type=int, default=None, help="training step to export (default: latest)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing DST (only after the new directory is complete)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def run(args: Any) -> int:
+    handle_sigterm()
+    status = report_errors(export, args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                           force=args.force, step=args.step, progress=args.progress)
+    if status == 0:
+        print(f"wrote {args.dst}")
+    return status
