@@ -14,6 +14,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="directory for train.jsonl, heldout.jsonl, images/ and processor/")
     p.add_argument("--train", type=int, default=6000, help="training rows")
     p.add_argument("--heldout", type=int, default=300, help="held-out rows")
+    p.add_argument("--pretrain", type=int, default=0, help="caption rows (pretrain.jsonl) for pre-training")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64, help="the processor's (SigLIP's) input size")
     p.add_argument("--patch-size", type=int, default=8, help="to derive num_image_tokens = (size / patch)^2")
@@ -31,10 +32,10 @@ def texts(jsonl: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = write_dataset(args.output, args.train, args.heldout, args.seed)
+    paths = write_dataset(args.output, args.train, args.heldout, args.seed, args.pretrain)
     tokens = (args.image_size // args.patch_size) ** 2
-    tok = write_processor(os.path.join(args.output, "processor"), texts(paths["train"]), args.image_size, tokens,
-                          args.vocab_size)
+    corpus = [t for split in ("train", "pretrain") if split in paths for t in texts(paths[split])]
+    tok = write_processor(os.path.join(args.output, "processor"), corpus, args.image_size, tokens, args.vocab_size)
     print(f"wrote {args.train} train and {args.heldout} held-out rows to {args.output}; "
           f"tokenizer of {tok.get_vocab_size()} tokens, {tokens} image tokens per picture")
     return 0

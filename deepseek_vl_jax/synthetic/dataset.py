@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from deepseek_vl_jax.synthetic.questions import ask
+from deepseek_vl_jax.synthetic.questions import DESCRIBE, ask, describe
 from deepseek_vl_jax.synthetic.scenes import draw, random_scene
 
 
@@ -19,8 +19,11 @@ def chat(image: str, question: str, answer: str | None = None) -> list[dict]:
     return messages
 
 
-def write_split(directory: str, name: str, count: int, seed: int) -> str:
-    """`count` rows into `directory/name.jsonl`, pictures under `directory/images/name/`. Returns the JSONL path."""
+def write_split(directory: str, name: str, count: int, seed: int, captions: bool = False) -> str:
+    """`count` rows into `directory/name.jsonl`, pictures under `directory/images/name/`. Returns the JSONL path.
+
+    captions=True: every row asks for a description of the whole picture (dense supervision for pre-training);
+    otherwise each row asks one question with a one-word answer."""
     rng = np.random.default_rng(seed)
     image_dir = os.path.join(directory, "images", name)
     os.makedirs(image_dir, exist_ok=True)
@@ -28,15 +31,20 @@ def write_split(directory: str, name: str, count: int, seed: int) -> str:
     with open(path, "w") as f:
         for i in range(count):
             scene = random_scene(rng)
-            kind, question, answer = ask(scene, rng)
+            kind, question, answer = ("describe", DESCRIBE, describe(scene)) if captions else ask(scene, rng)
             rel = f"images/{name}/{i:06d}.png"
             draw(scene).save(os.path.join(directory, rel))
             f.write(json.dumps({"messages": chat(rel, question, answer), "kind": kind}) + "\n")
     return path
 
 
-def write_dataset(directory: str, train: int = 6000, heldout: int = 300, seed: int = 0) -> dict[str, str]:
-    """Both splits, from independent seeds (the held-out pictures are never seen in training)."""
+def write_dataset(directory: str, train: int = 6000, heldout: int = 300, seed: int = 0,
+                  pretrain: int = 0) -> dict[str, str]:
+    """The splits, from independent seeds (the held-out pictures are never seen in training): `pretrain` (captions,
+    when pretrain > 0), `train` and `heldout` (one-word questions)."""
     os.makedirs(directory, exist_ok=True)
-    return {"train": write_split(directory, "train", train, seed),
-            "heldout": write_split(directory, "heldout", heldout, seed + 1_000_003)}
+    out = {"train": write_split(directory, "train", train, seed),
+           "heldout": write_split(directory, "heldout", heldout, seed + 1_000_003)}
+    if pretrain:
+        out["pretrain"] = write_split(directory, "pretrain", pretrain, seed + 2_000_003, captions=True)
+    return out

@@ -10,6 +10,7 @@ from deepseek_vl_jax.synthetic.scenes import Scene
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 QUESTION_KINDS = ("color", "shape", "count", "side", "size")
+DESCRIBE = "Describe the picture."
 
 
 def _candidates(scene: Scene) -> list[tuple[str, str, str]]:
@@ -36,3 +37,10 @@ def ask(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
     kind = kinds[int(rng.integers(len(kinds)))]
     options = [c for c in cands if c[0] == kind]
     return options[int(rng.integers(len(options)))]
+
+
+def describe(scene: Scene) -> str:
+    """A caption naming every shape with its size, colour and side, top to bottom then left to right."""
+    parts = [f"a {s.size} {s.color} {s.kind} on the {s.side}"
+             for s in sorted(scene.shapes, key=lambda s: (round(s.y * 3), s.x))]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
