@@ -1,0 +1,216 @@
+"""Training throughput and CPU MFU: this package's train step vs transformers + torch AdamW, same model shape and
+batch, side by side in one run (each measurement in its own subprocess, so peak memory is per framework).
+
+Shape (~0.45B): LLaMA 12 layers, hidden 1024, 16 heads, MLP 2816, vocab 102400 (untied head); SigLIP 12 layers,
+hidden 768 at 384 px / 16 (576 image tokens); MLP aligner. Batch: 2 rows x 630 tokens (one image + 54 text tokens),
+labels on the text after the image. float32 everywhere.
+
+    python benchmarks/bench_train.py [--steps 3] [--with-torch-frozen] [--out benchmarks/results/train.json]
+
+Reports tokens/s, step time, model FLOP/s (formula of `deepseek_vl_jax.training.flops`, the same count for both
+frameworks), MFU against the float32 matmul peak measured in the same run (both torch's and XLA's), peak RSS, and
+the step time with the vision tower frozen (stage 2: language model + aligner train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+TEXT = dict(vocab_size=102400, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
+            num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-6)
+VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=384,
+              patch_size=16, vision_use_head=False)
+IMAGE_TOKEN = 100015
+ROWS, TEXT_TOKENS = 2, 54
+
+
+def hf_config():
+    import transformers
+
+    return transformers.DeepseekVLConfig(text_config=TEXT, vision_config=VISION, image_token_id=IMAGE_TOKEN,
+                                         tie_word_embeddings=False)
+
+
+def make_batch():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    p = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    t = 2 + p + TEXT_TOKENS
+    ids = rng.integers(3, 100000, (ROWS, t)).astype(np.int64)
+    ids[:, 2:2 + p] = IMAGE_TOKEN
+    labels = ids.copy()
+    labels[:, :2 + p] = -100
+    pixels = rng.standard_normal((ROWS, 3, VISION["image_size"], VISION["image_size"])).astype(np.float32)
+    return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels, "pixel_values": pixels}
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def matmul_peak_torch(n=2048, repeats=5) -> float:
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = 1e9
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def model_flops(frozen_vision: bool) -> float:
+    from deepseek_vl_jax.config import ModelConfig
+    from deepseek_vl_jax.training import flops
+    from deepseek_vl_jax.training.config import TrainableConfig
+
+    config = ModelConfig.from_hf(hf_config().to_dict())
+    t = 2 + config.num_image_tokens + TEXT_TOKENS
+    return flops.step_flops(config, TrainableConfig(vision=not frozen_vision), [t] * ROWS, ROWS)
+
+
+def run_torch(steps: int, frozen_vision: bool) -> dict:
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.DeepseekVLForConditionalGeneration(hf_config()).train()
+    if frozen_vision:
+        model.model.vision_model.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95),
+                            weight_decay=0.0)
+    batch = {k: torch.from_numpy(v) for k, v in make_batch().items()}
+    times, losses = [], []
+    for i in range(steps + 1):
+        t = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        times.append(time.perf_counter() - t)
+    return {"step_times_s": times[1:], "first_step_s": times[0], "losses": losses, "peak_rss_gb": peak_rss_gb(),
+            "matmul_peak_flops": matmul_peak_torch(), "threads": torch.get_num_threads()}
+
+
+def run_jax(steps: int, frozen_vision: bool, remat: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from deepseek_vl_jax.config import ModelConfig
+    from deepseek_vl_jax.model import DeepseekVL
+    from deepseek_vl_jax.training import flops
+    from deepseek_vl_jax.training import optimizer as opt_lib
+    from deepseek_vl_jax.training import state as state_lib
+    from deepseek_vl_jax.training import step as step_lib
+    from deepseek_vl_jax.training.config import OptimizerConfig, TrainableConfig
+
+    config = ModelConfig.from_hf(hf_config().to_dict(), remat_policy=remat)
+    trainable = TrainableConfig(vision=not frozen_vision)
+    opt = OptimizerConfig(learning_rate=1e-5, clip_grad_norm=1.0)
+    tx, schedule = opt_lib.make_optimizer(opt, 1000), opt_lib.learning_rate_schedule(opt, 1000)
+    state = state_lib.init_random(config, jax.random.key(0), tx, trainable)
+    step, _ = step_lib.compile_steps(DeepseekVL(config), tx, trainable, schedule)
+    batch = {k: jnp.asarray(v[None], jnp.int32 if v.dtype.kind == "i" else jnp.float32)
+             for k, v in make_batch().items()}
+    times, losses = [], []
+    t = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t
+    for _ in range(steps):
+        t = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        losses.append(float(metrics["loss"]))
+        times.append(time.perf_counter() - t)
+    return {"step_times_s": times, "compile_s": compile_s, "losses": losses, "peak_rss_gb": peak_rss_gb(),
+            "matmul_peak_flops": flops.measure_matmul_peak(), "devices": len(jax.devices())}
+
+
+def child(args) -> None:
+    if args.framework == "torch":
+        out = run_torch(args.steps, args.frozen_vision)
+    else:
+        out = run_jax(args.steps, args.frozen_vision, args.remat)
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def spawn(framework: str, steps: int, frozen_vision: bool, remat: str = "none") -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--steps", str(steps), "--remat", remat]
+    if frozen_vision:
+        cmd.append("--frozen-vision")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
+    env.pop("XLA_FLAGS", None)
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{framework} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    out = json.loads(lines[-1][len("RESULT "):])
+    out["wall_s"] = time.perf_counter() - t
+    return out
+
+
+def summarize(r: dict, flops_per_step: float, tokens: int) -> dict:
+    step = sorted(r["step_times_s"])[len(r["step_times_s"]) // 2]  # median
+    achieved = flops_per_step / step
+    return {"step_time_s": step, "tokens_per_s": tokens / step, "model_gflops_per_s": achieved / 1e9,
+            "mfu_vs_own_matmul_peak": achieved / r["matmul_peak_flops"],
+            "matmul_peak_gflops_per_s": r["matmul_peak_flops"] / 1e9, "peak_rss_gb": r["peak_rss_gb"],
+            "losses": r["losses"], "raw": r}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "train.json"))
+    p.add_argument("--child", choices=("torch", "jax"))
+    p.add_argument("--frozen-vision", action="store_true")
+    p.add_argument("--remat", default="none")
+    p.add_argument("--with-torch-frozen", action="store_true", help="also time torch with SigLIP frozen (+~4 min)")
+    args = p.parse_args()
+    if args.child:
+        args.framework = args.child
+        child(args)
+        return
+    tokens = ROWS * (2 + (VISION["image_size"] // VISION["patch_size"]) ** 2 + TEXT_TOKENS)
+    full, frozen = model_flops(False), model_flops(True)
+    t0 = time.perf_counter()
+    results = {"torch": spawn("torch", args.steps, False), "jax": spawn("jax", args.steps, False),
+               "jax_frozen_vision": spawn("jax", args.steps, True)}
+    if args.with_torch_frozen:
+        results["torch_frozen_vision"] = spawn("torch", args.steps, True)
+    s = {k: summarize(v, frozen if "frozen" in k else full, tokens) for k, v in results.items()}
+    report = {
+        "benchmark": "train step, DeepSeek-VL ~0.45B (LLaMA 12x1024, vocab 102400; SigLIP 12x768 @ 384px), "
+                     f"batch {ROWS} x {tokens // ROWS} tokens (1 image + {TEXT_TOKENS} text each), float32, CPU",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
+        "model_flops_per_step": {"all_trainable": full, "vision_frozen": frozen},
+        "speedup_tokens_per_s_vs_transformers": s["jax"]["tokens_per_s"] / s["torch"]["tokens_per_s"],
+        "jax_mfu_vs_torch_matmul_peak": s["jax"]["model_gflops_per_s"] * 1e9 / results["torch"]["matmul_peak_flops"],
+        "results": s,
+        "runtime_s": time.perf_counter() - t0,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    brief = {k: {m: round(v[m], 3) for m in ("step_time_s", "tokens_per_s", "model_gflops_per_s",
+                                              "mfu_vs_own_matmul_peak", "peak_rss_gb")} for k, v in s.items()}
+    print(json.dumps({"speedup": report["speedup_tokens_per_s_vs_transformers"], **brief}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Model FLOPs of a training step, and the peak FLOP/s that MFU divides by.
+
+Model FLOPs count the math the step needs, not what the hardware runs (recomputation from remat is not counted, so
+this is MFU, not HFU). A matmul with W weights applied to one token costs 2W in the forward pass, 2W for the
+gradient of its input and 2W for the gradient of its weights: 6W per token for a tower that trains. Per tower:
+
+    multiplier = 2 (forward) + 2 (input gradient: the tower or any tower feeding it trains) + 2 (it trains)
+
+so a frozen vision tower costs 2W per patch (nothing below it needs a gradient), a frozen language model under a
+trainable aligner 4W per token. Towers and what they apply to:
+
+    language model  per token (images' tokens included): L (2DNH + 2DKH + 3DF) + VD (LM head)
+                    attention per sequence of n tokens: L * 4 n^2 N H (QK^T and AV, full square, the PaLM convention)
+    SigLIP          per patch (P per image): C p^2 Dv + Lv (4 Dv^2 + 2 Dv Fv); attention 4 Lv P^2 Dv per image
+    SAM (hybrid)    per patch: C p^2 Ds + Ls (4 Ds^2 + 2 Ds Fs) + two necks (Ds Ch + 9 Ch^2 each); windowed layers
+                    attend within w x w windows, global layers over all patches; the projection's strided convs
+    aligner         per image token: Dv D + D D (MLP) or Dv D/2 + 4Ch D/2 + D D (hybrid)
+
+Letters: L layers, D width, N query heads, K kv heads, H head dim, F MLP width, V vocabulary, C image channels,
+p patch size. Norms, softmax, rotary embeddings, resizes and the loss are left out (a few percent at most).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from deepseek_vl_jax.config import ModelConfig
+from deepseek_vl_jax.training.config import TrainableConfig
+
+
+def _multipliers(trainable: TrainableConfig) -> dict[str, int]:
+    vision = 2 + 4 * trainable.vision
+    high_res = 2 + 4 * trainable.high_res
+    upstream = trainable.vision or trainable.high_res
+    aligner = 2 + 2 * trainable.aligner + 2 * (trainable.aligner or upstream)
+    language = 2 + 2 * trainable.language + 2 * (trainable.language or trainable.aligner or upstream)
+    return {"vision": vision, "high_res": high_res, "aligner": aligner, "language": language}
+
+
+def language_flops_forward(config: ModelConfig, lengths: Sequence[int]) -> float:
+    t = config.text
+    n, k, h, d, f = t.num_attention_heads, t.num_key_value_heads, t.head_dim, t.hidden_size, t.intermediate_size
+    per_token = t.num_hidden_layers * (2 * d * n * h + 2 * d * k * h + 3 * d * f) + t.vocab_size * d
+    tokens = float(sum(lengths))
+    attention = sum(t.num_hidden_layers * 4.0 * float(x) ** 2 * n * h for x in lengths)
+    return 2.0 * per_token * tokens + attention
+
+
+def siglip_flops_forward(config: ModelConfig) -> float:
+    """Forward FLOPs of SigLIP for one image."""
+    v = config.vision
+    p = v.num_patches
+    per_patch = v.num_channels * v.patch_size ** 2 * v.hidden_size + v.num_hidden_layers * (
+        4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+    return 2.0 * per_patch * p + v.num_hidden_layers * 4.0 * p * p * v.hidden_size
+
+
+def sam_flops_forward(config: ModelConfig) -> float:
+    """Forward FLOPs of SAM, its second neck and the projection for one image (hybrid model)."""
+    s = config.high_res
+    g = s.image_size // s.patch_size
+    patches = g * g
+    ch = s.output_channels
+    per_patch = s.num_channels * s.patch_size ** 2 * s.hidden_size + s.num_hidden_layers * (
+        4 * s.hidden_size ** 2 + 2 * s.hidden_size * s.mlp_dim) + 2 * (s.hidden_size * ch + 9 * ch * ch)
+    attention = 0.0
+    for i in range(s.num_hidden_layers):
+        if i in s.global_attn_indexes:
+            attention += 4.0 * patches ** 2 * s.hidden_size
+        else:
+            windows = math.ceil(g / s.window_size) ** 2
+            attention += 4.0 * windows * s.window_size ** 4 * s.hidden_size
+    out = config.vision.image_size // config.vision.patch_size
+    proj = (2 * out) ** 2 * 9 * ch * 2 * ch + out ** 2 * 9 * 2 * ch * 4 * ch  # conv1, conv2 of one projection
+    return 2.0 * per_patch * patches + attention + 2.0 * 2 * proj  # the projection runs twice (last, global)
+
+
+def aligner_flops_forward(config: ModelConfig) -> float:
+    d, dv = config.text.hidden_size, config.vision.hidden_size
+    if config.is_hybrid:
+        per_token = dv * d // 2 + 4 * config.high_res.output_channels * d // 2 + d * d
+    else:
+        per_token = dv * d + d * d
+    return 2.0 * per_token * config.num_image_tokens
+
+
+def step_flops(config: ModelConfig, trainable: TrainableConfig, lengths: Sequence[int], num_images: int) -> float:
+    """Model FLOPs of one training step: `lengths` are the real (unpadded) token counts of every row, `num_images`
+    the real images (padding slots are not counted)."""
+    m = _multipliers(trainable)
+    total = m["language"] / 2 * language_flops_forward(config, lengths)
+    total += num_images * m["vision"] / 2 * siglip_flops_forward(config)
+    total += num_images * m["aligner"] / 2 * aligner_flops_forward(config)
+    if config.is_hybrid:
+        total += num_images * m["high_res"] / 2 * sam_flops_forward(config)
+    return total
+
+
+def batch_flops(config: ModelConfig, trainable: TrainableConfig, attention_mask: np.ndarray,
+                input_ids: np.ndarray) -> float:
+    """`step_flops` for a collated (host) batch [A, B, T]."""
+    mask = np.asarray(attention_mask).reshape(-1, np.shape(attention_mask)[-1])
+    lengths = mask.sum(-1)
+    lengths = lengths[lengths > 1]  # padding rows hold one token
+    images = int(np.sum(np.asarray(input_ids) == config.image_token_id)) // max(config.num_image_tokens, 1)
+    return step_flops(config, trainable, lengths.tolist(), images)
+
+
+@functools.lru_cache(maxsize=None)
+def measure_matmul_peak(n: int = 2048, dtype: str = "float32", repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` [n, n] x [n, n] matmuls on the default device (measured once per process).
+    On CPU this is the whole host's peak: simulated CPU devices share the same cores."""
+    a = jnp.ones((n, n), dtype)
+    b = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best
+
+
+def peak_flops(per_device: float | None) -> float:
+    """Peak FLOP/s of the whole job: `per_device` x devices, or (None) the measured matmul peak x processes (CPU)."""
+    if per_device:
+        return float(per_device) * jax.device_count()
+    return measure_matmul_peak() * jax.process_count()

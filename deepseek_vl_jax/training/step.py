@@ -1,0 +1,159 @@
+"""The loss, the train step (gradient accumulation, clipping, AdamW on the trainable towers only) and the eval step.
+
+Batch arrays carry a leading micro-batch axis A (1 without accumulation): input_ids / attention_mask / labels
+[A, B, T], pixel_values [A, B * M, 3, S, S] (and high_res_pixel_values), M image slots per row. The batch axis B
+is sharded over (data, fsdp).
+
+Loss: transformers' `ForCausalLMLoss`: logits at position t predict labels[t + 1]; cross-entropy in float32 summed
+over targets that are not -100, divided by the number of such targets in the whole optimizer step (all micro-batches
+together), i.e. a token-weighted mean, the same as one big batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from deepseek_vl_jax import multimodal
+from deepseek_vl_jax.common import IGNORE_INDEX
+from deepseek_vl_jax.model import DeepseekVL
+from deepseek_vl_jax.training import optimizer as opt_lib
+from deepseek_vl_jax.training.config import TrainableConfig
+
+Batch = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: Any  # every parameter (trainable and frozen), the float32 master copy
+    opt_state: Any  # the optimizer state of the trainable towers only
+
+
+def merge_rows(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, image_token_id: int) -> jax.Array:
+    """Per-row scatter of image features: embeds [B, T, D], input_ids [B, T], features [B, K, D] (row b's image
+    slots flattened). The k-th image token of row b takes features[b, k]. Row-local, so it never moves data
+    between batch shards (unlike a batch-global scatter) and padded image slots are simply never read."""
+    is_image = input_ids == image_token_id
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    gathered = jnp.take_along_axis(features.astype(embeds.dtype), index[..., None], axis=1)
+    return jnp.where(is_image[..., None], gathered, embeds)
+
+
+def _logits(module: DeepseekVL, input_ids, attention_mask, pixel_values=None, high_res_pixel_values=None):
+    embeds = module.language_model.embed(input_ids)
+    if pixel_values is not None:
+        b = input_ids.shape[0]
+        feats = module.encode_images(pixel_values, high_res_pixel_values)  # [B * M, P, D]
+        feats = feats.reshape(b, -1, feats.shape[-1])
+        embeds = merge_rows(embeds, input_ids, feats, module.config.image_token_id)
+    positions = multimodal.positions_from_mask(attention_mask)
+    hidden, _ = module.decode(embeds, positions, multimodal.causal_mask(attention_mask))
+    return module.logits(hidden)
+
+
+def logits(module: DeepseekVL, params, batch: Batch) -> jax.Array:
+    """One micro-batch (no leading A axis) -> logits [B, T, V] float32."""
+    return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
+                        batch.get("high_res_pixel_values"), method=_logits)
+
+
+def shifted_targets(labels: jax.Array) -> jax.Array:
+    """labels [..., T] -> targets [..., T]: position t predicts labels[t + 1]; the last position predicts nothing."""
+    pad = jnp.full(labels.shape[:-1] + (1,), IGNORE_INDEX, labels.dtype)
+    return jnp.concatenate([labels[..., 1:], pad], axis=-1)
+
+
+def target_count(labels: jax.Array) -> jax.Array:
+    return jnp.sum(shifted_targets(labels) != IGNORE_INDEX).astype(jnp.float32)
+
+
+def loss_sum(module: DeepseekVL, params, batch: Batch) -> jax.Array:
+    """Summed float32 cross-entropy over the learned targets of one micro-batch."""
+    out = logits(module, params, batch)
+    targets = shifted_targets(batch["labels"])
+    valid = targets != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(out, jnp.where(valid, targets, 0))
+    return jnp.sum(jnp.where(valid, ce, 0.0))
+
+
+def mean_loss(module: DeepseekVL, params, batch: Batch) -> jax.Array:
+    """transformers' loss for one micro-batch: mean over learned targets."""
+    return loss_sum(module, params, batch) / jnp.maximum(target_count(batch["labels"]), 1.0)
+
+
+def _micro(batch: Batch, i) -> Batch:
+    return {k: v[i] for k, v in batch.items()}
+
+
+def train_step(state: TrainState, batch: Batch, *, module: DeepseekVL, tx: optax.GradientTransformation,
+               trainable: TrainableConfig, schedule: Callable, grad_shardings=None) -> tuple[TrainState, dict]:
+    """One optimizer step over A micro-batches. Returns the new state and scalar metrics."""
+    train, frozen = opt_lib.split(state.params, trainable)
+    total = jnp.maximum(target_count(batch["labels"]), 1.0)
+    accum = batch["input_ids"].shape[0]
+
+    def grads_of(mb):
+        def f(p):
+            s = loss_sum(module, opt_lib.merge(p, frozen), mb)
+            return s / total, s
+        (_, s), g = jax.value_and_grad(f, has_aux=True)(train)
+        g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
+        if grad_shardings is not None:
+            g = jax.lax.with_sharding_constraint(g, grad_shardings)
+        return g, s
+
+    if accum == 1:
+        grads, summed = grads_of(_micro(batch, 0))
+    else:
+        def body(carry, mb):
+            g_acc, s_acc = carry
+            g, s = grads_of(mb)
+            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s), None
+
+        zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), train)
+        if grad_shardings is not None:
+            zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
+        (grads, summed), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0)), batch)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train)
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, train)
+    train = optax.apply_updates(train, updates)
+    metrics = {
+        "loss": summed / total,
+        "grad_norm": grad_norm,
+        "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+        "tokens": jnp.sum(batch["attention_mask"]).astype(jnp.float32),
+        "target_tokens": total,
+    }
+    return TrainState(state.step + 1, opt_lib.merge(train, frozen), opt_state), metrics
+
+
+def eval_step(params, batch: Batch, *, module: DeepseekVL) -> dict:
+    """Summed loss and target count of a batch (all A micro-batches), to be averaged over the eval set."""
+    sums = [loss_sum(module, params, _micro(batch, i)) for i in range(batch["input_ids"].shape[0])]
+    return {"loss_sum": sum(sums), "count": target_count(batch["labels"])}
+
+
+def compile_steps(module: DeepseekVL, tx: optax.GradientTransformation, trainable: TrainableConfig,
+                  schedule: Callable, mesh: Mesh | None = None, state_shardings=None, batch_shardings=None):
+    """(train_step, eval_step) jitted; with a mesh, state and batch shardings are pinned and the state donated."""
+    grad_shardings = None
+    if mesh is not None and state_shardings is not None:
+        grad_shardings, _ = opt_lib.split(state_shardings.params, trainable)
+    train = functools.partial(train_step, module=module, tx=tx, trainable=trainable, schedule=schedule,
+                              grad_shardings=grad_shardings)
+    evaluate = functools.partial(eval_step, module=module)
+    if mesh is None:
+        return jax.jit(train, donate_argnums=(0,)), jax.jit(evaluate)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_jit = jax.jit(train, in_shardings=(state_shardings, batch_shardings),
+                        out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+    eval_jit = jax.jit(evaluate, in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated)
+    return train_jit, eval_jit
