@@ -16,6 +16,7 @@ COMMANDS = {
     "chat": ("deepseek_vl_jax.generation.chat", "interactive multi-turn chat; attach images with /image PATH"),
     "convert": ("deepseek_vl_jax.conversion.convert", "HF (or original DeepSeek) checkpoint -> Flax checkpoint"),
     "export": ("deepseek_vl_jax.conversion.export", "Flax checkpoint (or training output) -> HF directory"),
+    "init": ("deepseek_vl_jax.conversion.init_model", "a new model with random weights, as an HF directory"),
     "verify": ("deepseek_vl_jax.conversion.verify", "compare two checkpoints module by module"),
     "train": ("deepseek_vl_jax.training.cli", "sharded, resumable fine-tuning"),
     "evaluate": ("deepseek_vl_jax.training.evaluate", "exact-match accuracy on a held-out JSONL"),
