@@ -77,6 +77,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     return out.astype(out_dtype)
 
 
+def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """Attention over a KV cache: q [B, T, N, H], k [B, K, S, H], v [B, K, H, S], mask bool [B, 1, T, S] -> [B, T, N, H].
+
+    The same math as `attention` (logits and softmax in float32), with the query heads grouped as [K, G]. Both dots
+    contract the minor dimension of the cache (H for k, S for v), the form XLA:CPU's batched dots take as they are;
+    other layouts make it transpose the whole cache of every layer at every decode step.
+    """
+    b, t, n, h = q.shape
+    kh = k.shape[1]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bkhs->btkgh", probs, v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Pin an activation's sharding by logical axes; a no-op outside a mesh / rules context."""
     return nn.with_logical_constraint(x, tuple(axes))

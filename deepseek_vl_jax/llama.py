@@ -1,8 +1,8 @@
 """The LLaMA decoder: embeddings, scanned blocks (RMSNorm, half-split RoPE, grouped-query attention, gated MLP),
 final norm and LM head (tied to the embeddings or not). Matches transformers' `LlamaModel` + `lm_head`.
 
-The KV cache is an explicit pytree (`kv_cache.KVCache`, [L, B, S, K, H] per key/value) that the stack takes and
-returns; it rides in the scan carry so each layer updates its slice in place (`lax.dynamic_update_slice`).
+The KV cache is an explicit pytree (keys [L, B, K, S, H], values [L, B, K, H, S]: the layouts XLA's attention dots
+read without a transpose) that the stack takes and returns; it rides in the scan carry so each layer updates its slice in place (`lax.dynamic_update_slice`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class LlamaAttention(nn.Module):
     def __call__(self, x, cos, sin, mask, cache_kv, cache_index):
         """x [B, T, D], cos/sin [B, T, H], mask bool [B, 1, T, S].
 
-        cache_kv: None (attend over x itself, S = T) or (k, v) [B, S, K, H] of this layer, into which this call's
+        cache_kv: None (attend over x itself, S = T) or (k [B, K, S, H], v [B, K, H, S]) of this layer, into which this call's
         keys/values are written at slot `cache_index` before attending over all S slots. Returns (out, cache_kv).
         """
         c = self.config
@@ -36,13 +36,15 @@ class LlamaAttention(nn.Module):
         k = proj(kh * h, (common.EMBED, common.KV_HEADS), "k_proj")(x).reshape(b, t, kh, h)
         v = proj(kh * h, (common.EMBED, common.KV_HEADS), "v_proj")(x).reshape(b, t, kh, h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_kv is not None:
-            ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), cache_index, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), cache_index, axis=1)
+        if cache_kv is None:
+            out = layers.attention(q, k, v, mask=mask, scale=h**-0.5)
+        else:
+            ck, cv = cache_kv  # k [B, K, S, H], v [B, K, H, S]: the layouts the attention dots read as they are
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), cache_index, axis=2)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.transpose(0, 2, 3, 1).astype(cv.dtype), cache_index, axis=3)
             cache_kv = (ck, cv)
-            k, v = ck.astype(self.dtype), cv.astype(self.dtype)
-        out = layers.attention(q, k, v, mask=mask, scale=h**-0.5).reshape(b, t, n * h)
+            out = layers.cached_attention(q, ck.astype(self.dtype), cv.astype(self.dtype), mask, h**-0.5)
+        out = out.reshape(b, t, n * h)
         out = proj(c.hidden_size, (common.HEADS, common.EMBED), "o_proj")(out)
         return out, cache_kv
 
@@ -86,6 +88,24 @@ class LlamaBlock(nn.Module):
         return (x, cache, i + 1), None
 
 
+def apply_layers(config: TextConfig, dtype, param_dtype, layers, x, cos, sin, mask, caches=None, cache_index=0):
+    """The decoder stack without the scan, for decoding: a Python loop over per-layer parameter trees.
+
+    layers: a sequence of per-layer param trees (`params["layers"]` sliced along its leading axis); caches: None or
+    a matching sequence of (k [B, K, S, H], v [B, K, H, S]). Same math as `LlamaForCausalLM.__call__` (before the final norm).
+    Why: XLA:CPU copies each layer's weights out of the stacked array (a dynamic-slice it does not fuse into the
+    dot) before using them, so a scanned decode step moves every weight byte three times; separate buffers don't.
+    Returns (x [B, T, D], caches).
+    """
+    block = LlamaBlock(config, dtype, param_dtype, parent=None)  # unbound: applied to each layer's params
+    out = []
+    for i, p in enumerate(layers):
+        cache = None if caches is None else (caches[i][0][None], caches[i][1][None])
+        (x, cache, _), _ = block.apply({"params": p}, (x, cache, 0), cos, sin, mask, cache_index)
+        out.append(None if cache is None else (cache[0][0], cache[1][0]))
+    return x, (None if caches is None else tuple(out))
+
+
 class LlamaForCausalLM(nn.Module):
     """Embeddings, decoder stack, norm and LM head. Params: embed_tokens, layers (stacked), norm, lm_head."""
 
@@ -118,10 +138,13 @@ class LlamaForCausalLM(nn.Module):
     def __call__(self, embeds, cos, sin, mask, cache=None, cache_index=0):
         """embeds [B, T, D]; cos/sin [B, T, H] for the tokens' positions; mask bool [B, 1, T, S].
 
-        cache: None, or (k, v) each [L, B, S, K, H]. Returns (hidden [B, T, D] after the final norm, cache).
+        cache: None, or (k [L, B, K, S, H], v [L, B, K, H, S]). Returns (hidden [B, T, D] after the final norm, cache).
         """
         (x, cache, _), _ = self.layers((embeds, cache, 0), cos, sin, mask, cache_index)
         return self.norm(x), cache
+
+    def final_norm(self, x: jax.Array) -> jax.Array:
+        return self.norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, T, D] -> logits [B, T, V] in float32."""

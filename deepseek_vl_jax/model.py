@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from deepseek_vl_jax import common, multimodal
 from deepseek_vl_jax.aligner import HybridAligner, MlpAligner
 from deepseek_vl_jax.config import ModelConfig
-from deepseek_vl_jax.llama import LlamaForCausalLM
+from deepseek_vl_jax.llama import LlamaForCausalLM, apply_layers
 from deepseek_vl_jax.rope import rope_cos_sin
 from deepseek_vl_jax.siglip import SiglipVisionModel
 
@@ -77,6 +77,16 @@ class DeepseekVL(nn.Module):
         """Run the decoder on embeddings: returns (hidden [B, T, D], cache)."""
         cos, sin = self.rope(positions)
         return self.language_model(embeds, cos, sin, mask, cache, cache_index)
+
+    def decode_layers(self, embeds, positions, mask, layers, caches=None, cache_index=0):
+        """`decode` over per-layer parameters and caches (see `llama.apply_layers`): the params given to `apply`
+        need no `language_model.layers`. layers: per-layer param trees; caches: None or per-layer (k, v)
+        [B, S, K, H]. Returns (hidden [B, T, D], caches)."""
+        c = self.config
+        cos, sin = self.rope(positions)
+        x, caches = apply_layers(c.text, common.to_dtype(c.dtype), common.to_dtype(c.param_dtype), layers, embeds,
+                                 cos, sin, mask, caches, cache_index)
+        return self.language_model.final_norm(x), caches
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return self.language_model.logits(hidden)

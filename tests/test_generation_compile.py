@@ -1,0 +1,84 @@
+"""Compilation behaviour: prompt-length buckets (one compilation for many prompt lengths), values that are traced
+(sampling parameters, eos ids, max_new_tokens within a buffer size) do not recompile; seeds reproduce end to end."""
+
+import numpy as np
+import pytest
+
+import deepseek_vl_jax as D
+from deepseek_vl_jax import generation as G
+from deepseek_vl_jax.generation import kv_cache
+
+import hf_fixtures as F
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    cfg = F.make_config()
+    ref = F.perturb(F.make_model(cfg, seed=1), seed=2, scale=0.2)
+    return cfg, D.load_pretrained(F.save(ref, tmp_path_factory.mktemp("vl")), progress=False)
+
+
+def prompt(cfg, length: int, seed: int, images: int = 1):
+    """One row with `images` images and text, `length` tokens in all."""
+    n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+    rng = np.random.default_rng(seed)
+    ids = list(rng.integers(3, F.IMAGE_TOKEN - 1, size=length - images * n_img))
+    ids = ids[:1] + [F.IMAGE_TOKEN] * (images * n_img) + ids[1:]
+    out = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, length), np.int32)}
+    if images:
+        v = cfg.vision_config
+        out["pixel_values"] = rng.standard_normal((images, 3, v.image_size, v.image_size)).astype(np.float32)
+    return out
+
+
+def test_bucket_lengths():
+    assert [kv_cache.bucket_length(n) for n in (1, 64, 65, 128, 129, 600, 700, 1024, 1025, 2049)] == \
+        [64, 64, 128, 128, 192, 640, 704, 1024, 1152, 2304]
+    assert all(0 <= kv_cache.bucket_length(n) - n < max(64, n / 8) for n in range(1, 9000))
+    assert len({kv_cache.bucket_length(n) for n in range(1025, 2049)}) == 8  # 8 buckets per octave
+    assert [kv_cache.gen_buffer_length(n) for n in (1, 64, 65, 200)] == [64, 64, 128, 256]
+
+
+def test_no_recompilation_within_a_bucket(tiny):
+    cfg, model = tiny
+    lengths = list(range(20, 40))  # 20 lengths, all in the 64 bucket (each holds one 16-token image)
+    outputs = []
+    G.generate(model, prompt(cfg, 19, seed=0), max_new_tokens=8)  # compile once
+    before = G.compile_count()
+    for i, n in enumerate(lengths):
+        outputs.append(G.generate(model, prompt(cfg, n, seed=i), max_new_tokens=8 + i % 3))
+    assert G.compile_count() == before
+    assert len({tuple(o[0, :4]) for o in outputs}) > 5  # they really were different prompts
+    # A longer prompt lands in the next bucket: exactly one new compilation, then none.
+    generate_before = G.compile_count("generate")
+    G.generate(model, prompt(cfg, 70, seed=0), max_new_tokens=8)
+    assert G.compile_count() == before + 1 and G.compile_count("generate") == generate_before + 1
+    G.generate(model, prompt(cfg, 90, seed=1), max_new_tokens=8)
+    assert G.compile_count() == before + 1
+    # max_new_tokens past the buffer size (64) needs a longer cache: one more.
+    G.generate(model, prompt(cfg, 30, seed=1), max_new_tokens=65)
+    assert G.compile_count() == before + 2
+
+
+def test_sampling_values_and_eos_do_not_recompile(tiny):
+    cfg, model = tiny
+    x = prompt(cfg, 30, seed=3)
+    G.generate(model, x, max_new_tokens=8, do_sample=True, temperature=0.9, top_k=5, top_p=0.9, seed=0)
+    before = G.compile_count()
+    for i, (t, k, p) in enumerate([(0.5, 3, 0.5), (1.5, 50, 0.99), (1.1, 1, 0.7)]):
+        G.generate(model, x, max_new_tokens=8, do_sample=True, temperature=t, top_k=k, top_p=p, seed=i,
+                   eos_token_id=[i, i + 1])
+    assert G.compile_count() == before
+    G.generate(model, x, max_new_tokens=8, do_sample=True, top_k=5)  # another processor set: a new program
+    assert G.compile_count() == before + 1
+
+
+def test_seed_reproduces_end_to_end(tiny):
+    cfg, model = tiny
+    x = prompt(cfg, 30, seed=4)
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.5, eos_token_id=-1)
+    a = G.generate(model, x, seed=11, **kw)
+    np.testing.assert_array_equal(a, G.generate(model, x, seed=11, **kw))
+    assert (a != G.generate(model, x, seed=12, **kw)).any()
+    greedy = G.generate(model, x, max_new_tokens=12, eos_token_id=-1)
+    np.testing.assert_array_equal(G.generate(model, x, seed=3, top_k=1, **kw), greedy)  # top-1 sampling = greedy
