@@ -18,6 +18,10 @@ from deepseek_vl_jax.safetensors_io import CheckpointError
 _LAZY = {
     "load_processor": "deepseek_vl_jax.processing",
     "generate": "deepseek_vl_jax.generation",
+    "TextStreamer": "deepseek_vl_jax.generation",
+    "compile_count": "deepseek_vl_jax.generation",
+    "train": "deepseek_vl_jax.training",
+    "TrainConfig": "deepseek_vl_jax.training",
     "convert": "deepseek_vl_jax.conversion",
     "export": "deepseek_vl_jax.conversion",
     "save_flax_checkpoint": "deepseek_vl_jax.conversion",
