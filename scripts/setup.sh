@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# Create (or reuse) .venv and install the project. Usage: scripts/setup.sh [extra]   (extra: test)
+# Create (or reuse) .venv and install the project. Usage: scripts/setup.sh [test]   (test: with the test extras)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m venv .venv 2>/dev/null || true
+[ -x .venv/bin/python ] || python3 -m venv .venv
 . .venv/bin/activate
-python -m pip install -q --upgrade pip >/dev/null
-if [ "${1:-}" = "test" ]; then
-  python -m pip install -q -e ".[test]"
-else
-  python -m pip install -q -e .
+log=.venv/setup.log
+spec="."
+[ "${1:-}" = "test" ] && spec=".[test]"
+echo "setting up .venv (pip install -e '$spec'; log: $log)" >&2
+if ! { python -m pip install -q --upgrade pip && python -m pip install -q -e "$spec"; } > "$log" 2>&1; then
+  cat "$log" >&2
+  echo "setup failed; see $log" >&2
+  exit 1
 fi

@@ -8,3 +8,27 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def generation_checkpoints(tmp_path_factory):
+    """Tiny checkpoints for generation tests, built once per session: `get("vl" | "hybrid")` ->
+    (hf config, transformers model, our Model, path). An extra perturbation (scale 0.2) makes greedy decoding
+    wander over many tokens instead of repeating one."""
+    import deepseek_vl_jax as D
+    import hf_fixtures as F
+
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cfg = F.make_config(hybrid=kind == "hybrid")
+            ref = F.perturb(F.make_model(cfg, seed=3), seed=7, scale=0.2)
+            path = F.save(ref, tmp_path_factory.mktemp(kind))
+            cache[kind] = (cfg, ref, D.load_pretrained(path, progress=False), path)
+        return cache[kind]
+
+    return get

@@ -20,19 +20,9 @@ NEW = 16
 PAD = 0
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    cache = {}
-
-    def get(kind):
-        if kind not in cache:
-            cfg = F.make_config(hybrid=kind == "hybrid")
-            ref = F.perturb(F.make_model(cfg, seed=3), seed=7, scale=0.2)
-            path = F.save(ref, tmp_path_factory.mktemp(kind))
-            cache[kind] = (cfg, ref, D.load_pretrained(path, progress=False), path)
-        return cache[kind]
-
-    return get
+@pytest.fixture
+def checkpoints(generation_checkpoints):
+    return generation_checkpoints
 
 
 @pytest.mark.parametrize("kind", ["vl", "hybrid"])
