@@ -1,0 +1,74 @@
+"""The model shipped in models/deepseek-vl-tiny (trained by train/demo/make_demo_model.sh): it answers questions
+about pictures, loads the same in transformers, and the README's main command answers correctly."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import deepseek_vl_jax as D
+from deepseek_vl_jax.synthetic.dataset import write_split
+from deepseek_vl_jax.training import data as train_data
+from deepseek_vl_jax.training.config import BadRows
+from deepseek_vl_jax.training.evaluate import exact_match
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = os.path.join(REPO, "models", "deepseek-vl-tiny")
+EXAMPLE = os.path.join(REPO, "examples", "shapes.png")
+HELDOUT_SEED = 0 + 1_000_003  # what `deepseek-vl-jax synthetic --seed 0` uses for its held-out split
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return D.load_pretrained(MODEL, progress=False), D.load_processor(MODEL)
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    """The recipe's held-out split, regenerated bit for bit from its seed (never seen in training)."""
+    d = tmp_path_factory.mktemp("heldout")
+    path = write_split(str(d), "heldout", 200, HELDOUT_SEED)
+    return train_data.read_rows(path, 1, BadRows.FAIL).rows
+
+
+def test_exact_match_on_fixed_heldout_set(shipped, heldout):
+    model, processor = shipped
+    accuracy, records = exact_match(model, processor, heldout, max_new_tokens=6, batch_size=50)
+    wrong = [(r["reference"], r["prediction"]) for r in records if not r["correct"]][:10]
+    assert accuracy >= 0.80, (accuracy, wrong)
+
+
+def test_transformers_gives_the_same_answers(shipped, heldout):
+    import torch
+    from transformers import AutoProcessor, DeepseekVLForConditionalGeneration
+
+    model, processor = shipped
+    chats = [r.messages[:-1] for r in heldout[:8]]
+    ours = D.generate(model, processor(chats, padding_side="left"), max_new_tokens=6)
+    ref = DeepseekVLForConditionalGeneration.from_pretrained(MODEL).eval()
+    hf_proc = AutoProcessor.from_pretrained(MODEL, backend="pil")
+    hf_proc.tokenizer.padding_side = "left"
+    batch = hf_proc.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                        padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = ref.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=processor.pad_token_id)
+    theirs = out[:, batch["input_ids"].shape[1]:].numpy()
+    ours = np.asarray(ours)
+    n = theirs.shape[1]
+    np.testing.assert_array_equal(ours[:, :n], theirs)
+    assert (ours[:, n:] == processor.pad_token_id).all()  # transformers stopped because every row had ended
+    answers = processor.batch_decode(ours, skip_special_tokens=True)
+    assert answers == hf_proc.batch_decode(theirs, skip_special_tokens=True)
+
+
+def test_readme_main_command_answers_correctly():
+    """What scripts/demo.sh runs after setting up."""
+    cli = os.path.join(os.path.dirname(sys.executable), "deepseek-vl-jax")
+    for question, answer in (("What color is the circle?", "red"), ("How many shapes are there?", "two"),
+                             ("Is the blue triangle on the left or the right?", "right")):
+        out = subprocess.run([cli, "generate", "--model", MODEL, "--image", EXAMPLE, "--prompt", question,
+                              "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == answer, (question, out.stdout, out.stderr[-500:])
