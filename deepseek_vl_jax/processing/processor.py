@@ -24,7 +24,7 @@ import numpy as np
 from . import chat_template as ct
 from .errors import ImageCountError, ProcessorConfigError, PromptTooLongError
 from .image_processor import DeepseekVLImageProcessor, ImageProcessorConfig
-from .tokenizer import IncrementalDecoder, TokenizerInfo, decode, load_tokenizer
+from .tokenizer import IncrementalDecoder, TokenizerInfo, _read_json, decode, load_tokenizer
 
 # Files that make a processor directory (those present are copied by `save_pretrained`).
 PROCESSOR_FILES = (
@@ -38,16 +38,6 @@ PROCESSOR_FILES = (
 )
 
 DEFAULT_NUM_IMAGE_TOKENS = 576
-
-
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ProcessorConfigError(f"cannot parse {path}: {e}") from e
 
 
 def _find_chat_template(directory: str, processor_config: dict, tokenizer_config: dict) -> str | None:
