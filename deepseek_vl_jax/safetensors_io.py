@@ -7,6 +7,7 @@ file is reported by name before any tensor is used.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
@@ -24,6 +25,7 @@ DTYPES = {
 NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+HF_METADATA = {"format": "pt"}  # what transformers writes into every file
 
 
 class CheckpointError(ValueError):
@@ -136,25 +138,54 @@ class CheckpointReader:
         return sum(os.path.getsize(f.path) for f in self.files.values())
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterator[tuple[str, np.ndarray]],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Write tensors (name -> array, written in the given order) to one safetensors file, streaming: at most one
-    tensor is converted to bytes at a time. The caller handles atomicity (write into a temporary directory)."""
-    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+def _header(specs: list[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
     header, offset = {}, 0
-    for name, arr in items:
-        dtype = np.dtype(arr.dtype)
+    for s in specs:
+        dtype = np.dtype(s.dtype)
         if dtype not in NAMES:
-            raise CheckpointError(f"cannot write tensor {name!r}: unsupported dtype {dtype}")
-        n = int(np.prod(arr.shape, dtype=np.int64)) * dtype.itemsize
-        header[name] = {"dtype": NAMES[dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + n]}
-        offset += n
+            raise CheckpointError(f"cannot write tensor {s.name!r}: unsupported dtype {dtype}")
+        header[s.name] = {"dtype": NAMES[dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        offset += s.nbytes
     if metadata:
         header["__metadata__"] = dict(metadata)
     blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
+    return blob + b" " * (-len(blob) % 8)
+
+
+def write_file(path: str, specs: list[TensorSpec], arrays: Iterator[tuple[str, np.ndarray]],
+               metadata: Mapping[str, str] | None = HF_METADATA) -> None:
+    """Write `specs` (in order) to one safetensors file, pulling each tensor's data from `arrays` (same order)."""
+    blob = _header(specs, metadata)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
-        for _, arr in items:
-            f.write(np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
+        for s in specs:
+            name, arr = next(arrays)
+            arr = np.asarray(arr)
+            if name != s.name or tuple(arr.shape) != tuple(s.shape) or arr.dtype != np.dtype(s.dtype):
+                raise CheckpointError(f"internal error: expected {s.name} {s.shape} {np.dtype(s.dtype)}, got "
+                                      f"{name} {arr.shape} {arr.dtype}")
+            arr = np.ascontiguousarray(arr)
+            if arr.dtype.byteorder == ">":
+                arr = arr.astype(arr.dtype.newbyteorder("<"))
+            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray] | Iterator[tuple[str, np.ndarray]],
+                      metadata: Mapping[str, str] | None = None) -> None:
+    """Write tensors (name -> array, in the given order) to one safetensors file (a convenience over `write_file`
+    for tensors already in memory). The caller handles atomicity (write into a temporary directory)."""
+    items = list(tensors.items()) if isinstance(tensors, Mapping) else list(tensors)
+    specs = [TensorSpec(name, tuple(np.shape(arr)), np.asarray(arr).dtype) for name, arr in items]
+    write_file(str(path), specs, iter(items), metadata)

@@ -9,18 +9,15 @@ transformers' `save_pretrained`: tensors are added to the current shard until th
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-import struct
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
-from deepseek_vl_jax.safetensors_io import INDEX_FILE, NAMES, SINGLE_FILE, CheckpointError
+from deepseek_vl_jax.safetensors_io import HF_METADATA, INDEX_FILE, SINGLE_FILE, CheckpointError, TensorSpec, write_file
 
-HF_METADATA = {"format": "pt"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -35,17 +32,6 @@ def parse_size(size: int | str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
 def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
     shards: list[list[TensorSpec]] = [[]]
     size = 0
@@ -56,39 +42,6 @@ def plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec
         shards[-1].append(s)
         size += s.nbytes
     return shards
-
-
-def _header(specs: list[TensorSpec], metadata: Mapping[str, str] | None) -> bytes:
-    header, offset = {}, 0
-    for s in specs:
-        dtype = np.dtype(s.dtype)
-        if dtype not in NAMES:
-            raise CheckpointError(f"cannot write tensor {s.name!r}: unsupported dtype {dtype}")
-        header[s.name] = {"dtype": NAMES[dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
-        offset += s.nbytes
-    if metadata:
-        header["__metadata__"] = dict(metadata)
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    return blob + b" " * (-len(blob) % 8)
-
-
-def write_file(path: str, specs: list[TensorSpec], arrays: Iterator[tuple[str, np.ndarray]],
-               metadata: Mapping[str, str] | None = HF_METADATA) -> None:
-    """Write `specs` (in order) to one safetensors file, pulling each tensor's data from `arrays` (same order)."""
-    blob = _header(specs, metadata)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for s in specs:
-            name, arr = next(arrays)
-            arr = np.asarray(arr)
-            if name != s.name or tuple(arr.shape) != tuple(s.shape) or arr.dtype != np.dtype(s.dtype):
-                raise CheckpointError(f"internal error: expected {s.name} {s.shape} {np.dtype(s.dtype)}, got "
-                                      f"{name} {arr.shape} {arr.dtype}")
-            arr = np.ascontiguousarray(arr)
-            if arr.dtype.byteorder == ">":
-                arr = arr.astype(arr.dtype.newbyteorder("<"))
-            f.write(memoryview(arr.reshape(-1).view(np.uint8)))
 
 
 def write_checkpoint(directory: str, specs: list[TensorSpec], arrays: Iterable[tuple[str, np.ndarray]],
