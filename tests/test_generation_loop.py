@@ -1,8 +1,7 @@
 """The decode loop against the full forward: prefill + step-by-step decode logits equal the full forward's, a row
 alone equals the same row in a padded batch, streaming equals the compiled loop, bfloat16 weights, clear errors.
 
-The tiny checkpoints get an extra perturbation (scale 0.2) so that greedy decoding wanders over many tokens
-instead of repeating one (a repeated token would make the comparisons weak).
+The tiny checkpoints come from the session fixture `generation_checkpoints` (tests/conftest.py).
 """
 
 import jax
@@ -20,14 +19,9 @@ NEW = 16
 PAD = 0
 
 
-@pytest.fixture
-def checkpoints(generation_checkpoints):
-    return generation_checkpoints
-
-
 @pytest.mark.parametrize("kind", ["vl", "hybrid"])
-def test_prefill_then_decode_equals_full_forward(checkpoints, kind):
-    cfg, ref, model, _ = checkpoints(kind)
+def test_prefill_then_decode_equals_full_forward(generation_checkpoints, kind):
+    cfg, ref, model, _ = generation_checkpoints(kind)
     batch = F.make_inputs(cfg, rows=((1, 2), (2, 0)), padding="left")
     steps = 6
     inputs, _ = inputs_mod.prepare_inputs(model, batch, steps)
@@ -57,8 +51,8 @@ def test_prefill_then_decode_equals_full_forward(checkpoints, kind):
     assert F.max_rel_err(got, want) <= 1e-5
 
 
-def test_row_alone_equals_row_in_padded_batch(checkpoints):
-    cfg, ref, model, _ = checkpoints("vl")
+def test_row_alone_equals_row_in_padded_batch(generation_checkpoints):
+    cfg, ref, model, _ = generation_checkpoints("vl")
     batch = F.make_inputs(cfg, rows=((1, 0), (0, 9), (2, 4)), padding="left")
     got = G.generate(model, batch, max_new_tokens=NEW, eos_token_id=-1)
     images = [0, 1, 1, 3]  # image index ranges per row
@@ -73,8 +67,8 @@ def test_row_alone_equals_row_in_padded_batch(checkpoints):
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_streaming_equals_compiled_loop(checkpoints, do_sample):
-    cfg, ref, model, _ = checkpoints("hybrid")
+def test_streaming_equals_compiled_loop(generation_checkpoints, do_sample):
+    cfg, ref, model, _ = generation_checkpoints("hybrid")
     inputs = F.make_inputs(cfg, rows=((1, 0), (0, 3)), padding="left")
     kw = dict(max_new_tokens=10, eos_token_id=-1, do_sample=do_sample, temperature=1.5, top_k=20, top_p=0.95,
               repetition_penalty=1.2, seed=4)
@@ -88,8 +82,8 @@ def test_streaming_equals_compiled_loop(checkpoints, do_sample):
     np.testing.assert_array_equal(np.stack(collected, 1), got)
 
 
-def test_bfloat16_weights(checkpoints):
-    cfg, ref, model, path = checkpoints("vl")
+def test_bfloat16_weights(generation_checkpoints):
+    cfg, ref, model, path = generation_checkpoints("vl")
     bf16 = D.load_pretrained(path, dtype="bfloat16", progress=False)
     assert jax.tree.leaves(bf16.params)[0].dtype == np.dtype("bfloat16")
     inputs = F.make_inputs(cfg, rows=((1, 0), (0, 3)), padding="left")
@@ -109,8 +103,8 @@ def test_bfloat16_weights(checkpoints):
     assert (gap == 0).mean() >= 0.75, gap
 
 
-def test_invalid_arguments_are_clear_errors(checkpoints):
-    cfg, ref, model, _ = checkpoints("vl")
+def test_invalid_arguments_are_clear_errors(generation_checkpoints):
+    cfg, ref, model, _ = generation_checkpoints("vl")
     inputs = F.make_inputs(cfg, rows=((1, 0),))
     limit = model.config.text.max_position_embeddings
     n = inputs["input_ids"].shape[1]

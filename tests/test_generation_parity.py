@@ -2,8 +2,7 @@
 on the same weights (batch of two chats with different numbers of images, left padding), eos handling, the
 repetition penalty.
 
-The tiny checkpoints get an extra perturbation (scale 0.2) so that greedy decoding wanders over many tokens
-instead of repeating one (a repeated token would make the comparisons weak).
+The tiny checkpoints come from the session fixture `generation_checkpoints` (tests/conftest.py).
 """
 
 import dataclasses
@@ -22,11 +21,6 @@ NEW = 16
 PAD = 0
 
 
-@pytest.fixture
-def checkpoints(generation_checkpoints):
-    return generation_checkpoints
-
-
 def hf_generate(ref, inputs, **kw):
     with torch.no_grad():
         out = ref.generate(**{k: torch.from_numpy(np.asarray(v)) for k, v in inputs.items()}, max_new_tokens=NEW,
@@ -35,8 +29,8 @@ def hf_generate(ref, inputs, **kw):
 
 
 @pytest.mark.parametrize("kind", ["vl", "hybrid"])
-def test_greedy_matches_transformers(checkpoints, kind):
-    cfg, ref, model, _ = checkpoints(kind)
+def test_greedy_matches_transformers(generation_checkpoints, kind):
+    cfg, ref, model, _ = generation_checkpoints(kind)
     inputs = F.make_inputs(cfg, rows=((2, 0), (1, 3)), padding="left")
     want = hf_generate(ref, inputs, eos_token_id=-1, pad_token_id=PAD)
     got = G.generate(model, inputs, max_new_tokens=NEW, eos_token_id=-1, pad_token_id=PAD)
@@ -46,8 +40,8 @@ def test_greedy_matches_transformers(checkpoints, kind):
 
 
 @pytest.mark.parametrize("kind", ["vl", "hybrid"])
-def test_eos_stops_each_row_and_pads(checkpoints, kind):
-    cfg, ref, model, _ = checkpoints(kind)
+def test_eos_stops_each_row_and_pads(generation_checkpoints, kind):
+    cfg, ref, model, _ = generation_checkpoints(kind)
     inputs = F.make_inputs(cfg, rows=((2, 0), (1, 3)), padding="left")
     free = G.generate(model, inputs, max_new_tokens=NEW, eos_token_id=-1, pad_token_id=PAD)
     # eos = a token row 0 emits at step >= 3 for the first time (row 1 may or may not emit it).
@@ -72,8 +66,8 @@ def test_eos_stops_each_row_and_pads(checkpoints, kind):
     np.testing.assert_array_equal(G.generate(model, inputs, max_new_tokens=NEW, eos_token_id=[]), free)
 
 
-def test_default_eos_is_the_models(checkpoints):
-    cfg, ref, model, _ = checkpoints("vl")
+def test_default_eos_is_the_models(generation_checkpoints):
+    cfg, ref, model, _ = generation_checkpoints("vl")
     assert inputs_mod.resolve_eos(None, model.config.text.eos_token_id) == (cfg.text_config.eos_token_id,)
     assert inputs_mod.resolve_eos(None, (5, 7)) == (5, 7)
     assert inputs_mod.resolve_eos(-1, 2) == () and inputs_mod.resolve_eos([], 2) == ()
@@ -87,8 +81,8 @@ def test_default_eos_is_the_models(checkpoints):
     assert got[0, k] == eos and (got[0, k + 1:] == 1).all()
 
 
-def test_repetition_penalty_matches_transformers(checkpoints):
-    cfg, ref, model, _ = checkpoints("vl")
+def test_repetition_penalty_matches_transformers(generation_checkpoints):
+    cfg, ref, model, _ = generation_checkpoints("vl")
     inputs = F.make_inputs(cfg, rows=((1, 2),))  # one row: no padding (see the note in sampling.py)
     want = hf_generate(ref, inputs, eos_token_id=-1, pad_token_id=PAD, repetition_penalty=1.5)
     got = G.generate(model, inputs, max_new_tokens=NEW, eos_token_id=-1, repetition_penalty=1.5)
