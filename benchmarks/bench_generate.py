@@ -132,7 +132,8 @@ class Runner:
 
 def layer_layout_experiment(model, steps: int = 10) -> dict:
     """Decode-step time with the decoder's layers scanned over stacked weights (what a training-style model does)
-    vs split into per-layer buffers (what `generate` uses); batch 1, 64-token cache."""
+    vs split into per-layer buffers, with q/k/v and gate/up fused or not (`generate` uses fused per-layer buffers
+    on one device); batch 1, 128-slot cache."""
     import functools
 
     import jax
@@ -146,8 +147,8 @@ def layer_layout_experiment(model, steps: int = 10) -> dict:
     ids = jnp.ones((1, 1), jnp.int32)
     positions = jnp.full((1, 1), 64, jnp.int32)
     mask = multimodal.cache_mask(jnp.ones((1, s), bool), 64, 1)
-    per_layer = kv_cache.init_cache(c.text, 1, s, jnp.float32)
-    stacked = tuple(jnp.stack([layer[i] for layer in per_layer]) for i in range(2))
+    per_layer = lambda: kv_cache.init_cache(c.text, 1, s, jnp.float32)  # fresh for each run: they are donated
+    stacked = lambda: tuple(jnp.stack([layer[i] for layer in per_layer()]) for i in range(2))
 
     @functools.partial(jax.jit, donate_argnums=1)
     def scanned(params, cache):
@@ -163,9 +164,11 @@ def layer_layout_experiment(model, steps: int = 10) -> dict:
         return apply(hidden, method="logits"), cache
 
     out = {}
-    for name, fn, params, cache in (("scan_over_stacked_layers", scanned, model.params, stacked),
-                                    ("per_layer_buffers", split, weights.generation_params(model), per_layer)):
-        logits, cache = fn(params, cache)
+    runs = (("scan_over_stacked_layers", scanned, model.params, stacked),
+            ("per_layer_buffers", split, weights.split_layers(model.params, fuse=False), per_layer),
+            ("per_layer_buffers_fused_qkv_gate_up", split, weights.split_layers(model.params, fuse=True), per_layer))
+    for name, fn, params, make_cache in runs:
+        logits, cache = fn(params, make_cache())
         logits.block_until_ready()
         t0 = time.perf_counter()
         for _ in range(steps):
@@ -416,8 +419,8 @@ def main(argv=None) -> int:
     logits16 = np.asarray(bf16(**small))[:, -1]
     hf16 = transformers.DeepseekVLForConditionalGeneration.from_pretrained(args.checkpoint, dtype=torch.bfloat16).eval()
     hf_bf_tokens = runner.run_hf(small, 16, model=hf16)
-    bf_rate = runner.decode_rate(small, 2, 10, 1, "ours", model=bf16)
-    hf_bf_rate = runner.decode_rate(small, 2, 10, 1, "hf", model=hf16)
+    bf_rate = runner.decode_rate(small, 2, 10, 2, "ours", model=bf16)
+    hf_bf_rate = runner.decode_rate(small, 2, 10, 2, "hf", model=hf16)
     result["bfloat16"] = {
         "prompt": "1 text-only prompt of 32 tokens",
         "last_logits_max_rel_err_vs_float32": round(float(np.abs(logits16 - logits32).max() / np.abs(logits32).max()), 4),

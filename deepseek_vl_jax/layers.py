@@ -77,21 +77,48 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     return out.astype(out_dtype)
 
 
-def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
-    """Attention over a KV cache: q [B, T, N, H], k [B, K, S, H], v [B, K, H, S], mask bool [B, 1, T, S] -> [B, T, N, H].
+def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                     mask: jax.Array, cache_index: jax.Array, scale: float) -> jax.Array:
+    """Attention of T new tokens over a KV cache they are being written into, at slots [cache_index, cache_index + T).
 
-    The same math as `attention` (logits and softmax in float32), with the query heads grouped as [K, G]. Both dots
-    contract the minor dimension of the cache (H for k, S for v), the form XLA:CPU's batched dots take as they are;
-    other layouts make it transpose the whole cache of every layer at every decode step.
+    q [B, T, N, H], k_new/v_new [B, T, K, H], k_cache [B, K, S, H], v_cache [B, K, H, S] (the cache as it was before
+    this call: its slots for the new tokens are masked out), mask bool [B, 1, T, S] over all S slots -> [B, T, N, H].
+
+    The same math as `attention` (logits and softmax in float32, query heads grouped as [K, G]), with the keys split
+    into the old cache and the new tokens. Reading the cache from before the update lets XLA write the new entries
+    in place: a dot reading the updated cache makes XLA:CPU duplicate the update into the dot's fusion and copy every
+    layer's cache at every decode step. Both cache dots contract its minor dimension (H for k, S for v), the form
+    XLA:CPU's batched dots take without transposing the cache.
     """
     b, t, n, h = q.shape
-    kh = k.shape[1]
+    kh, s = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, t, kh, n // kh, h)
-    logits = jnp.einsum("btkgh,bksh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bkhs->btkgh", probs, v, preferred_element_type=jnp.float32)
+    new_slots = jnp.arange(s) - cache_index
+    mask_old = mask & ~((new_slots >= 0) & (new_slots < t))
+    mask_new = jax.lax.dynamic_slice_in_dim(mask, cache_index, t, axis=-1)
+    old = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
+    new = jnp.einsum("btkgh,bskh->bkgts", qg, k_new, preferred_element_type=jnp.float32)
+    logits = jnp.concatenate([old, new], axis=-1) * scale
+    logits = jnp.where(jnp.concatenate([mask_old, mask_new], axis=-1)[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    p_old, p_new = probs[..., :s].astype(v_cache.dtype), probs[..., s:].astype(v_new.dtype)
+    out = (jnp.einsum("bkgts,bkhs->btkgh", p_old, v_cache, preferred_element_type=jnp.float32)
+           + jnp.einsum("bkgts,bskh->btkgh", p_new, v_new, preferred_element_type=jnp.float32))
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def after(new: jax.Array, out: jax.Array) -> jax.Array:
+    """`new` (k or v of the new tokens, [B, T, K, H]), made to depend on the attention output `out` [B, T, N, H].
+
+    XLA orders an in-place update after the reads of the same buffer only through data dependencies (its copy
+    insertion does not use the final schedule), and optimization barriers do not survive to that pass on CPU. Without
+    this, every layer's cache is copied at every decode step. The added zero comes from the first query head of each
+    group, which is sharded like the key/value heads, so it needs no communication; the values are unchanged (unless
+    `out` is not finite, in which case the row's output is garbage anyway).
+    """
+    b, t, kh, h = new.shape
+    first = out.reshape(b, t, kh, out.shape[2] // kh, h)[:, :, :, 0]
+    return new + (first * 0).astype(new.dtype)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

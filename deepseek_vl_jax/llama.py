@@ -17,49 +17,66 @@ from deepseek_vl_jax.rope import apply_rope
 
 
 class LlamaAttention(nn.Module):
+    """fused: one `qkv_proj` kernel [D, (N + 2K) * H] (q, k, v side by side) instead of three; see `fuse_layer`."""
+
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache_kv, cache_index):
         """x [B, T, D], cos/sin [B, T, H], mask bool [B, 1, T, S].
 
-        cache_kv: None (attend over x itself, S = T) or (k [B, K, S, H], v [B, K, H, S]) of this layer, into which this call's
-        keys/values are written at slot `cache_index` before attending over all S slots. Returns (out, cache_kv).
+        cache_kv: None (attend over x itself, S = T) or (k [B, K, S, H], v [B, K, H, S]) of this layer as it is before
+        this call: the new tokens attend over its valid slots and themselves (`layers.cached_attention`).
+        Returns (out, new_kv): new_kv None, or the new tokens' (k [B, K, T, H], v [B, K, H, T]) for the caller to
+        write at slot `cache_index` (made to depend on `out`, see `layers.after`).
         """
         c = self.config
         n, kh, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, t, _ = x.shape
         proj = lambda f, axes, name: layers.dense(f, axes, c.attention_bias, self.dtype, self.param_dtype, name)
-        q = proj(n * h, (common.EMBED, common.HEADS), "q_proj")(x).reshape(b, t, n, h)
-        k = proj(kh * h, (common.EMBED, common.KV_HEADS), "k_proj")(x).reshape(b, t, kh, h)
-        v = proj(kh * h, (common.EMBED, common.KV_HEADS), "v_proj")(x).reshape(b, t, kh, h)
+        if self.fused:
+            qkv = proj((n + 2 * kh) * h, (common.EMBED, common.HEADS), "qkv_proj")(x)
+            q, k, v = jnp.split(qkv, [n * h, (n + kh) * h], axis=-1)
+        else:
+            q = proj(n * h, (common.EMBED, common.HEADS), "q_proj")(x)
+            k = proj(kh * h, (common.EMBED, common.KV_HEADS), "k_proj")(x)
+            v = proj(kh * h, (common.EMBED, common.KV_HEADS), "v_proj")(x)
+        q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kh, h), v.reshape(b, t, kh, h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache_kv is None:
             out = layers.attention(q, k, v, mask=mask, scale=h**-0.5)
         else:
             ck, cv = cache_kv  # k [B, K, S, H], v [B, K, H, S]: the layouts the attention dots read as they are
-            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.transpose(0, 2, 1, 3).astype(ck.dtype), cache_index, axis=2)
-            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.transpose(0, 2, 3, 1).astype(cv.dtype), cache_index, axis=3)
-            cache_kv = (ck, cv)
-            out = layers.cached_attention(q, ck.astype(self.dtype), cv.astype(self.dtype), mask, h**-0.5)
+            k, v = k.astype(ck.dtype), v.astype(cv.dtype)
+            out = layers.cached_attention(q, k.astype(self.dtype), v.astype(self.dtype), ck.astype(self.dtype),
+                                          cv.astype(self.dtype), mask, cache_index, h**-0.5)
+            k, v = layers.after(k, out), layers.after(v, out)  # write the cache only once attention has read it
+            new_kv = (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1))
         out = out.reshape(b, t, n * h)
         out = proj(c.hidden_size, (common.HEADS, common.EMBED), "o_proj")(out)
-        return out, cache_kv
+        return out, (None if cache_kv is None else new_kv)
 
 
 class LlamaMLP(nn.Module):
+    """fused: one `gate_up_proj` kernel [D, 2F] (gate, up side by side) instead of two; see `fuse_layer`."""
+
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         proj = lambda f, axes, name: layers.dense(f, axes, c.mlp_bias, self.dtype, self.param_dtype, name)
-        gate = proj(c.intermediate_size, (common.EMBED, common.MLP), "gate_proj")(x)
-        up = proj(c.intermediate_size, (common.EMBED, common.MLP), "up_proj")(x)
+        if self.fused:
+            gate, up = jnp.split(proj(2 * c.intermediate_size, (common.EMBED, common.MLP), "gate_up_proj")(x), 2, -1)
+        else:
+            gate = proj(c.intermediate_size, (common.EMBED, common.MLP), "gate_proj")(x)
+            up = proj(c.intermediate_size, (common.EMBED, common.MLP), "up_proj")(x)
         return proj(c.hidden_size, (common.MLP, common.EMBED), "down_proj")(common.ACTIVATIONS[c.hidden_act](gate) * up)
 
 
@@ -69,6 +86,7 @@ class LlamaBlock(nn.Module):
     config: TextConfig
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    fused: bool = False
 
     @nn.compact
     def __call__(self, carry, cos, sin, mask, cache_index):
@@ -77,33 +95,46 @@ class LlamaBlock(nn.Module):
         x = layers.constrain(x, (common.BATCH, common.LENGTH, common.EMBED))
         cache_kv = None if cache is None else (cache[0][i], cache[1][i])
         y = layers.RMSNorm(c.rms_norm_eps, self.param_dtype, name="input_layernorm")(x)
-        y, cache_kv = LlamaAttention(c, self.dtype, self.param_dtype, name="self_attn")(
+        y, new_kv = LlamaAttention(c, self.dtype, self.param_dtype, self.fused, name="self_attn")(
             y, cos, sin, mask, cache_kv, cache_index)
         x = x + y
         y = layers.RMSNorm(c.rms_norm_eps, self.param_dtype, name="post_attention_layernorm")(x)
-        x = x + LlamaMLP(c, self.dtype, self.param_dtype, name="mlp")(y)
-        if cache is not None:
-            cache = (jax.lax.dynamic_update_index_in_dim(cache[0], cache_kv[0], i, 0),
-                     jax.lax.dynamic_update_index_in_dim(cache[1], cache_kv[1], i, 0))
+        x = x + LlamaMLP(c, self.dtype, self.param_dtype, self.fused, name="mlp")(y)
+        if cache is not None:  # only the new slots are written, in place
+            cache = (jax.lax.dynamic_update_slice(cache[0], new_kv[0][None], (i, 0, 0, cache_index, 0)),
+                     jax.lax.dynamic_update_slice(cache[1], new_kv[1][None], (i, 0, 0, 0, cache_index)))
         return (x, cache, i + 1), None
 
 
 def apply_layers(config: TextConfig, dtype, param_dtype, layers, x, cos, sin, mask, caches=None, cache_index=0):
     """The decoder stack without the scan, for decoding: a Python loop over per-layer parameter trees.
 
-    layers: a sequence of per-layer param trees (`params["layers"]` sliced along its leading axis); caches: None or
-    a matching sequence of (k [B, K, S, H], v [B, K, H, S]). Same math as `LlamaForCausalLM.__call__` (before the final norm).
+    layers: a sequence of per-layer param trees (`params["layers"]` sliced along its leading axis, as they are or
+    through `fuse_layer`); caches: None or a matching sequence of (k [B, K, S, H], v [B, K, H, S]).
+    Same math as `LlamaForCausalLM.__call__` (before the final norm).
     Why: XLA:CPU copies each layer's weights out of the stacked array (a dynamic-slice it does not fuse into the
     dot) before using them, so a scanned decode step moves every weight byte three times; separate buffers don't.
     Returns (x [B, T, D], caches).
     """
-    block = LlamaBlock(config, dtype, param_dtype, parent=None)  # unbound: applied to each layer's params
+    fused = bool(layers) and "qkv_proj" in layers[0]["self_attn"]
+    block = LlamaBlock(config, dtype, param_dtype, fused, parent=None)  # unbound: applied to each layer's params
     out = []
     for i, p in enumerate(layers):
         cache = None if caches is None else (caches[i][0][None], caches[i][1][None])
         (x, cache, _), _ = block.apply({"params": p}, (x, cache, 0), cos, sin, mask, cache_index)
         out.append(None if cache is None else (cache[0][0], cache[1][0]))
     return x, (None if caches is None else tuple(out))
+
+
+def fuse_layer(layer: dict) -> dict:
+    """One layer's params with q/k/v and gate/up concatenated along their output axis (`fused` modules): one
+    matrix-vector product instead of three (two) per decode step, which reads the weights closer to memory speed
+    on CPU. Only for weights whose output axis is not sharded (the split would need communication otherwise)."""
+    attn, mlp = dict(layer["self_attn"]), dict(layer["mlp"])
+    cat = lambda parts: {k: jnp.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
+    attn["qkv_proj"] = cat([attn.pop("q_proj"), attn.pop("k_proj"), attn.pop("v_proj")])
+    mlp["gate_up_proj"] = cat([mlp.pop("gate_proj"), mlp.pop("up_proj")])
+    return dict(layer, self_attn=attn, mlp=mlp)
 
 
 class LlamaForCausalLM(nn.Module):

@@ -82,3 +82,49 @@ def test_seed_reproduces_end_to_end(tiny):
     assert (a != G.generate(model, x, seed=12, **kw)).any()
     greedy = G.generate(model, x, max_new_tokens=12, eos_token_id=-1)
     np.testing.assert_array_equal(G.generate(model, x, seed=3, top_k=1, **kw), greedy)  # top-1 sampling = greedy
+
+
+def while_bodies(hlo: str, carrying: str) -> list[str]:
+    """The texts of the body computations of the compiled HLO's while loops whose state holds a `carrying` array."""
+    import re
+
+    loops = [line for line in hlo.splitlines() if " while(" in line and carrying in line.split(" while(")[0]]
+    bodies = []
+    for line in loops:
+        start = hlo.index("\n%" + re.search(r"body=%([\w.\-]+)", line).group(1) + " ")
+        bodies.append(hlo[start:hlo.index("\n}", start)])
+    return bodies
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_decode_loop_updates_the_cache_in_place(tiny, monkeypatch, scan):
+    """The compiled decode loop copies no KV-cache buffer: each step writes its new keys/values in place, with the
+    decoder split per layer (CPU) or scanned over stacked weights and a stacked cache (TPU/GPU). (A dot reading the
+    updated cache, or no data dependence from the attention reads to the write, made XLA copy every layer's cache
+    at every step: ~25% of a decode step at 0.45B, see benchmarks/bench_generate.py.)"""
+    import jax
+
+    from deepseek_vl_jax.generation import inputs as inputs_mod
+    from deepseek_vl_jax.generation import loop, sampling, weights
+
+    cfg, model = tiny
+    monkeypatch.setattr(weights, "split_on", lambda model: not scan)
+    inputs, _ = inputs_mod.prepare_inputs(model, prompt(cfg, 30, seed=0), 8)
+    stop = loop.StopParams(eos=np.full((1,), -1, np.int32), pad=np.int32(0), max_new_tokens=np.int32(8))
+    progs = loop.programs(model.config, sampling.Sampler(), None)
+    hlo = progs.generate.lower(weights.generation_params(model), inputs, jax.random.key(0),
+                               sampling.SamplingParams.create(), stop, 64).compile().as_text()
+    t = model.config.text
+    layers = f"{t.num_hidden_layers}," if scan else ""
+    k_shape = f"f32[{layers}1,{t.num_key_value_heads},128,{t.head_dim}]"  # keys: [(L,) B, K, S = 64 + 64, H]
+    v_shape = f"f32[{layers}1,{t.num_key_value_heads},{t.head_dim},128]"
+    bodies = while_bodies(hlo, k_shape)  # the decode loop (and, scanned, the loops over layers)
+    assert len(bodies) == (3 if scan else 1) and all(v_shape in body for body in bodies)
+    copies = [line.strip()[:120] for body in bodies for line in body.splitlines() if " copy(" in line and
+              (k_shape in line or v_shape in line)]
+    assert not copies, copies
+    # and the program computes what the default layout does
+    tokens, _ = progs.generate(weights.generation_params(model), inputs, jax.random.key(0),
+                               sampling.SamplingParams.create(), stop, 64)
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.asarray(tokens)[:, :8], G.generate(model, prompt(cfg, 30, seed=0), 8))

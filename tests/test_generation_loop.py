@@ -19,8 +19,10 @@ NEW = 16
 PAD = 0
 
 
-@pytest.mark.parametrize("kind", ["vl", "hybrid"])
-def test_prefill_then_decode_equals_full_forward(generation_checkpoints, kind):
+@pytest.mark.parametrize("kind,layout", [("vl", "fused"), ("vl", "split"), ("vl", "scan"), ("hybrid", "fused")])
+def test_prefill_then_decode_equals_full_forward(generation_checkpoints, kind, layout):
+    """Decoder weights split per layer with q/k/v and gate/up fused (what CPU uses), split as they are, or scanned
+    over the stacked weights (what TPU/GPU use, with a stacked cache)."""
     cfg, ref, model, _ = generation_checkpoints(kind)
     batch = F.make_inputs(cfg, rows=((1, 2), (2, 0)), padding="left")
     steps = 6
@@ -34,13 +36,18 @@ def test_prefill_then_decode_equals_full_forward(generation_checkpoints, kind):
     next_logits = jax.jit(lambda p, s: loop.next_logits(module, p, s)[0])
     step = jax.jit(lambda p, s: loop.decode_step(module, sampler, p, s, sp, stop))
 
-    params = weights.generation_params(model)
+    if layout == "scan":
+        params = {"params": model.params, "layers": None}
+    else:
+        params = weights.split_layers(model.params, fuse=layout == "fused")
+        assert ("qkv_proj" in params["layers"][0]["self_attn"]) == (layout == "fused")
     got = [np.asarray(prompt_logits(params, inputs))]
     state = prefill(params, inputs)
     for _ in range(steps - 1):
         got.append(np.asarray(next_logits(params, state)))
         state = step(params, state)
     got = np.stack(got, 1)  # [B, steps, V]
+    assert kv_cache.is_stacked(state.cache) == (layout == "scan")
     tokens = np.asarray(state.tokens)[:, :steps]
     np.testing.assert_array_equal(tokens[:, :steps - 1], got[:, :steps - 1].argmax(-1))
 

@@ -38,6 +38,16 @@ def test_sharded_generate_equals_one_device(checkpoint, layout):
     kw = dict(max_new_tokens=12, eos_token_id=-1)
     want = generate(single, inputs, **kw)
     np.testing.assert_array_equal(generate(model, inputs, **kw), want)
+    # q/k/v and gate/up are fused unless tensor parallelism shards their output axis
+    layer0 = weights.generation_params(model)["layers"][0]
+    assert ("qkv_proj" in layer0["self_attn"]) == (MESHES[layout]["tensor"] == 1)
+    if layout == "fsdp":
+        qkv = layer0["self_attn"]["qkv_proj"]["kernel"]
+        stacked = model.params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+        assert tuple(qkv.sharding.spec) == tuple(stacked.sharding.spec)[1:] and "fsdp" in tuple(qkv.sharding.spec)
+    else:
+        with pytest.raises(ValueError, match="tensor parallelism"):
+            weights.split_layers(model.params, fuse=True)
     if layout == "tensor":
         check_cache_is_sharded(model, inputs)
         sampled = dict(kw, do_sample=True, top_k=20, temperature=0.8, seed=3)

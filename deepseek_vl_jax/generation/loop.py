@@ -1,7 +1,8 @@
 """The compiled parts of generation: prefill (vision encoders + prompt, once), one decode step, and the whole
 decode loop as one `lax.while_loop` that stops at max_new_tokens or when every row has emitted an end token.
 
-`params` here is `weights.split_layers(model.params)`: {"params": the rest, "layers": one tree per decoder layer}.
+`params` here is `weights.generation_params(model)`: {"params": the rest, "layers": one tree per decoder layer}
+(CPU), or {"params": the model's params, "layers": None} (the decoder scanned over its stacked layers).
 Shapes: B batch, T padded prompt length (a bucket), G generated-token buffer, S = T + G cache slots, V vocabulary.
 Prompts are left-padded, so the last prompt slot holds every row's last real token.
 
@@ -52,7 +53,7 @@ class DecodeState:
     tokens: jax.Array  # [B, G] int32 generated ids, pad after a row's eos
     positions: jax.Array  # [B] int32 position of the last generated token (the next one to feed)
     key_valid: jax.Array  # [B, S] bool: cache slots holding real tokens
-    cache: Any  # one (k [B, K, S, H], v [B, K, H, S]) per layer
+    cache: Any  # one (k [B, K, S, H], v [B, K, H, S]) per layer, or both stacked [L, ...] (see kv_cache)
     done: jax.Array  # [B] bool: the row has emitted an end token
     rng: jax.Array  # PRNG key, split every step
     seen: jax.Array | None  # [B, V] bool tokens in prompt + output (only with a repetition penalty)
@@ -60,6 +61,13 @@ class DecodeState:
 
 def _is_eos(tokens: jax.Array, eos: jax.Array) -> jax.Array:
     return jnp.any(tokens[:, None] == eos[None, :], axis=-1)
+
+
+def _decoder(apply, params, embeds, positions, mask, cache, cache_index):
+    """The decoder over per-layer weights (`decode_layers`) or scanned over the stacked ones (`decode`)."""
+    if params["layers"] is None:
+        return apply(embeds, positions, mask, cache, cache_index, method="decode")
+    return apply(embeds, positions, mask, params["layers"], cache, cache_index, method="decode_layers")
 
 
 def prompt_logits(module: DeepseekVL, mesh: Mesh | None, gen_len: int, params, inputs: dict):
@@ -71,11 +79,10 @@ def prompt_logits(module: DeepseekVL, mesh: Mesh | None, gen_len: int, params, i
     apply = functools.partial(module.apply, {"params": params["params"]})
     embeds = apply(ids, inputs.get("pixel_values"), inputs.get("high_res_pixel_values"), method="embed")
     key_valid = jnp.zeros((b, t + gen_len), bool).at[:, :t].set(mask.astype(bool))
-    cache = kv_cache.init_cache(config.text, b, t + gen_len, embeds.dtype)
+    cache = kv_cache.init_cache(config.text, b, t + gen_len, embeds.dtype, stacked=params["layers"] is None)
     cache = kv_cache.constrain_cache(cache, mesh, config.text)
     positions = multimodal.positions_from_mask(mask)
-    hidden, cache = apply(embeds, positions, multimodal.cache_mask(key_valid, 0, t), params["layers"], cache, 0,
-                          method="decode_layers")
+    hidden, cache = _decoder(apply, params, embeds, positions, multimodal.cache_mask(key_valid, 0, t), cache, 0)
     return apply(hidden[:, -1:], method="logits")[:, 0], cache, key_valid
 
 
@@ -87,8 +94,8 @@ def next_logits(module: DeepseekVL, params, state: "DecodeState"):
     last = jax.lax.dynamic_slice_in_dim(state.tokens, state.step - 1, 1, axis=1)  # [B, 1]
     key_valid = jax.lax.dynamic_update_slice_in_dim(state.key_valid, jnp.ones((b, 1), bool), slot, axis=1)
     mask = multimodal.cache_mask(key_valid, slot, 1)
-    hidden, cache = apply(apply(last, method="embed"), state.positions[:, None], mask, params["layers"], state.cache,
-                          slot, method="decode_layers")
+    hidden, cache = _decoder(apply, params, apply(last, method="embed"), state.positions[:, None], mask, state.cache,
+                             slot)
     return apply(hidden, method="logits")[:, 0], cache, key_valid
 
 
