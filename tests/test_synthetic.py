@@ -69,3 +69,23 @@ def test_transformers_reads_the_processor_identically(tmp_path):
                                      padding=True, return_tensors="np")
     np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
     np.testing.assert_allclose(ours["pixel_values"], theirs["pixel_values"], atol=1e-6)
+
+
+def test_several_questions_per_picture(tmp_path):
+    """--questions-per-image 3: each training picture gets up to three rows of different kinds, all true of it (among
+    the scene's candidates); the held-out split is the same as with one question per picture."""
+    from deepseek_vl_jax.synthetic.questions import ask_several
+
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        scene = random_scene(rng)
+        asked = ask_several(scene, rng, 3)
+        assert len({k for k, _, _ in asked}) == len(asked) == min(3, len({k for k, _, _ in _candidates(scene)}))
+        assert all(q in _candidates(scene) for q in asked)
+    for out, n in (("one", "1"), ("three", "3")):
+        assert main(["synthetic", str(tmp_path / out), "--train", "10", "--heldout", "5", "--questions-per-image", n,
+                     "--seed", "3"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "three" / "train.jsonl").read_text().splitlines()]
+    images = [r["messages"][0]["content"][0]["image"] for r in rows]
+    assert len(set(images)) == 10 and len(rows) == 30 and all(images.count(i) == 3 for i in set(images))
+    assert (tmp_path / "one" / "heldout.jsonl").read_text() == (tmp_path / "three" / "heldout.jsonl").read_text()

@@ -39,6 +39,18 @@ def ask(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
     return options[int(rng.integers(len(options)))]
 
 
+def ask_several(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
+    """Up to `n` questions about one scene, each of a different kind (kinds in random order). Several questions
+    about the same picture make a model bind each question to its object rather than guess from the picture."""
+    cands = _candidates(scene)
+    kinds = sorted({k for k, _, _ in cands})
+    out = []
+    for kind in [kinds[i] for i in rng.permutation(len(kinds))[:n]]:
+        options = [c for c in cands if c[0] == kind]
+        out.append(options[int(rng.integers(len(options)))])
+    return out
+
+
 def describe(scene: Scene) -> str:
     """A caption naming every shape with its size, colour and side, top to bottom then left to right."""
     parts = [f"a {s.size} {s.color} {s.kind} on the {s.side}"
