@@ -2,6 +2,7 @@
 and checkpoints in the layout `export` reads."""
 
 import glob
+import json
 import math
 import os
 
@@ -101,3 +102,18 @@ def test_evaluate_exact_match_from_training_output(run, tmp_path):
     acc, records = evaluate.exact_match(model, processor, rows, max_new_tokens=4, batch_size=4)
     assert [r["correct"] for r in records] == [True, False, True]
     assert acc == pytest.approx(2 / 3)
+
+
+def test_evaluate_counts_per_kind(tmp_path):
+    """Rows labelled with a "kind" are tallied per kind by line number; unlabelled and blank lines are not."""
+    from deepseek_vl_jax.training import evaluate
+
+    path = tmp_path / "rows.jsonl"
+    lines = [{"messages": [], "kind": "color"}, {"messages": []}, {"messages": [], "kind": "side"},
+             {"messages": [], "kind": "color"}]
+    path.write_text("\n".join(json.dumps(x) for x in lines[:2]) + "\n\n" +
+                    "\n".join(json.dumps(x) for x in lines[2:]) + "\n")
+    records = [{"line": 1, "correct": True}, {"line": 2, "correct": True}, {"line": 4, "correct": False},
+               {"line": 5, "correct": True}]
+    assert evaluate.by_kind(str(path), records) == {"color": [2, 2], "side": [0, 1]}
+    assert evaluate.by_kind(str(path), records[1:2]) == {}

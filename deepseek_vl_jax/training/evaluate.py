@@ -5,7 +5,8 @@
 
 For every row the chat up to the last assistant message is the prompt; the last assistant message is the reference.
 An answer counts when it equals the reference after stripping and collapsing whitespace (and case, with
---ignore-case). --model is an HF / Flax model directory or a training output directory (its latest checkpoint).
+--ignore-case). Rows with an optional "kind" label (the synthetic set's question kinds) are also counted per kind
+("by_kind": {kind: [correct, rows]}). --model is an HF / Flax model directory or a training output directory (its latest checkpoint).
 """
 
 from __future__ import annotations
@@ -90,6 +91,24 @@ def exact_match(model, processor, rows: Sequence, max_new_tokens: int = 64, batc
     return accuracy, records
 
 
+def by_kind(path: str, records: Sequence[dict]) -> dict[str, list[int]]:
+    """{kind: [correct, rows]} over the records whose JSONL line carries a "kind" label (empty if none does)."""
+    kinds = {}
+    with open(path, encoding="utf-8") as f:
+        for n, text in enumerate(f, start=1):
+            if text.strip():
+                kind = json.loads(text).get("kind")
+                if kind is not None:
+                    kinds[n] = str(kind)
+    out: dict[str, list[int]] = {}
+    for r in records:
+        if r["line"] in kinds:
+            tally = out.setdefault(kinds[r["line"]], [0, 0])
+            tally[0] += int(r["correct"])
+            tally[1] += 1
+    return out
+
+
 def run(args) -> int:
     from deepseek_vl_jax.processing import load_processor
     from deepseek_vl_jax.training import data
@@ -106,6 +125,9 @@ def run(args) -> int:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
     summary = {"exact_match": accuracy, "correct": sum(r["correct"] for r in records), "rows": len(records),
                "skipped_rows": [e.line for e in rows.bad]}
+    kinds = by_kind(args.data, records)
+    if kinds:
+        summary["by_kind"] = kinds
     print(json.dumps(summary))
     return 0 if records else 1
 
