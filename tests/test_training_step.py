@@ -107,14 +107,21 @@ def test_sharded_step_equals_single_device(tiny):
 
     for k in ("loss", "grad_norm", "learning_rate", "tokens"):
         np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=2e-5, err_msg=k)
-    for path_, a, b in zip(jax.tree_util.tree_leaves_with_path(want_state.params),
-                           jax.tree.leaves(want_state.params), jax.tree.leaves(got_state.params)):
+    grads = jax.tree.map(lambda m: np.asarray(m) / (1 - opt.b1), want_state.opt_state[1][0].mu)
+    assert jax.tree.structure(grads) == jax.tree.structure(want_state.params)
+    for path_, a, b, g in zip(jax.tree_util.tree_leaves_with_path(want_state.params),
+                              jax.tree.leaves(want_state.params), jax.tree.leaves(got_state.params),
+                              jax.tree.leaves(grads)):
         a, b = np.asarray(a), np.asarray(b)
         if "k_proj" in str(path_[0]) and "bias" in str(path_[0]):
             continue  # true gradient 0 (softmax ignores a per-query shift): Adam's g / (|g| + eps) amplifies noise
-        # one Adam step moves a weight by up to lr (g / (|g| + eps) is touchy only where |g| ~ eps); the two
-        # layouts must agree far more closely than a step
-        np.testing.assert_allclose(b, a, rtol=0, atol=1e-2 * opt.learning_rate, err_msg=str(path_[0]))
+        # One Adam step moves a weight by lr * g / (|g| + eps): the two layouts must agree far more closely than
+        # a step (1% of lr), except where |g| is small enough for the gradient's summation-order noise (bounded
+        # by the moments check below: 1e-5 of the largest gradient) to move g / (|g| + eps), which it does by up
+        # to lr * eps * noise / (|g| + eps)^2.
+        noise = 1e-5 * np.abs(g).max()
+        atol = 1e-2 * opt.learning_rate + opt.learning_rate * opt.eps * noise / (np.abs(g) + opt.eps) ** 2
+        assert np.all(np.abs(b - a) <= atol), (str(path_[0]), np.abs(b - a).max(), np.abs(g).min())
     assert int(got_state.step) == 1
     for (path_, a), b in zip(jax.tree_util.tree_leaves_with_path(want_state.opt_state),
                              jax.tree.leaves(got_state.opt_state)):
