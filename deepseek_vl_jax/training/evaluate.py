@@ -6,7 +6,8 @@
 For every row the chat up to the last assistant message is the prompt; the last assistant message is the reference.
 An answer counts when it equals the reference after stripping and collapsing whitespace (and case, with
 --ignore-case). Rows with an optional "kind" label (the synthetic set's question kinds) are also counted per kind
-("by_kind": {kind: [correct, rows]}). --model is an HF / Flax model directory or a training output directory (its latest checkpoint).
+("by_kind": {kind: [correct, rows]}). --model is an HF / Flax model directory or a training output directory (its
+latest checkpoint).
 """
 
 from __future__ import annotations
