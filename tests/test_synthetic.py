@@ -89,3 +89,42 @@ def test_several_questions_per_picture(tmp_path):
     images = [r["messages"][0]["content"][0]["image"] for r in rows]
     assert len(set(images)) == 10 and len(rows) == 30 and all(images.count(i) == 3 for i in set(images))
     assert (tmp_path / "one" / "heldout.jsonl").read_text() == (tmp_path / "three" / "heldout.jsonl").read_text()
+
+
+def test_turns_name_each_shape_once(tmp_path):
+    """--turns 4: each training picture is one chat whose questions are all true of it, name each shape (and the
+    whole scene) at most once, and use up the scene's possible subjects or the turn budget; the processor labels
+    every answer; the held-out split is unchanged."""
+    from deepseek_vl_jax.synthetic.questions import _by_object, ask_turns
+
+    rng = np.random.default_rng(2)
+    lengths = set()
+    for _ in range(300):
+        scene = random_scene(rng)
+        subject = {q: i for i, _, q, _ in _by_object(scene)}
+        asked = ask_turns(scene, rng, 4)
+        assert all(q in _candidates(scene) for q in asked)
+        subjects = [subject[q] for _, q, _ in asked]
+        assert len(set(subjects)) == len(subjects) and 1 <= len(asked) <= 4
+        if len(asked) < 4:  # stopped early only because no question about a new subject was left
+            assert {i for i, *_ in _by_object(scene)} <= set(subjects)
+        lengths.add(len(asked))
+    assert {2, 3, 4} <= lengths
+
+    for out, turns in (("one", "1"), ("four", "4")):
+        assert main(["synthetic", str(tmp_path / out), "--train", "12", "--heldout", "5", "--turns", turns,
+                     "--seed", "3"]) == 0
+    assert (tmp_path / "one" / "heldout.jsonl").read_text() == (tmp_path / "four" / "heldout.jsonl").read_text()
+    rows = [json.loads(line) for line in (tmp_path / "four" / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and max(len(r["kinds"]) for r in rows) > 1
+    processor = load_processor(tmp_path / "four" / "processor")
+    for r in rows:
+        messages = r["messages"]
+        assert [m["role"] for m in messages] == ["user", "assistant"] * len(r["kinds"])
+        images = [c for m in messages for c in m["content"] if c["type"] == "image"]
+        assert images == [messages[0]["content"][0]]
+        messages[0]["content"][0]["image"] = str(tmp_path / "four" / images[0]["image"])
+        example = processor.training_example(messages)
+        labels = np.asarray(example["labels"])
+        answers = [m["content"][0]["text"] for m in messages if m["role"] == "assistant"]
+        assert processor.decode(labels[labels >= 0]) == "".join(f" {a}<｜end▁of▁sentence｜>" for a in answers)

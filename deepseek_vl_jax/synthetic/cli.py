@@ -14,6 +14,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("output", help="directory for train.jsonl, heldout.jsonl, images/ and processor/")
     p.add_argument("--train", type=int, default=6000, help="training pictures")
     p.add_argument("--questions-per-image", type=int, default=1, help="training questions per picture")
+    p.add_argument("--turns", type=int, default=1,
+                   help="> 1: each training picture is one chat of up to this many questions, each shape asked about "
+                        "at most once (overrides --questions-per-image)")
     p.add_argument("--heldout", type=int, default=300, help="held-out rows")
     p.add_argument("--pretrain", type=int, default=0, help="caption rows (pretrain.jsonl) for pre-training")
     p.add_argument("--seed", type=int, default=0)
@@ -33,11 +36,13 @@ def texts(jsonl: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = write_dataset(args.output, args.train, args.heldout, args.seed, args.pretrain, args.questions_per_image)
+    paths = write_dataset(args.output, args.train, args.heldout, args.seed, args.pretrain,
+                          args.questions_per_image, args.turns)
     tokens = (args.image_size // args.patch_size) ** 2
     corpus = [t for split in ("train", "pretrain") if split in paths for t in texts(paths[split])]
     tok = write_processor(os.path.join(args.output, "processor"), corpus, args.image_size, tokens, args.vocab_size)
-    print(f"wrote {args.train} train pictures ({args.questions_per_image} questions each) and {args.heldout} held-out "
+    each = f"chats of up to {args.turns} questions" if args.turns > 1 else f"{args.questions_per_image} questions each"
+    print(f"wrote {args.train} train pictures ({each}) and {args.heldout} held-out "
           f"rows to {args.output}; "
           f"tokenizer of {tok.get_vocab_size()} tokens, {tokens} image tokens per picture")
     return 0

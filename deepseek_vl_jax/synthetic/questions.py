@@ -13,21 +13,26 @@ QUESTION_KINDS = ("color", "shape", "count", "side", "size")
 DESCRIBE = "Describe the picture."
 
 
-def _candidates(scene: Scene) -> list[tuple[str, str, str]]:
-    """(kind, question, answer) for every unambiguous question about the scene."""
-    out = [("count", "How many shapes are there?", NUMBERS[len(scene.shapes)])]
+def _by_object(scene: Scene) -> list[tuple[int, str, str, str]]:
+    """(object, kind, question, answer) for every unambiguous question about the scene; object -1 = the whole scene."""
+    out = [(-1, "count", "How many shapes are there?", NUMBERS[len(scene.shapes)])]
     kinds = Counter(s.kind for s in scene.shapes)
     colors = Counter(s.color for s in scene.shapes)
     pairs = Counter((s.color, s.kind) for s in scene.shapes)
-    for s in scene.shapes:
+    for i, s in enumerate(scene.shapes):
         if kinds[s.kind] == 1:
-            out.append(("color", f"What color is the {s.kind}?", s.color))
+            out.append((i, "color", f"What color is the {s.kind}?", s.color))
         if colors[s.color] == 1:
-            out.append(("shape", f"What shape is the {s.color} object?", s.kind))
+            out.append((i, "shape", f"What shape is the {s.color} object?", s.kind))
         if pairs[(s.color, s.kind)] == 1:
-            out.append(("side", f"Is the {s.color} {s.kind} on the left or the right?", s.side))
-            out.append(("size", f"Is the {s.color} {s.kind} big or small?", s.size))
+            out.append((i, "side", f"Is the {s.color} {s.kind} on the left or the right?", s.side))
+            out.append((i, "size", f"Is the {s.color} {s.kind} big or small?", s.size))
     return out
+
+
+def _candidates(scene: Scene) -> list[tuple[str, str, str]]:
+    """(kind, question, answer) for every unambiguous question about the scene."""
+    return [c[1:] for c in _by_object(scene)]
 
 
 def ask(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
@@ -48,6 +53,23 @@ def ask_several(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[st
     for kind in [kinds[i] for i in rng.permutation(len(kinds))[:n]]:
         options = [c for c in cands if c[0] == kind]
         out.append(options[int(rng.integers(len(options)))])
+    return out
+
+
+def ask_turns(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
+    """Up to `n` questions for the turns of one chat about the scene. The whole scene and each shape are the subject
+    of at most one question, so no turn's question or answer gives away another's answer and every answer must be
+    read from the picture; each question's kind is drawn uniformly among the kinds still possible. Several shapes
+    asked about in one chat contrast them: the answer depends on which shape the question names."""
+    left = _by_object(scene)
+    out = []
+    while left and len(out) < n:
+        kinds = sorted({c[1] for c in left})
+        kind = kinds[int(rng.integers(len(kinds)))]
+        options = [c for c in left if c[1] == kind]
+        subject, *asked = options[int(rng.integers(len(options)))]
+        out.append(tuple(asked))
+        left = [c for c in left if c[0] != subject]
     return out
 
 

@@ -10,7 +10,7 @@ DEMO=train/demo
 mkdir -p "$WORK"
 run() { echo "+ $*" >&2; "$@"; }
 
-[ -f "$WORK/data/heldout.jsonl" ] || run deepseek-vl-jax synthetic "$WORK/data" --train 6000 --heldout 300 \
+[ -f "$WORK/data/heldout.jsonl" ] || run deepseek-vl-jax synthetic "$WORK/data" --train 10000 --turns 4 --heldout 300 \
   --pretrain 6000 --image-size 64 --patch-size 16 --seed 0
 [ -f "$WORK/init/config.json" ] || run deepseek-vl-jax init "$WORK/init" --config "$DEMO/model_config.json" \
   --processor "$WORK/data/processor" --seed 0
