@@ -64,8 +64,7 @@ def write_dataset(directory: str, train: int = 6000, heldout: int = 300, seed: i
     when pretrain > 0), `train` (`train` pictures, `questions_per_image` rows or `turns` turns each) and `heldout`
     (one question per picture)."""
     os.makedirs(directory, exist_ok=True)
-    out = {"train": write_split(directory, "train", train, seed, questions_per_image=questions_per_image,
-                                     turns=turns),
+    out = {"train": write_split(directory, "train", train, seed, questions_per_image=questions_per_image, turns=turns),
            "heldout": write_split(directory, "heldout", heldout, seed + 1_000_003)}
     if pretrain:
         out["pretrain"] = write_split(directory, "pretrain", pretrain, seed + 2_000_003, captions=True)
