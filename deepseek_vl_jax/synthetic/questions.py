@@ -35,13 +35,17 @@ def _candidates(scene: Scene) -> list[tuple[str, str, str]]:
     return [c[1:] for c in _by_object(scene)]
 
 
+def _draw(cands: list[tuple[int, str, str, str]], rng: np.random.Generator) -> tuple[int, str, str, str]:
+    """One of `_by_object`'s candidates: its kind drawn uniformly among the kinds present, then one of that kind."""
+    kinds = sorted({c[1] for c in cands})
+    kind = kinds[int(rng.integers(len(kinds)))]
+    options = [c for c in cands if c[1] == kind]
+    return options[int(rng.integers(len(options)))]
+
+
 def ask(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
     """One (kind, question, answer), the kind drawn uniformly among those the scene allows."""
-    cands = _candidates(scene)
-    kinds = sorted({k for k, _, _ in cands})
-    kind = kinds[int(rng.integers(len(kinds)))]
-    options = [c for c in cands if c[0] == kind]
-    return options[int(rng.integers(len(options)))]
+    return _draw(_by_object(scene), rng)[1:]
 
 
 def ask_several(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
@@ -64,10 +68,7 @@ def ask_turns(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[str,
     left = _by_object(scene)
     out = []
     while left and len(out) < n:
-        kinds = sorted({c[1] for c in left})
-        kind = kinds[int(rng.integers(len(kinds)))]
-        options = [c for c in left if c[1] == kind]
-        subject, *asked = options[int(rng.integers(len(options)))]
+        subject, *asked = _draw(left, rng)
         out.append(tuple(asked))
         left = [c for c in left if c[0] != subject]
     return out
