@@ -5,6 +5,10 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import torchvision_ops  # noqa: E402
+
+torchvision_ops.ensure_importable()  # before anything imports torchvision (see torchvision_ops)
+
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")

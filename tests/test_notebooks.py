@@ -29,6 +29,9 @@ NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 KERNEL_NAME = "deepseek-vl-jax-notebook-tests"
 CELL_TIMEOUT = 300  # seconds per cell
 PROBE = "import sys; print('KERNEL_PYTHON=' + sys.executable)"
+# ipykernel, after the torchvision import fix the test session applies too (tests/torchvision_ops.py)
+KERNEL_MAIN = ("import runpy, torchvision_ops; torchvision_ops.ensure_importable(); "
+               "runpy.run_module('ipykernel_launcher', run_name='__main__', alter_sys=True)")
 
 
 def _kernel_setup(scratch: Path) -> dict[str, str]:
@@ -38,13 +41,14 @@ def _kernel_setup(scratch: Path) -> dict[str, str]:
     spec_dir = scratch / "share" / "jupyter" / "kernels" / KERNEL_NAME
     spec_dir.mkdir(parents=True, exist_ok=True)
     (spec_dir / "kernel.json").write_text(json.dumps({
-        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "argv": [sys.executable, "-c", KERNEL_MAIN, "-f", "{connection_file}"],
         "display_name": "Python 3 (deepseek-vl-jax tests)", "language": "python",
         "metadata": {"debugger": False}}))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JUPYTER_PATH"] = os.pathsep.join([str(scratch / "share" / "jupyter"), *filter(None, [
         os.environ.get("JUPYTER_PATH")])])
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                         *filter(None, [os.environ.get("PYTHONPATH")])])
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     env["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
     return env
