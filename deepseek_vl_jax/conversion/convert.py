@@ -1,6 +1,7 @@
 """`deepseek-vl-jax convert SRC DST`: an HF (or original deepseek-ai) checkpoint directory -> a Flax checkpoint.
 
-Streams tensor by tensor: each Flax leaf is assembled from memory-mapped source tensors (transposed, stacked over
+An original directory's processor is rewritten (`processing.original`), never copied: the original towers normalise
+their pixels, the converted model expects the image processor to. Streams tensor by tensor: each Flax leaf is assembled from memory-mapped source tensors (transposed, stacked over
 layers, cast: `fast_mapping`), written by Orbax and dropped before the next (see `orbax_io`); the source pages
 are released after each tensor, so peak memory is about the largest leaf, not the checkpoint. Writes into a temporary sibling of
 DST and renames it at the end (see `atomic`).
@@ -118,14 +119,37 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
         hf_mapping.set_path(params, e.path, orbax_io.LazyArray(e.shape, leaf_dtype[e.path], make(e)))
     metadata = {"created_by": "deepseek-vl-jax convert",
                 "source": {"path": src, "bytes": reader.nbytes, **source_meta}}
+    original = source_meta["layout"] == "original"
+    processor = _original_processor(src) if original else None
     try:
         with atomic.staged_directory(dst, force) as tmp:
-            marker = flax_checkpoint.write_into(tmp, hf_config, params, src, metadata=metadata,
-                                                template={e.path: e.shape for e in table})
+            if processor is not None:
+                metadata["processor_files"] = sorted(os.path.basename(f) for f in processor.save_pretrained(tmp))
+            marker = flax_checkpoint.write_into(tmp, hf_config, params, None if original else src,
+                                                metadata=metadata, template={e.path: e.shape for e in table})
     finally:
         if bar is not None:
             bar.close()
     return marker
+
+
+def _original_processor(src: str):
+    """The processor of an original directory, rewritten for this library and transformers: the towers'
+    normalisation moved into the image processor, the original's resize rounding and hybrid low-res image, the
+    `deepseek` conversation format as chat template, eos as pad token, left padding (`processing.original`).
+    None when the directory has no processor files (a weights-only copy)."""
+    from deepseek_vl_jax.processing import original as original_processing
+    from deepseek_vl_jax.processing.errors import ProcessorConfigError
+
+    if not os.path.isfile(os.path.join(src, "tokenizer.json")):
+        return None
+    if not original_processing.is_original_processor_dir(src):
+        raise ConfigError(f"{src}: original weights with a processor that is not deepseek-ai's VLChatProcessor / "
+                          f"VLMImageProcessor (preprocessor_config.json, processor_config.json)")
+    try:
+        return original_processing.load_original_processor(src)
+    except ProcessorConfigError as e:
+        raise ConfigError(str(e)) from e
 
 
 def _np_dtype(name: str):

@@ -110,6 +110,38 @@ def image_token_from_tokenizer(directory: str | os.PathLike | None) -> int | Non
     return tok.get("model", {}).get("vocab", {}).get(IMAGE_TOKEN)
 
 
+def tokenizer_special_ids(directory: str | os.PathLike | None) -> dict[str, int]:
+    """{"bos_token_id", "eos_token_id", "pad_token_id"}: the ids of the tokens a directory's tokenizer_config.json
+    (or special_tokens_map.json) names, looked up in its tokenizer.json; those it does not name are left out."""
+    if not directory:
+        return {}
+    directory = os.fspath(directory)
+    names: dict[str, str] = {}
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins, as in transformers
+        path = os.path.join(directory, file)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+            for key in ("bos_token", "eos_token", "pad_token"):
+                value = cfg.get(key)
+                value = value.get("content") if isinstance(value, dict) else value
+                if isinstance(value, str):
+                    names[key] = value
+    file = os.path.join(directory, "tokenizer.json")
+    if not names or not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        tok = json.load(f)
+    ids = {t.get("content"): int(t["id"]) for t in tok.get("added_tokens", [])}
+    vocab = tok.get("model", {}).get("vocab", {})
+    out = {}
+    for key, token in names.items():
+        found = ids.get(token, vocab.get(token) if isinstance(vocab, dict) else None)
+        if found is not None:
+            out[f"{key}_id"] = int(found)
+    return out
+
+
 def hf_config_from_original(d: dict, directory: str | os.PathLike | None = None) -> dict:
     """An HF `deepseek_vl` / `deepseek_vl_hybrid` config dict from an original config dict."""
     for key in ("language_config", "vision_config", "aligner_config"):
@@ -124,6 +156,14 @@ def hf_config_from_original(d: dict, directory: str | os.PathLike | None = None)
     text = {**LLAMA_DEFAULTS, **{k: v for k, v in d["language_config"].items() if k not in _NOT_TEXT},
             "model_type": "llama"}
     tie = bool(text.pop("tie_word_embeddings"))
+    # The original language_config relies on LlamaConfig's bos/eos (1, 2): ordinary tokens of DeepSeek's vocabulary.
+    # The original code stops on and pads with the tokenizer's end of sentence (it has no pad token: eos pads).
+    special = tokenizer_special_ids(directory)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if key not in d["language_config"] and key in special:
+            text[key] = special[key]
+    if text.get("pad_token_id") is None and "eos_token_id" in special:
+        text["pad_token_id"] = text["eos_token_id"]
     try:
         low = _siglip(params["low_res_cfg"] if hybrid else params)
         high = _sam(params["high_res_cfg"]) if hybrid else None

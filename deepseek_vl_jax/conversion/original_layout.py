@@ -11,8 +11,9 @@ Flax path converts it unchanged. `to_original_layout` writes an HF checkpoint in
 the converter; also a way to hand weights back to the original code).
 
 Keys the original model never uses are dropped, and reported: SigLIP's `attn_pool.*` (the original builds timm's
-ViT with `ignore_head=True`; transformers' model has no head either) and `language_model.lm_head.weight` when the
-language model ties it to the embeddings. A `downsamples_hd.*` copy of the projection (commented out in the
+ViT with `ignore_head=True`; transformers' model has no head either), the hybrid's `vision_model.high_layer_norm.*`
+and `low_layer_norm.*` (built by `HybridVisionTower`, never used in its forward; both are in the published 7B files)
+and `language_model.lm_head.weight` when the language model ties it to the embeddings. A `downsamples_hd.*` copy of the projection (commented out in the
 original code) is accepted only if equal to `downsamples.*`: transformers' model has one projection for both
 high-resolution paths, so a different copy could not be represented.
 """
@@ -109,6 +110,10 @@ def rules(hybrid: bool, siglip: str | None = None) -> list[Rule]:
         Rule(f"{SAM}.downsamples.0.weight", "model.high_res_vision_proj.conv1.weight"),
         Rule(f"{SAM}.downsamples.1.weight", "model.high_res_vision_proj.conv2.weight"),
         Rule(f"{SAM}.hd_alpha_downsamples", "model.high_res_vision_alpha"),
+        Rule("vision_model.high_layer_norm.{p}", "", Kind.DROP,
+             "LayerNorm built by the original HybridVisionTower, never used in its forward"),
+        Rule("vision_model.low_layer_norm.{p}", "", Kind.DROP,
+             "LayerNorm built by the original HybridVisionTower, never used in its forward"),
         Rule(f"{SAM}.downsamples_hd.{{n}}.weight", f"{SAM}.downsamples.{{n}}.weight", Kind.SAME_AS,
              "copy of the shared projection (transformers has one projection for both paths)"),
     ]

@@ -12,7 +12,9 @@ Pipeline for one image (all integer work is done on uint8 pixels exactly as the 
    * a uint8 numpy array is read channels-first if its first axis has 1, 3 or 4 entries, else channels-last (the
      reference's ``infer_channel_dimension_format`` rule); one channel is repeated, four channels are composited on
      white with ``round(a/255 * rgb + (1 - a/255) * 255)``.
-2. Resize so the longest side becomes ``size`` (``round`` each side, floor ``min_size``) with PIL bicubic.
+2. Resize so the longest side becomes ``size`` (``round`` each side, floor ``min_size``) with PIL bicubic;
+   ``resize_rounding="floor"``: ``int(side / longest * size)`` instead, as the original deepseek-ai
+   ``VLMImageProcessor`` does (a 150x401 picture is 143 px wide at 384 there, 144 in transformers).
 3. Pad to a square, centred, with background ``int(mean * 255)`` per channel.
 4. Rescale by ``rescale_factor`` (float64, then float32) and normalise in float32 — done with a per-channel
    256-entry lookup table that holds exactly the values the reference computes, so results are bit-identical.
@@ -21,7 +23,9 @@ Steps 1-3 use PIL (padding by pasting on a background canvas), step 4 writes str
 a batch are processed in parallel threads.
 
 The hybrid processor resizes+pads to ``high_res_size`` first, then resizes+pads *that padded image* to ``size``; each
-resolution is normalised with its own mean/std.
+resolution is normalised with its own mean/std. With ``low_res_resize="antialiased_bilinear"`` the low-res image is
+instead the original DeepSeek-VL-Hybrid's: the rescaled high-res float image resized by torch's antialiased bilinear
+filter (`resize.resize_antialiased`), then normalised with the low-res mean/std.
 """
 
 from __future__ import annotations
@@ -37,10 +41,13 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageLoadError, ProcessorConfigError
+from .resize import resize_antialiased
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 BICUBIC = 3
+ROUND, FLOOR = "round", "floor"  # resize_rounding: transformers', the original deepseek-ai processor's
+LOW_RES_PIL, LOW_RES_ANTIALIASED = "pil", "antialiased_bilinear"  # low_res_resize: transformers', the original's
 
 
 def _square_size(value: Any, name: str) -> int:
@@ -77,11 +84,24 @@ class ImageProcessorConfig:
     high_res_resample: int = BICUBIC
     high_res_image_mean: tuple[float, ...] | None = OPENAI_CLIP_MEAN
     high_res_image_std: tuple[float, ...] | None = OPENAI_CLIP_STD
+    resize_rounding: str = ROUND
+    low_res_resize: str = LOW_RES_PIL
     extra: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_hybrid(self) -> bool:
         return self.high_res_size is not None
+
+    def __post_init__(self):
+        if self.resize_rounding not in (ROUND, FLOOR):
+            raise ProcessorConfigError(f"image processor setting 'resize_rounding' must be {ROUND!r} or {FLOOR!r}, "
+                                       f"got {self.resize_rounding!r}")
+        if self.low_res_resize not in (LOW_RES_PIL, LOW_RES_ANTIALIASED):
+            raise ProcessorConfigError(f"image processor setting 'low_res_resize' must be {LOW_RES_PIL!r} or "
+                                       f"{LOW_RES_ANTIALIASED!r}, got {self.low_res_resize!r}")
+        if self.low_res_resize == LOW_RES_ANTIALIASED and not (self.do_resize and self.do_pad and self.do_rescale):
+            raise ProcessorConfigError(f"low_res_resize={LOW_RES_ANTIALIASED!r} needs do_resize, do_pad and "
+                                       f"do_rescale (it resizes the square rescaled high-resolution image)")
 
     @classmethod
     def from_dict(cls, d: dict, hybrid: bool | None = None) -> "ImageProcessorConfig":
@@ -110,6 +130,7 @@ class ImageProcessorConfig:
             do_normalize=bool(get("do_normalize", True)),
             image_mean=floats("image_mean", OPENAI_CLIP_MEAN),
             image_std=floats("image_std", OPENAI_CLIP_STD),
+            resize_rounding=str(get("resize_rounding", ROUND)),
             extra={k: v for k, v in d.items()},
         )
         if hybrid:
@@ -118,6 +139,7 @@ class ImageProcessorConfig:
                 high_res_resample=int(get("high_res_resample", BICUBIC)),
                 high_res_image_mean=floats("high_res_image_mean", OPENAI_CLIP_MEAN),
                 high_res_image_std=floats("high_res_image_std", OPENAI_CLIP_STD),
+                low_res_resize=str(get("low_res_resize", LOW_RES_PIL)),
             )
         return cls(**kwargs)
 
@@ -138,6 +160,10 @@ class ImageProcessorConfig:
             image_mean=list(d["image_mean"]) if d["image_mean"] is not None else None,
             image_std=list(d["image_std"]) if d["image_std"] is not None else None,
         )
+        if self.resize_rounding != ROUND:  # only written when set: transformers does not know these keys
+            out["resize_rounding"] = self.resize_rounding
+        if self.low_res_resize != LOW_RES_PIL:
+            out["low_res_resize"] = self.low_res_resize
         if self.is_hybrid:
             out.update(
                 high_res_size={"height": self.high_res_size, "width": self.high_res_size},
@@ -232,12 +258,18 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def resize_longest_side(image: Image.Image, target: int, min_size: int, resample: int) -> Image.Image:
-    """Resize so the longest side is `target` (each side `round`-ed, at least `min_size`)."""
+def resize_longest_side(image: Image.Image, target: int, min_size: int, resample: int,
+                        rounding: str = ROUND) -> Image.Image:
+    """Resize so the longest side is `target` (each side `round`-ed, or floored for FLOOR, at least `min_size`)."""
     width, height = image.size
-    delta = target / max(height, width)
-    new_height = max(round(height * delta), min_size)
-    new_width = max(round(width * delta), min_size)
+    if rounding == FLOOR:  # the original: int(height / max_size * image_size)
+        longest = max(height, width)
+        new_height = max(int(height / longest * target), min_size)
+        new_width = max(int(width / longest * target), min_size)
+    else:
+        delta = target / max(height, width)
+        new_height = max(round(height * delta), min_size)
+        new_width = max(round(width * delta), min_size)
     return image.resize((new_width, new_height), resample=resample)
 
 
@@ -302,6 +334,7 @@ class DeepseekVLImageProcessor:
                 c.do_rescale, c.rescale_factor, c.do_normalize, c.high_res_image_mean, c.high_res_image_std
             )
             self._high_bg = background_color(c.high_res_image_mean)
+            self._rescale_lut = normalization_lut(c.do_rescale, c.rescale_factor, False, None, None)
 
     @property
     def is_hybrid(self) -> bool:
@@ -317,16 +350,18 @@ class DeepseekVLImageProcessor:
         rgb = load_rgb_image(image)
         if not c.is_hybrid:
             if c.do_resize:
-                rgb = resize_longest_side(rgb, c.size, c.min_size, c.resample)
+                rgb = resize_longest_side(rgb, c.size, c.min_size, c.resample, c.resize_rounding)
             if c.do_pad:
                 rgb = pad_to_square_pil(rgb, self._bg)
             return rgb, None
         if not c.do_resize:  # the reference pads only inside its resize branch
             return rgb, rgb
-        high = resize_longest_side(rgb, c.high_res_size, c.min_size, c.high_res_resample)
+        high = resize_longest_side(rgb, c.high_res_size, c.min_size, c.high_res_resample, c.resize_rounding)
         if c.do_pad:
             high = pad_to_square_pil(high, self._high_bg)
-        low = resize_longest_side(high, c.size, c.min_size, c.resample)
+        if c.low_res_resize == LOW_RES_ANTIALIASED:
+            return None, high  # made from the high-res floats in __call__
+        low = resize_longest_side(high, c.size, c.min_size, c.resample, c.resize_rounding)
         if c.do_pad:
             low = pad_to_square_pil(low, self._bg)
         return low, high
@@ -345,7 +380,11 @@ class DeepseekVLImageProcessor:
         prepared = self._map(self.geometry, images)
         names = self.model_input_names
         outputs = {}
+        antialiased = self.is_hybrid and self.config.low_res_resize == LOW_RES_ANTIALIASED
         for k, name in enumerate(names):
+            if antialiased and k == 0:
+                outputs[name] = np.empty((len(images), 3, self.config.size, self.config.size), dtype=np.float32)
+                continue
             sizes = {p[k].size for p in prepared}
             if len(sizes) > 1:
                 raise ProcessorConfigError(
@@ -357,10 +396,26 @@ class DeepseekVLImageProcessor:
 
         def normalise(i: int) -> None:
             for k, name in enumerate(names):
-                _lut_into(prepared[i][k], luts[k], outputs[name][i])
+                if antialiased and k == 0:
+                    self._antialiased_low_res(prepared[i][1], outputs[name][i])
+                else:
+                    _lut_into(prepared[i][k], luts[k], outputs[name][i])
 
         self._map(normalise, list(range(len(images))))
         return outputs
+
+    def _antialiased_low_res(self, high: Image.Image, out: np.ndarray) -> None:
+        """The original hybrid's low-res pixels: rescale the high-res image, resize (antialiased bilinear),
+        normalise with the low-res mean/std (torchvision's Normalize: float32 subtract, then divide)."""
+        c = self.config
+        x = np.empty((3, high.size[1], high.size[0]), np.float32)
+        _lut_into(high, self._rescale_lut, x)
+        y = resize_antialiased(x, c.size, c.size)
+        if c.do_normalize:
+            mean = np.asarray(c.image_mean if c.image_mean is not None else (0.0,) * 3, np.float32)[:, None, None]
+            std = np.asarray(c.image_std if c.image_std is not None else (1.0,) * 3, np.float32)[:, None, None]
+            y = (y - mean) / std
+        out[...] = y
 
     preprocess = __call__
 

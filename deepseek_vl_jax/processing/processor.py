@@ -262,10 +262,15 @@ def _flatten_images(images) -> list[Any]:
 
 
 def load_processor(path: str | os.PathLike) -> DeepseekVLProcessor:
-    """Load a processor from a transformers-format directory (tokenizer + processor/preprocessor config + template)."""
+    """Load a processor from a transformers-format directory (tokenizer + processor/preprocessor config + template),
+    or from an original deepseek-ai directory (`original.load_original_processor`)."""
     directory = os.fspath(path)
     if not os.path.isdir(directory):
         raise ProcessorConfigError(f"processor directory {directory!r} does not exist")
+    from .original import is_original_processor_dir, load_original_processor
+
+    if is_original_processor_dir(directory):  # deepseek-ai's VLChatProcessor files: read as the original processes
+        return load_original_processor(directory)
     tokenizer = load_tokenizer(directory)
     processor_config = _read_json(os.path.join(directory, "processor_config.json"))
     image_dict = processor_config.get("image_processor")
