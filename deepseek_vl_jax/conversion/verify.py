@@ -1,7 +1,8 @@
 """`deepseek-vl-jax verify A B`: run two checkpoints of the same architecture on the same seeded random inputs and
 compare them module by module.
 
-A and B may be HF directories, Flax checkpoint directories or training output directories, in any mix. Both are
+A and B may be HF directories, Flax checkpoint directories, training output directories or original deepseek-ai
+directories (`multi_modality`), in any mix. Both are
 run in float32 with this library's Flax model (`DeepseekVL` methods via `module.apply(..., method=...)`), so a
 difference means the weights differ, not the implementations. Per module: max |A - B|, and that divided by max |B|
 ("max rel"); for the logits also the KL divergence KL(A || B) of the next-token distributions over the real
@@ -16,6 +17,7 @@ import dataclasses
 import functools
 import os
 import sys
+import tempfile
 from typing import Any
 
 import jax
@@ -42,10 +44,19 @@ class Row:
 
 
 def load(path: str | os.PathLike, progress: bool = False):
-    """A float32 `Model` from an HF directory, a Flax checkpoint or a training output directory (latest step)."""
+    """A float32 `Model` from an HF directory, a Flax checkpoint, a training output directory (latest step) or an
+    original deepseek-ai directory (converted to a temporary float32 Flax checkpoint first)."""
     from deepseek_vl_jax.pretrained import Model, load_pretrained
 
     path = os.fspath(path)
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file) and not flax_checkpoint.is_flax_checkpoint(path):
+        from deepseek_vl_jax.conversion.convert import convert, detect_layout, read_config
+
+        if detect_layout(read_config(path)) == "original":
+            with tempfile.TemporaryDirectory(prefix="verify-") as tmp:
+                convert(path, os.path.join(tmp, "flax"), dtype="float32", progress=progress)
+                return load_pretrained(os.path.join(tmp, "flax"), dtype="float32", progress=progress)
     if not flax_checkpoint.is_flax_checkpoint(path) and os.path.isdir(
             os.path.join(path, flax_checkpoint.TRAINING_CHECKPOINTS)):
         config = ModelConfig.from_pretrained(path, dtype="float32", param_dtype="float32")
@@ -186,7 +197,8 @@ def verify(a_path, b_path, threshold: float = 1e-4, kl_threshold: float = 1e-6, 
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("a", help="checkpoint A (HF directory, Flax checkpoint or training output)")
+    parser.add_argument("a", help="checkpoint A (HF directory, Flax checkpoint, training output or original "
+                                  "deepseek-ai directory)")
     parser.add_argument("b", help="checkpoint B (the reference: relative errors are relative to B)")
     parser.add_argument("--threshold", type=float, default=1e-4,
                         help="largest allowed max |A - B| / max |B| per module (default 1e-4)")

@@ -72,14 +72,26 @@ PROCESSOR_CONFIG = {"add_special_token": False, "ignore_id": -100, "image_tag": 
                     "sft_format": "deepseek"}
 
 
-def build_model(kind: str, seed: int = 0, scale: float = 0.1) -> MultiModalityCausalLM:
-    """The reference with every parameter perturbed (zero-initialised ones such as alpha and rel_pos included)."""
+def build_model(kind: str, seed: int = 0) -> MultiModalityCausalLM:
+    """The reference with every parameter set from a seeded generator: the original builds its towers with
+    `weight_init="skip"` (some tensors left uninitialised, to be loaded), so nothing of the construction is kept.
+    Norm scales 1 + noise, matrices scaled by 1/sqrt(fan_in), everything else (biases, position tables, the SAM
+    rel_pos and alpha, SigLIP's pooling latent, embeddings) noise: no zero can hide a mapping mistake."""
     torch.manual_seed(seed)
     model = MultiModalityCausalLM(original_config(kind)).eval()
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
+        for module in model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                noise = torch.randn(p.shape, generator=g)
+                is_norm = "norm" in type(module).__name__.lower() or "Norm" in type(module).__name__
+                if is_norm and name == "weight":
+                    p.copy_(1 + 0.1 * noise)
+                elif name == "weight" and p.dim() >= 2 and not isinstance(module, torch.nn.Embedding):
+                    p.copy_(noise / p[0].numel() ** 0.5)
+                else:
+                    p.copy_(0.1 * noise if p.dim() < 2 or isinstance(module, torch.nn.Embedding) else 0.5 * noise)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
     return model
 
 

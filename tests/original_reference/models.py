@@ -191,14 +191,18 @@ class MultiModalityCausalLM(nn.Module):
 
     @torch.no_grad()
     def logits(self, batch) -> torch.Tensor:
-        """[b, T, vocab] for a `processing.VLChatProcessor` batch."""
+        """[b, T, vocab] for a `processing.VLChatProcessor` batch: the prompt pass of `generate` (its positions:
+        cumsum of the attention mask - 1, so left padding does not shift them)."""
         embeds = self.prepare_inputs_embeds(batch["input_ids"], batch["pixel_values"], batch["images_seq_mask"],
                                             batch["images_emb_mask"])
-        return self.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+        mask = batch["attention_mask"]
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        return self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
 
     @torch.no_grad()
     def generate(self, batch, tokenizer, max_new_tokens: int) -> torch.Tensor:
-        """Greedy decoding as the original `inference.py` / `cli_chat.py` run it: [b, new tokens]."""
+        """Greedy decoding as the original `inference.py` / `cli_chat.py` run it: [b, new tokens] (generate from
+        inputs_embeds returns only the new tokens)."""
         embeds = self.prepare_inputs_embeds(batch["input_ids"], batch["pixel_values"], batch["images_seq_mask"],
                                             batch["images_emb_mask"])
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
