@@ -191,6 +191,9 @@ class ModelConfig:
         """Parse an HF DeepSeek-VL config dict; `runtime` sets dtype / param_dtype / remat_policy."""
         model_type = d.get("model_type")
         known = [m.value for m in ModelType]
+        if model_type == "multi_modality":  # conversion.original_config.ORIGINAL_MODEL_TYPE (not imported: a cycle)
+            raise ConfigError("an original deepseek-ai checkpoint (model_type 'multi_modality'): convert it first, "
+                              "`deepseek-vl-jax convert SRC DST`, then use DST")
         if model_type not in known:
             raise ConfigError(f"unknown model_type {model_type!r}; this library reads {known}")
         for key in ("text_config", "vision_config"):

@@ -215,3 +215,24 @@ def test_full_size_original_config_gives_transformers_tensors(original):
     table = hf_mapping.entries(meta.unbox(abstract_params(ModelConfig.from_hf(hf))))
     ours = {k: e.hf_shape() for e in table for k in e.hf_keys}
     assert ours == theirs
+
+
+def test_chunked_large_tensor_transpose_is_exact(twins, tmp_path, monkeypatch):
+    """Tensors over CHUNK_BYTES (32 MiB) are transposed in row chunks: with a tiny threshold every linear layer of
+    a tiny checkpoint takes that path (chunks that do not divide the rows, every float dtype); same values."""
+    import ml_dtypes
+
+    from deepseek_vl_jax.conversion import fast_mapping
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float16, ml_dtypes.bfloat16):
+        src = rng.standard_normal((37, 53)).astype(dtype)
+        monkeypatch.setattr(fast_mapping, "CHUNK_BYTES", 5 * 53 * np.dtype(dtype).itemsize + 1)  # 5 rows a chunk
+        dst = np.empty((53, 37), np.float32)
+        fast_mapping.transpose_into(src, dst)
+        np.testing.assert_array_equal(dst, src.T.astype(np.float32))
+    cfg, model, hf, orig, flax_o, _ = twins("vl")
+    monkeypatch.setattr(fast_mapping, "CHUNK_BYTES", 300)
+    convert(orig, tmp_path / "chunked", progress=False)
+    a, b = _all_params(tmp_path / "chunked"), _all_params(flax_o)
+    assert sorted(a) == sorted(b) and all(a[k].tobytes() == b[k].tobytes() for k in a)

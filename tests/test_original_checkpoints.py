@@ -235,3 +235,17 @@ def test_original_convert_export_transformers_gives_the_reference_logits(origina
         got = hf(input_ids=theirs["input_ids"], attention_mask=mask, **inputs,
                  position_ids=(mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)).logits.numpy()
     assert _rel(got, ref.logits(theirs).numpy(), mask) <= LOGITS_RTOL
+
+
+def test_repetition_penalty_leaves_padding_out(originals, models):
+    """This library penalises only the tokens of the prompt and of the answer; transformers' generate (hence the
+    original code) also penalises the pad token in left-padded rows (here eos, whose logit it thereby lowers).
+    So a padded row answers as the same conversation alone does in the original, batched or not."""
+    _, _, ref, ref_proc = originals("1.3b")
+    ours, _ = _batches("1.3b", originals)
+    got = generate(models("1.3b"), ours, max_new_tokens=6, repetition_penalty=1.5)
+    for row, chat in enumerate(CHATS):
+        alone = ref_proc([_theirs(*chat)], [chat[0]])
+        want = ref.generate(alone, ref_proc.tokenizer, max_new_tokens=6, repetition_penalty=1.5)[0].tolist()
+        n = next((i + 1 for i, t in enumerate(want) if t == ref_proc.tokenizer.eos_token_id), len(want))
+        assert got[row, :n].tolist() == want[:n]

@@ -119,13 +119,12 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
         hf_mapping.set_path(params, e.path, orbax_io.LazyArray(e.shape, leaf_dtype[e.path], make(e)))
     metadata = {"created_by": "deepseek-vl-jax convert",
                 "source": {"path": src, "bytes": reader.nbytes, **source_meta}}
-    original = source_meta["layout"] == "original"
-    processor = _original_processor(src) if original else None
+    processor = _original_processor(src) if source_meta["layout"] == "original" else None
     try:
         with atomic.staged_directory(dst, force) as tmp:
             if processor is not None:
                 metadata["processor_files"] = sorted(os.path.basename(f) for f in processor.save_pretrained(tmp))
-            marker = flax_checkpoint.write_into(tmp, hf_config, params, None if original else src,
+            marker = flax_checkpoint.write_into(tmp, hf_config, params, src if processor is None else None,
                                                 metadata=metadata, template={e.path: e.shape for e in table})
     finally:
         if bar is not None:
@@ -137,15 +136,13 @@ def _original_processor(src: str):
     """The processor of an original directory, rewritten for this library and transformers: the towers'
     normalisation moved into the image processor, the original's resize rounding and hybrid low-res image, the
     `deepseek` conversation format as chat template, eos as pad token, left padding (`processing.original`).
-    None when the directory has no processor files (a weights-only copy)."""
+    None when its processor files are not deepseek-ai's (e.g. transformers' processor beside original-layout
+    weights, as `to_original_layout` writes): those are copied as they are."""
     from deepseek_vl_jax.processing import original as original_processing
     from deepseek_vl_jax.processing.errors import ProcessorConfigError
 
-    if not os.path.isfile(os.path.join(src, "tokenizer.json")):
-        return None
     if not original_processing.is_original_processor_dir(src):
-        raise ConfigError(f"{src}: original weights with a processor that is not deepseek-ai's VLChatProcessor / "
-                          f"VLMImageProcessor (preprocessor_config.json, processor_config.json)")
+        return None
     try:
         return original_processing.load_original_processor(src)
     except ProcessorConfigError as e:

@@ -158,12 +158,12 @@ def hf_config_from_original(d: dict, directory: str | os.PathLike | None = None)
     tie = bool(text.pop("tie_word_embeddings"))
     # The original language_config relies on LlamaConfig's bos/eos (1, 2): ordinary tokens of DeepSeek's vocabulary.
     # The original code stops on and pads with the tokenizer's end of sentence (it has no pad token: eos pads).
-    special = tokenizer_special_ids(directory)
-    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if key not in d["language_config"] and key in special:
+    special, stated = tokenizer_special_ids(directory), d["language_config"]
+    for key in ("bos_token_id", "eos_token_id"):
+        if key not in stated and key in special:
             text[key] = special[key]
-    if text.get("pad_token_id") is None and "eos_token_id" in special:
-        text["pad_token_id"] = text["eos_token_id"]
+    if "pad_token_id" not in stated and ("pad_token_id" in special or "eos_token_id" in special):
+        text["pad_token_id"] = special.get("pad_token_id", text["eos_token_id"])
     try:
         low = _siglip(params["low_res_cfg"] if hybrid else params)
         high = _sam(params["high_res_cfg"]) if hybrid else None

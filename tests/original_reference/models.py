@@ -200,7 +200,7 @@ class MultiModalityCausalLM(nn.Module):
         return self.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
 
     @torch.no_grad()
-    def generate(self, batch, tokenizer, max_new_tokens: int) -> torch.Tensor:
+    def generate(self, batch, tokenizer, max_new_tokens: int, **kwargs) -> torch.Tensor:
         """Greedy decoding as the original `inference.py` / `cli_chat.py` run it: [b, new tokens] (generate from
         inputs_embeds returns only the new tokens)."""
         embeds = self.prepare_inputs_embeds(batch["input_ids"], batch["pixel_values"], batch["images_seq_mask"],
@@ -208,4 +208,4 @@ class MultiModalityCausalLM(nn.Module):
         return self.language_model.generate(inputs_embeds=embeds, attention_mask=batch["attention_mask"],
                                             pad_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
                                             eos_token_id=tokenizer.eos_token_id, max_new_tokens=max_new_tokens,
-                                            do_sample=False, use_cache=True)
+                                            do_sample=False, use_cache=True, **kwargs)
