@@ -6,7 +6,8 @@ sampling, temperature, top-k, top-p; then a categorical draw (or the argmax when
 One difference: the repetition penalty applies to the tokens of the prompt and of the answer, never to padding
 (`mark_seen` takes the attention mask). transformers' generate penalises every id of `input_ids`, the pad token of
 left-padded rows included, so there a padded row's answer can differ from the same prompt's alone; here it cannot
-(tests/test_original_checkpoints.py).
+(tests/test_original_checkpoints.py). The original DeepSeek-VL code generates from `inputs_embeds`, where
+transformers penalises only the generated tokens.
 
 `Sampler` is static (hashable, a jit static argument: which processors run); `SamplingParams` holds the values
 (traced: changing a temperature or top-p does not recompile). Shapes: B batch, V vocabulary.
