@@ -189,3 +189,21 @@ def test_high_res_path_matches_hf_hybrid():
     assert err <= RTOL
     # the global branch contributes visibly (so a wrong hidden-state index, neck or alpha would fail above)
     assert float(jnp.max(jnp.abs(glob * alpha))) > 0.05 * float(np.max(np.abs(ref)))
+
+
+def test_model_high_res_features_method_matches_hf(tmp_path):
+    """The joined model's own `DeepseekVL.high_res_features` (not the modules wired by hand, as above) vs
+    transformers' `get_high_res_image_features`, through save_pretrained -> load_pretrained."""
+    import deepseek_vl_jax as D
+    import hf_fixtures as HF
+
+    hf = HF.make_model(HF.make_config(hybrid=True), seed=4)
+    with torch.no_grad():
+        hf.model.high_res_vision_alpha.fill_(0.7)
+    model = D.load_pretrained(HF.save(hf, tmp_path / "hf"), dtype="float32", progress=False)
+    size = HF.SAM["image_size"]
+    pixels = np.random.default_rng(5).standard_normal((2, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        ref = hf.model.get_high_res_image_features(torch.from_numpy(pixels)).last_hidden_state.numpy()
+    ours = model.module.apply({"params": model.params}, pixels, method="high_res_features")
+    assert ours.shape == ref.shape and rel_err(ours, ref) <= RTOL

@@ -1,4 +1,4 @@
-"""SigLIP vision tower parity with transformers' SiglipVisionModel (float32; max rel error <= 1e-5)."""
+"""SigLIP vision tower parity with transformers' SiglipVisionModel (float32; max rel error <= 1e-6)."""
 
 import jax
 import numpy as np
@@ -12,11 +12,13 @@ from deepseek_vl_jax.siglip import SiglipVisionModel
 
 import hf_fixtures as F
 
-TOL = 1e-5
+# measured 3.4e-7 .. 3.8e-7; a LayerNorm eps of 1e-5 instead of 1e-6 moves the output by ~5e-6, so 1e-5 would not
+# see it (the large-eps case below also checks that eps is read at all)
+TOL = 1e-6
 
 
-def _pair(use_head: bool, seed=0):
-    kw = {**F.VISION, "vision_use_head": use_head}
+def _pair(use_head: bool, seed=0, **extra):
+    kw = {**F.VISION, "vision_use_head": use_head, **extra}
     torch.manual_seed(seed)
     ref = F.perturb(transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**kw)).eval(), seed)
     cfg = SiglipConfig.from_hf(kw)
@@ -48,3 +50,14 @@ def test_siglip_without_head_has_no_head_params():
     last, pooled = module.apply({"params": params}, pixels)
     assert pooled is None
     assert F.max_rel_err(last, out) <= TOL
+
+
+def test_siglip_reads_layer_norm_eps():
+    """A large eps (0.3) changes every LayerNorm visibly: the config's value must be the one used."""
+    ref, module, params = _pair(use_head=True, seed=2, layer_norm_eps=0.3)
+    pixels = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        out = ref(torch.from_numpy(pixels))
+    last, pooled = module.apply({"params": params}, pixels)
+    assert F.max_rel_err(last, out.last_hidden_state.numpy()) <= TOL
+    assert F.max_rel_err(pooled, out.pooler_output.numpy()) <= TOL
