@@ -1,9 +1,10 @@
 """`deepseek-vl-jax convert SRC DST`: an HF (or original deepseek-ai) checkpoint directory -> a Flax checkpoint.
 
 An original directory's processor is rewritten (`processing.original`), never copied: the original towers normalise
-their pixels, the converted model expects the image processor to. Streams tensor by tensor: each Flax leaf is assembled from memory-mapped source tensors (transposed, stacked over
-layers, cast: `fast_mapping`), written by Orbax and dropped before the next (see `orbax_io`); the source pages
-are released after each tensor, so peak memory is about the largest leaf, not the checkpoint. Writes into a temporary sibling of
+their pixels, the converted model expects the image processor to. Streams tensor by tensor: each Flax leaf is
+assembled from memory-mapped source tensors (transposed, stacked over layers, cast: `fast_mapping`), written by
+Orbax and dropped before the next (see `orbax_io`); the source pages are released after each tensor, so peak
+memory is about the largest leaf, not the checkpoint. Writes into a temporary sibling of
 DST and renames it at the end (see `atomic`).
 """
 

@@ -13,9 +13,9 @@ the converter; also a way to hand weights back to the original code).
 Keys the original model never uses are dropped, and reported: SigLIP's `attn_pool.*` (the original builds timm's
 ViT with `ignore_head=True`; transformers' model has no head either), the hybrid's `vision_model.high_layer_norm.*`
 and `low_layer_norm.*` (built by `HybridVisionTower`, never used in its forward; both are in the published 7B files)
-and `language_model.lm_head.weight` when the language model ties it to the embeddings. A `downsamples_hd.*` copy of the projection (commented out in the
-original code) is accepted only if equal to `downsamples.*`: transformers' model has one projection for both
-high-resolution paths, so a different copy could not be represented.
+and `language_model.lm_head.weight` when the language model ties it to the embeddings. A `downsamples_hd.*` copy
+of the projection (commented out in the original code) is accepted only if equal to `downsamples.*`: transformers'
+model has one projection for both high-resolution paths, so a different copy could not be represented.
 """
 
 from __future__ import annotations
