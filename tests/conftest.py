@@ -32,3 +32,22 @@ def generation_checkpoints(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def serving_models(tmp_path_factory):
+    """Tiny model directories with processors for the serving tests, built once: `get("vl" | "hybrid")` ->
+    (path, Model, processor)."""
+    import deepseek_vl_jax as D
+    import serving_fixtures as S
+    from deepseek_vl_jax.processing import load_processor
+
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            path = S.build_model_dir(tmp_path_factory.mktemp(f"serve_{kind}"), kind)
+            cache[kind] = (path, D.load_pretrained(path, progress=False), load_processor(path))
+        return cache[kind]
+
+    return get
