@@ -51,3 +51,27 @@ def serving_models(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def serving_engine(serving_models):
+    """Started engines over `serving_models`, shared by the serving tests: `get(kind, max_batch, mesh=None)` ->
+    Engine (prefill chunk 16, 256 positions). Stopped at the end of the session."""
+    from deepseek_vl_jax import load_pretrained, sharding
+    from deepseek_vl_jax.serving import Engine, EngineConfig
+
+    cache = {}
+
+    def get(kind, max_batch=16, mesh=None):
+        key = (kind, max_batch, None if mesh is None else tuple(sorted(mesh.items())))
+        if key not in cache:
+            path, model, proc = serving_models(kind)
+            if mesh is not None:
+                model = load_pretrained(path, mesh=sharding.make_mesh(**mesh), progress=False)
+            config = EngineConfig(max_batch=max_batch, prefill_chunk=16, max_seq_len=256, max_queue=64)
+            cache[key] = Engine(model, proc, config).start()
+        return cache[key]
+
+    yield get
+    for engine in cache.values():
+        engine.stop()

@@ -224,7 +224,8 @@ class Engine:
 
     def warmup(self) -> int:
         """Compile every program (a dummy request through prefill, a step and the prefix cache); returns the
-        number of programs compiled."""
+        number of programs compiled. Starts the engine thread."""
+        self.start()
         c = self.model.config
         p = self.tokens_per_image
         ids = np.full(self.shapes.chunk + 1 + p, 1 if c.image_token_id != 1 else 2, np.int32)
