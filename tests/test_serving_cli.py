@@ -5,6 +5,7 @@ from deepseek_vl_jax import cli
 
 def test_serve_argument_errors(serving_models, tmp_path, capsys):
     path, _, _ = serving_models("vl")
+    capsys.readouterr()  # the fixture's own output
     for argv, message in (
             (["--model", str(tmp_path)], "is not a model directory"),
             (["--model", path, "--mesh", "pipeline=2"], "expected NAME=SIZE"),
