@@ -9,7 +9,7 @@ hidden 512, 8 heads, intermediate 1408; SigLIP 6 layers, hidden 384, 224 px, pat
 byte-level BPE tokenizer of tests/processing_fixtures (vocabulary ~600). Random weights, float32.
 
 Measures per concurrency: output tokens/s, requests/s, time to first token p50/p99, inter-token latency p50/p99
-(from the SSE stream, on the client side); and a two-turn chat's second-turn time to first token with the prefix
+(from the SSE stream on the client side, one chunk per token as log-probabilities are asked for); and a two-turn chat's second-turn time to first token with the prefix
 and image caches warm vs emptied. Writes benchmarks/results/serve.json.
 """
 
@@ -78,7 +78,7 @@ def user(seed: int, text: str = QUESTION) -> dict:
 async def one_request(client, messages, max_tokens):
     """Stream one chat; returns (time to first token, inter-token gaps, completion tokens, text)."""
     body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+            "stream_options": {"include_usage": True}, "logprobs": True}  # logprobs: one chunk per token
     t0 = time.perf_counter()
     ttft, last, gaps, tokens, text = None, None, [], 0, ""
     async with client.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -89,12 +89,12 @@ async def one_request(client, messages, max_tokens):
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             for ch in chunk["choices"]:
-                if ch["delta"].get("content") is None and ch["finish_reason"] is None:
+                if not ch.get("logprobs"):  # the role chunk, or a bare finish
                     continue
                 now = time.perf_counter()
                 if ttft is None:
                     ttft = now - t0
-                elif ch["delta"].get("content"):
+                else:
                     gaps.append(now - last)
                 last = now
                 text += ch["delta"].get("content") or ""

@@ -28,6 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=8, help="images per request")
     parser.add_argument("--image-cache-mb", type=int, default=256)
     parser.add_argument("--prefix-cache-mb", type=int, default=1024, help="0 disables the prefix cache")
+    parser.add_argument("--prefill-budget", type=int, default=512,
+                        help="prompt tokens admitted between two decode steps (at least one request)")
     parser.add_argument("--warmup", action="store_true", help="compile every program before accepting requests")
 
 
@@ -73,7 +75,8 @@ def build(args: argparse.Namespace):
     engine = Engine(model, processor, EngineConfig(
         max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
         max_queue=args.max_queue, image_cache_bytes=args.image_cache_mb << 20,
-        prefix_cache_bytes=args.prefix_cache_mb << 20, prefix_cache=args.prefix_cache_mb > 0))
+        prefix_cache_bytes=args.prefix_cache_mb << 20, prefix_cache=args.prefix_cache_mb > 0,
+        prefill_budget=args.prefill_budget))
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     limits = MediaLimits(max_images=args.max_images, allowed_media_dir=args.allowed_media_dir)
     return engine, ServerConfig(model_names=(name,), api_key=args.api_key, media=limits)

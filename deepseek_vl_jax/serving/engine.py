@@ -40,6 +40,7 @@ class EngineConfig:
     image_cache_bytes: int = 256 << 20
     prefix_cache_bytes: int = 1 << 30
     prefix_cache: bool = True
+    prefill_budget: int = 512  # prompt tokens admitted between two decode steps (at least one request)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -283,10 +284,11 @@ class Engine:
 
     def _take_admissible(self) -> list[_Request]:
         free = sum(s is None for s in self.slots)
-        taken = []
-        while self.waiting and self.waiting[0].options.n <= free:
+        taken, budget = [], self.config.prefill_budget
+        while self.waiting and self.waiting[0].options.n <= free and (not taken or budget > 0):
             r = self.waiting.pop(0)
             free -= r.options.n
+            budget -= len(r.prompt.ids) * r.options.n
             taken.append(r)
             for seq in r.sequences:  # reserve the slots now so `state()` sees them as running
                 seq.slot = self.slots.index(None)
