@@ -9,8 +9,8 @@ hidden 512, 8 heads, intermediate 1408; SigLIP 6 layers, hidden 384, 224 px, pat
 byte-level BPE tokenizer of tests/processing_fixtures (vocabulary ~600). Random weights, float32.
 
 Measures per concurrency: output tokens/s, requests/s, time to first token p50/p99, inter-token latency p50/p99
-(from the SSE stream on the client side, one chunk per token as log-probabilities are asked for); and a two-turn chat's second-turn time to first token with the prefix
-and image caches warm vs emptied. Writes benchmarks/results/serve.json.
+(from the SSE stream on the client side, one chunk per token as log-probabilities are asked for); and a two-turn
+chat's second-turn time to first token with the prefix and image caches warm vs emptied. Writes benchmarks/results/serve.json.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def offline_generate(model, proc, n, max_tokens, seed0):
     t0 = time.perf_counter()
     generate(model, batch, max_new_tokens=max_tokens, eos_token_id=-1)
     wall = time.perf_counter() - t0
-    return {"requests": n, "output_tokens": n * max_tokens, "wall_s": wall, "output_tokens_per_s": n * max_tokens / wall}, chats
+    rate = n * max_tokens / wall
+    return {"requests": n, "output_tokens": n * max_tokens, "wall_s": wall, "output_tokens_per_s": rate}, chats
 
 
 def transformers_one_at_a_time(path, chats, max_tokens):

@@ -187,3 +187,30 @@ def _good_prompt(proc):
 
     msgs = [{"role": "user", "content": [{"type": "image", "image": S.pil_image(1)}, {"type": "text", "text": "Hi"}]}]
     return Prompt.from_batch(proc(msgs, add_generation_prompt=True)), Options(max_tokens=4, temperature=0.0)
+
+
+def test_http_images_are_fetched_with_a_size_limit(app, tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    app_, engine, _, _ = app
+    S.pil_image(1).save(tmp_path / "ok.png")
+    (tmp_path / "big.png").write_bytes(png_bytes(200))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{httpd.server_address[1]}"
+    try:
+        msg = lambda url: [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                                        {"type": "text", "text": "Hi"}]}]
+        ok, big, missing = post(app_, [good(messages=msg(f"{base}/ok.png")), good(messages=msg(f"{base}/big.png")),
+                                       good(messages=msg(f"{base}/missing.png"))])
+    finally:
+        httpd.shutdown()
+    assert ok.status_code == 200
+    assert ok.json()["choices"][0]["message"]["content"] == post(app_, [good()])[0].json()["choices"][0][
+        "message"]["content"]  # the same picture as a data URL: the same answer
+    assert big.status_code == 400 and "byte limit" in big.json()["error"]["message"]
+    assert missing.status_code == 400 and "HTTP 404" in missing.json()["error"]["message"]

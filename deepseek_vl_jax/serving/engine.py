@@ -9,13 +9,14 @@ sequence its token. Stop conditions (eos, stop strings, max_tokens, the cache's 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import numpy as np
@@ -248,10 +249,13 @@ class Engine:
         return self.programs.program_count()
 
     # ------------------------------------------------------------------------------------------------ the loop
-    def _mesh(self):
-        from deepseek_vl_jax.generation.generate import _mesh_context
-
-        return _mesh_context(self.model.mesh)
+    def _mesh(self) -> contextlib.AbstractContextManager:
+        """`jax.set_mesh` + the logical axis rules (the model's activation constraints), or nothing off a mesh."""
+        stack = contextlib.ExitStack()
+        if self.model.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.model.mesh))
+            stack.enter_context(sharding.axis_rules(self.model.mesh))
+        return stack
 
     def _run(self) -> None:
         try:
