@@ -2,8 +2,9 @@
 
 - `ImageFeatureCache`: image features [P, D] (host numpy) keyed by a hash of the image's pixel values (both towers'
   for the hybrid model), so an image sent again (the next turn of a chat) is not encoded again.
-- `PrefixCache`: KV blocks of C cache slots, keyed like vLLM's prefix cache by a chain of hashes: block j's key
-  hashes block j-1's key, its C token ids and the content hash of every image whose token run overlaps it. Two
+- `PrefixCache`: KV blocks (the prompt's prefill chunks, see `boundaries`), keyed like vLLM's prefix cache by a
+  chain of hashes: block j's key hashes block j-1's key, its token ids and the content hash of every image whose
+  token run overlaps it. Two
   prompts with the same text but different images therefore never share a block past the first image. A hit is only
   used up to a block boundary that does not fall inside an image's token run, and never up to the prompt's last
   token (its logits are needed).
@@ -81,12 +82,34 @@ def image_runs(ids: np.ndarray, image_token_id: int, tokens_per_image: int) -> l
     return [(int(s), int(s) + tokens_per_image) for s in starts]
 
 
-def block_keys(ids: np.ndarray, image_hashes: Sequence[str], runs: Sequence[tuple[int, int]], chunk: int) -> list[str]:
-    """Chained keys of the full C-token blocks of ids [n]: key j covers tokens [0, (j + 1) * C)."""
+def boundaries(n: int, runs: Sequence[tuple[int, int]], chunk: int) -> list[int]:
+    """Where the prompt's prefill chunks start: 0, then each next one C tokens on or at the end of an image's token
+    run, whichever comes first, until past the prompt (the last chunk may be partly empty). The boundaries depend only
+    on the content before them, so two prompts sharing a prefix split it identically, and a prefix can end right
+    after an image."""
+    out, b = [0], 0
+    while b < n:
+        nxt = b + chunk
+        for _, e in runs:
+            if b < e < nxt:
+                nxt = e
+                break
+        out.append(nxt)
+        b = nxt
+    return out
+
+
+def block_keys(ids: np.ndarray, image_hashes: Sequence[str], runs: Sequence[tuple[int, int]],
+               bounds: Sequence[int]) -> list[str]:
+    """Chained keys of the prompt's complete blocks [bounds[j], bounds[j + 1]) (those ending within ids [n]): key j
+    covers tokens [0, bounds[j + 1]) and the images overlapping them."""
     keys, parent = [], b""
-    for j in range(len(ids) // chunk):
-        lo, hi = j * chunk, (j + 1) * chunk
+    for j in range(len(bounds) - 1):
+        lo, hi = bounds[j], bounds[j + 1]
+        if hi > len(ids):
+            break
         h = hashlib.sha256(parent)
+        h.update(f"{lo}:{hi}|".encode())
         h.update(np.ascontiguousarray(ids[lo:hi], np.int64).tobytes())
         for (s, e), image in zip(runs, image_hashes):
             if s < hi and e > lo:
@@ -102,17 +125,17 @@ def usable_boundary(boundary: int, runs: Sequence[tuple[int, int]]) -> bool:
 
 
 class PrefixCache(_LRU):
-    """Chained block key -> KV block (device arrays, see `programs.Programs.save_block`)."""
+    """Chained block key -> KV block (device arrays of C slots, see `programs.Programs.save_block`)."""
 
-    def __init__(self, max_bytes: int, chunk: int):
+    def __init__(self, max_bytes: int):
         super().__init__(max_bytes, _tree_bytes)
-        self.chunk = chunk
 
-    def longest_hit(self, keys: Sequence[str], n_tokens: int, runs: Sequence[tuple[int, int]]) -> int:
-        """How many leading blocks of a prompt of n_tokens with these block keys to restore (0 = none)."""
+    def longest_hit(self, keys: Sequence[str], bounds: Sequence[int], n_tokens: int,
+                    runs: Sequence[tuple[int, int]]) -> int:
+        """How many leading blocks of a prompt of n_tokens (block keys `keys`, boundaries `bounds`) to restore."""
         best = 0
         for j, key in enumerate(keys):
-            boundary = (j + 1) * self.chunk
+            boundary = bounds[j + 1]
             if key not in self.entries or boundary >= n_tokens:
                 break
             if usable_boundary(boundary, runs):

@@ -36,7 +36,7 @@ class QueueFull(Exception):
 class EngineConfig:
     max_batch: int = 8  # decode slots B
     max_seq_len: int | None = None  # cache slots per row (default: the model's positions), rounded up to the chunk
-    prefill_chunk: int = 64  # C: prompt tokens per prefill program call; also the prefix cache's block size
+    prefill_chunk: int = 64  # C: prompt tokens per prefill call; also the prefix cache's largest block
     max_queue: int = 64
     image_cache_bytes: int = 256 << 20
     prefix_cache_bytes: int = 1 << 30
@@ -125,6 +125,7 @@ class Engine:
         positions = c.text.max_position_embeddings
         seq = -(-(config.max_seq_len or positions) // chunk) * chunk
         self.max_positions = min(seq, positions)  # prompt + generated tokens
+        seq += chunk  # room for the last prefill chunk's C slots
         self.shapes = programs.Shapes(slots=config.max_batch, seq_len=seq, chunk=chunk)
         self.programs = programs.Programs(c, model.mesh, self.shapes)
         self.params = weights.generation_params(model)
@@ -135,7 +136,7 @@ class Engine:
         self.tokens_per_image = c.num_image_tokens
         self.metrics = Metrics()
         self.image_cache = caches.ImageFeatureCache(config.image_cache_bytes)
-        self.prefix_cache = caches.PrefixCache(config.prefix_cache_bytes, chunk)
+        self.prefix_cache = caches.PrefixCache(config.prefix_cache_bytes)
         with self._mesh():
             self.cache = self.programs.init_cache(stacked=self.params["layers"] is None)
         self.slots: list[_Sequence | None] = [None] * config.max_batch
@@ -325,7 +326,8 @@ class Engine:
             raise AssertionError("image runs and images disagree")  # checked by the app before submitting
         n = len(prompt.ids)
         put = lambda x: programs.replicated_put(self.model.mesh, x)
-        keys = caches.block_keys(prompt.ids, hashes, runs, c) if self.config.prefix_cache else []
+        bounds = caches.boundaries(n, runs, c)
+        keys = caches.block_keys(prompt.ids, hashes, runs, bounds) if self.config.prefix_cache else []
         slab = np.zeros((n, self.model.config.text.hidden_size), np.float32)
         for (s, e), f in zip(runs, feats):
             slab[s:e] = f
@@ -336,15 +338,17 @@ class Engine:
         for seq in request.sequences:
             if request.cancelled:
                 break
-            hit = self.prefix_cache.longest_hit(keys, n, runs) if keys else 0
-            for j in range(hit):
-                self.cache = self.programs.load_block(self.cache, self.prefix_cache.get(keys[j]), seq.slot, j * c)
+            hit = self.prefix_cache.longest_hit(keys, bounds, n, runs) if keys else 0
+            for j in range(hit):  # in order: each block's C slots overwrite the previous one's unused tail
+                block = self.prefix_cache.get(keys[j])
+                self.cache = self.programs.load_block(self.cache, block, np.int32(seq.slot), np.int32(bounds[j]))
             if hit:
                 self.metrics.prefix_hits.inc()
-                self.metrics.prefix_hit_tokens.inc(hit * c)
+                self.metrics.prefix_hit_tokens.inc(bounds[hit])
             logits = None
-            for start in range(hit * c, n, c):
-                m = min(c, n - start)
+            for j in range(hit, len(bounds) - 1):
+                start = bounds[j]
+                m = min(bounds[j + 1], n) - start
                 ids = np.zeros(c, np.int32)
                 ids[:m] = prompt.ids[start:start + m]
                 f = np.zeros((c, slab.shape[1]), np.float32)
@@ -353,11 +357,11 @@ class Engine:
                 im[:m] = is_image[start:start + m]
                 self.cache, logits = self.programs.chunk(self.params, self.cache, np.int32(seq.slot), put(ids),
                                                          put(f), put(im), np.int32(start), np.int32(m))
-            self.metrics.prefill_tokens.inc(n - hit * c)
-            for j in range(hit, min(len(keys), n // c)):
+            self.metrics.prefill_tokens.inc(n - bounds[hit])
+            for j in range(hit, len(keys)):
                 if keys[j] not in self.prefix_cache:
                     self.prefix_cache.put(keys[j], self.programs.save_block(self.cache, np.int32(seq.slot),
-                                                                            np.int32(j * c)))
+                                                                            np.int32(bounds[j])))
             picked = self.programs.pick(logits[None], self._slot_params([seq]))
             seq.position = n
             self._emit([seq], jax.device_get(picked))

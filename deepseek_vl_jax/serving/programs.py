@@ -6,13 +6,14 @@
 - `pick`: the first token of a request from the last prompt logits (the same per-row sampler as `step`);
 - `save_block` / `load_block`: copy C cache slots of one row out to / back from the prefix cache.
 
-Shapes: B slots (--max-batch), S cache slots per row (--max-seq-len, a multiple of C), C the prefill chunk, K kv
+Shapes: B slots (--max-batch), S cache slots per row (--max-seq-len rounded up to a multiple of C, plus C), C the prefill chunk, K kv
 heads, H head dim, D hidden size, V vocabulary, L layers. The cache is `kv_cache.init_cache(text, B, S)`: one row per
 slot, its tokens contiguous from slot 0 (slot index = position), the layout a ragged/paged attention kernel reads.
 
 Batch invariance by construction: `step` runs each slot's row through the same fixed-shape program, vmapped (no
-reduction crosses slots), and the prompt is always computed in C-token chunks at C-aligned starts, so the KV of a
-prefix is bitwise the same whether it was computed now or restored from the prefix cache.
+reduction crosses slots), and the prompt is always computed in chunks of at most C tokens whose starts depend only on
+the content before them (`caches.boundaries`), so the KV of a prefix is bitwise the same whether it was computed now
+or restored from the prefix cache.
 """
 
 from __future__ import annotations
