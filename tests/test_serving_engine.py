@@ -146,3 +146,21 @@ def test_tensor_parallel_equals_one_device(serving_engine, serving_models):
         assert got["tokens"] == want["tokens"] and got["text"] == want["text"]
         np.testing.assert_allclose([x["logprob"] for x in got["logprobs"]],
                                    [x["logprob"] for x in want["logprobs"]], atol=1e-5)
+
+
+def test_block_boundaries_and_keys():
+    from deepseek_vl_jax.serving import caches
+
+    runs = [(5, 21)]
+    bounds = caches.boundaries(50, runs, 16)
+    assert bounds == [0, 16, 21, 37, 53]  # every 16 tokens or at the image's end; the last chunk runs past 50
+    assert [caches.usable_boundary(b, runs) for b in bounds] == [True, False, True, True, True]
+    ids = np.arange(50)
+    a = caches.block_keys(ids, ["img-a"], runs, bounds)
+    b = caches.block_keys(ids, ["img-b"], runs, bounds)
+    assert len(a) == 3 and a[0] != b[0] and a[2] != b[2]  # the image overlaps the first block: no key shared
+    text_first = caches.block_keys(ids, ["img-a"], [(20, 36)], caches.boundaries(50, [(20, 36)], 16))
+    other = caches.block_keys(ids, ["img-b"], [(20, 36)], caches.boundaries(50, [(20, 36)], 16))
+    assert text_first[0] == other[0] and text_first[1] != other[1]  # only the text before the image is shared
+    longer = caches.block_keys(np.arange(80), ["img-a"], runs, caches.boundaries(80, runs, 16))
+    assert longer[:3] == a  # a longer prompt with the same prefix: the same keys

@@ -22,7 +22,7 @@ from starlette.routing import Route
 
 from deepseek_vl_jax.processing import ProcessorError
 from deepseek_vl_jax.serving import protocol
-from deepseek_vl_jax.serving.engine import Engine, Prompt, QueueFull
+from deepseek_vl_jax.serving.engine import Engine, Prompt, QueueFull, TooLong
 from deepseek_vl_jax.serving.media import MediaLimits, load_image
 from deepseek_vl_jax.serving.protocol import ApiError
 
@@ -101,8 +101,10 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
             except QueueFull as e:
                 raise ApiError(429, f"the server is busy ({e}); retry later", None, "queue_full",
                                "rate_limit_error", {"Retry-After": str(config.retry_after_seconds)}) from None
-            except ValueError as e:
+            except TooLong as e:
                 raise ApiError(400, str(e), "max_tokens", "context_length_exceeded") from None
+            except ValueError as e:
+                raise ApiError(400, str(e), "messages", "invalid_value") from None
         except ApiError as e:
             return _error(e)
         except ClientDisconnect:

@@ -32,6 +32,10 @@ class QueueFull(Exception):
     """More than `max_queue` requests are waiting."""
 
 
+class TooLong(ValueError):
+    """The prompt plus max_tokens exceeds the model's positions."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     max_batch: int = 8  # decode slots B
@@ -167,15 +171,18 @@ class Engine:
         n = len(prompt.ids)
         if n == 0:
             raise ValueError("the prompt is empty")
+        runs = caches.image_runs(prompt.ids, self.model.config.image_token_id, self.tokens_per_image)
+        if len(runs) != len(prompt.images):
+            raise ValueError(f"the prompt has {len(runs)} image token runs but {len(prompt.images)} images")
         if options.n > self.config.max_batch:
             raise ValueError(f"n={options.n} is more than the server's {self.config.max_batch} slots")
         room = self.max_positions - n
         if options.max_tokens is not None and n + options.max_tokens > self.max_positions:
-            raise ValueError(f"the prompt has {n} tokens and max_tokens is {options.max_tokens}: {n} + "
+            raise TooLong(f"the prompt has {n} tokens and max_tokens is {options.max_tokens}: {n} + "
                              f"{options.max_tokens} = {n + options.max_tokens} exceeds the model's "
                              f"{self.max_positions} positions")
         if room < 1:
-            raise ValueError(f"the prompt has {n} tokens, which leaves no room in the model's {self.max_positions} "
+            raise TooLong(f"the prompt has {n} tokens, which leaves no room in the model's {self.max_positions} "
                              f"positions")
         return room if options.max_tokens is None else options.max_tokens
 
@@ -322,8 +329,6 @@ class Engine:
         prompt, c = request.prompt, self.shapes.chunk
         hashes, feats = zip(*(self._features(im) for im in prompt.images)) if prompt.images else ((), ())
         runs = caches.image_runs(prompt.ids, self.model.config.image_token_id, self.tokens_per_image)
-        if len(runs) != len(prompt.images):
-            raise AssertionError("image runs and images disagree")  # checked by the app before submitting
         n = len(prompt.ids)
         put = lambda x: programs.replicated_put(self.model.mesh, x)
         bounds = caches.boundaries(n, runs, c)
@@ -337,6 +342,10 @@ class Engine:
         self.metrics.prompt_tokens.inc(n * len(request.sequences))
         for seq in request.sequences:
             if request.cancelled:
+                with self._lock:
+                    for other in request.sequences:
+                        if self.slots[other.slot] is other:
+                            self.slots[other.slot] = None
                 break
             hit = self.prefix_cache.longest_hit(keys, bounds, n, runs) if keys else 0
             for j in range(hit):  # in order: each block's C slots overwrite the previous one's unused tail
@@ -384,7 +393,7 @@ class Engine:
                                    counter=np.array(cnt, np.int32))
 
     def _step(self) -> None:
-        seqs = list(self.slots)
+        seqs = [s if s is not None and s.tokens else None for s in self.slots]
         tokens = np.array([s.tokens[-1] if s is not None else 0 for s in seqs], np.int32)
         positions = np.array([s.position if s is not None else 0 for s in seqs], np.int32)
         self.cache, picked = self.programs.step(self.params, self.cache, tokens, positions, self._slot_params(seqs))
