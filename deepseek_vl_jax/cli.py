@@ -21,6 +21,7 @@ COMMANDS = {
     "train": ("deepseek_vl_jax.training.cli", "sharded, resumable fine-tuning"),
     "evaluate": ("deepseek_vl_jax.training.evaluate", "exact-match accuracy on a held-out JSONL"),
     "synthetic": ("deepseek_vl_jax.synthetic.cli", "write the synthetic shapes VQA set and its tokenizer"),
+    "serve": ("deepseek_vl_jax.serving.cli", "an OpenAI-compatible HTTP server with continuous batching"),
 }
 
 

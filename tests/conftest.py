@@ -36,3 +36,46 @@ def generation_checkpoints(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def serving_models(tmp_path_factory):
+    """Tiny model directories with processors for the serving tests, built once: `get("vl" | "hybrid")` ->
+    (path, Model, processor)."""
+    import deepseek_vl_jax as D
+    import serving_fixtures as S
+    from deepseek_vl_jax.processing import load_processor
+
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            path = S.build_model_dir(tmp_path_factory.mktemp(f"serve_{kind}"), kind)
+            cache[kind] = (path, D.load_pretrained(path, progress=False), load_processor(path))
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def serving_engine(serving_models):
+    """Started engines over `serving_models`, shared by the serving tests: `get(kind, max_batch, mesh=None)` ->
+    Engine (prefill chunk 16, 256 positions). Stopped at the end of the session."""
+    from deepseek_vl_jax import load_pretrained, sharding
+    from deepseek_vl_jax.serving import Engine, EngineConfig
+
+    cache = {}
+
+    def get(kind, max_batch=16, mesh=None):
+        key = (kind, max_batch, None if mesh is None else tuple(sorted(mesh.items())))
+        if key not in cache:
+            path, model, proc = serving_models(kind)
+            if mesh is not None:
+                model = load_pretrained(path, mesh=sharding.make_mesh(**mesh), progress=False)
+            config = EngineConfig(max_batch=max_batch, prefill_chunk=16, max_seq_len=256, max_queue=64)
+            cache[key] = Engine(model, proc, config).start()
+        return cache[key]
+
+    yield get
+    for engine in cache.values():
+        engine.stop()

@@ -1,0 +1,228 @@
+"""Serving speed: the OpenAI-compatible server on 127.0.0.1 under 1, 4 and 16 concurrent streaming clients, each
+sending chats with one image; side by side in the same run, this project's offline `generate` on the same requests
+batched, and transformers' `generate` one request at a time (what its `pipeline` does).
+
+    python benchmarks/bench_serve.py [--checkpoint DIR] [--max-tokens 32]
+
+Model: a smaller shape than bench_generate's 0.45B (this 2-core shared machine would take too long): LLaMA 6 layers,
+hidden 512, 8 heads, intermediate 1408; SigLIP 6 layers, hidden 384, 224 px, patch 16 -> 196 image tokens; the tiny
+byte-level BPE tokenizer of tests/processing_fixtures (vocabulary ~600). Random weights, float32.
+
+Measures per concurrency: output tokens/s, requests/s, time to first token p50/p99, inter-token latency p50/p99
+(from the SSE stream on the client side, one chunk per token as log-probabilities are asked for); and a two-turn
+chat's second-turn time to first token with the prefix and image caches warm vs emptied. Writes benchmarks/results/serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import numpy as np  # noqa: E402
+
+IMAGE_SIZE, PATCH = 224, 16
+NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2
+QUESTION = "Describe the picture in detail."
+
+
+def build_checkpoint(path: str) -> str:
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    import processing_fixtures as PF
+    import torch
+    import transformers
+
+    from deepseek_vl_jax.processing import load_processor
+
+    PF.make_processor_dir(path, num_image_tokens=NUM_IMAGE_TOKENS, image_size=IMAGE_SIZE)
+    proc = load_processor(path)
+    vocab = -(-proc.tokenizer.get_vocab_size() // 64) * 64
+    text = dict(vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+                num_key_value_heads=8, max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=proc.bos_token_id,
+                eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id)
+    vision = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
+                  image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False)
+    torch.manual_seed(0)
+    config = transformers.DeepseekVLConfig(text_config=text, vision_config=vision, image_token_id=proc.image_token_id,
+                                           tie_word_embeddings=False)
+    transformers.DeepseekVLForConditionalGeneration(config).eval().save_pretrained(path)
+    return path
+
+
+def image_url(seed: int) -> str:
+    import base64
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def user(seed: int, text: str = QUESTION) -> dict:
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url(seed)}},
+                                        {"type": "text", "text": text}]}
+
+
+async def one_request(client, messages, max_tokens):
+    """Stream one chat; returns (time to first token, inter-token gaps, completion tokens, text)."""
+    body = {"model": "bench", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "logprobs": True}  # logprobs: one chunk per token
+    t0 = time.perf_counter()
+    ttft, last, gaps, tokens, text = None, None, [], 0, ""
+    async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            for ch in chunk["choices"]:
+                if not ch.get("logprobs"):  # the role chunk, or a bare finish
+                    continue
+                now = time.perf_counter()
+                if ttft is None:
+                    ttft = now - t0
+                else:
+                    gaps.append(now - last)
+                last = now
+                text += ch["delta"].get("content") or ""
+    return ttft, gaps, tokens, text
+
+
+async def load_test(url, clients, per_client, max_tokens, seed0):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        async def worker(c):
+            out = []
+            for k in range(per_client):
+                out.append(await one_request(client, [user(seed0 + c * per_client + k)], max_tokens))
+            return out
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(worker(c) for c in range(clients))) for r in rs]
+        wall = time.perf_counter() - t0
+    ttfts = [r[0] for r in results]
+    gaps = [g for r in results for g in r[1]]
+    tokens = sum(r[2] for r in results)
+    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None
+    return {"clients": clients, "requests": len(results), "output_tokens": tokens, "wall_s": wall,
+            "output_tokens_per_s": tokens / wall, "requests_per_s": len(results) / wall,
+            "ttft_p50_s": pct(ttfts, 50), "ttft_p99_s": pct(ttfts, 99), "itl_p50_s": pct(gaps, 50),
+            "itl_p99_s": pct(gaps, 99)}
+
+
+async def second_turn(url, engine, max_tokens, seed):
+    import httpx
+
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        first = [user(seed)]
+        _, _, _, answer = await one_request(client, first, max_tokens)
+        turn2 = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the colours?"}]
+        warm = (await one_request(client, turn2, max_tokens))[0]
+        for cache in (engine.prefix_cache, engine.image_cache):
+            cache.entries.clear()
+            cache.bytes = 0
+        cold = (await one_request(client, turn2, max_tokens))[0]
+    return {"second_turn_ttft_with_cache_s": warm, "second_turn_ttft_without_cache_s": cold, "ratio": warm / cold}
+
+
+def offline_generate(model, proc, n, max_tokens, seed0):
+    from deepseek_vl_jax.generation import generate
+    from deepseek_vl_jax.serving.media import MediaLimits, load_image
+
+    chats = [[{"role": "user", "content": [{"type": "image", "image": load_image(image_url(seed0 + i), MediaLimits(),
+                                                                                   "x")},
+                                           {"type": "text", "text": QUESTION}]}] for i in range(n)]
+    batch = proc(chats, add_generation_prompt=True, padding_side="left")
+    generate(model, batch, max_new_tokens=max_tokens, eos_token_id=-1)  # compile
+    t0 = time.perf_counter()
+    generate(model, batch, max_new_tokens=max_tokens, eos_token_id=-1)
+    wall = time.perf_counter() - t0
+    rate = n * max_tokens / wall
+    return {"requests": n, "output_tokens": n * max_tokens, "wall_s": wall, "output_tokens_per_s": rate}, chats
+
+
+def transformers_one_at_a_time(path, chats, max_tokens):
+    import processing_fixtures as PF
+    import torch
+    import transformers
+
+    hf = transformers.DeepseekVLForConditionalGeneration.from_pretrained(path).eval()
+    hp = PF.load_hf_processor(path)
+    times, tokens = [], 0
+    for chat in chats:
+        inputs = PF.reference_inputs(hp, [chat])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(**{k: torch.from_numpy(v) for k, v in inputs.items()}, max_new_tokens=max_tokens,
+                              do_sample=False, min_new_tokens=max_tokens)
+        times.append(time.perf_counter() - t0)
+        tokens += out.shape[1] - inputs["input_ids"].shape[1]
+    return {"requests": len(chats), "output_tokens": tokens, "wall_s": sum(times),
+            "output_tokens_per_s": tokens / sum(times), "torch_threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", default="/tmp/dsvl_bench_serve")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--hf-requests", type=int, default=4, help="transformers requests (one at a time)")
+    args = parser.parse_args()
+
+    import jax
+
+    import deepseek_vl_jax as D
+    from deepseek_vl_jax.processing import load_processor
+    from deepseek_vl_jax.serving import Engine, EngineConfig, ServerConfig, create_app
+    from deepseek_vl_jax.serving.server import BackgroundServer
+
+    path = build_checkpoint(args.checkpoint)
+    model, proc = D.load_pretrained(path, progress=False), load_processor(path)
+    engine = Engine(model, proc, EngineConfig(max_batch=16, prefill_chunk=64, max_seq_len=512, max_queue=256))
+    t0 = time.perf_counter()
+    programs = engine.warmup()
+    warmup_s = time.perf_counter() - t0
+    result = {"shape": "LLaMA 6x512 (8 heads, ffn 1408), SigLIP 6x384 224px/16 -> 196 image tokens, vocab "
+                       f"{model.config.text.vocab_size}, float32", "max_tokens": args.max_tokens,
+              "engine": {"slots": 16, "prefill_chunk": 64, "programs": programs, "warmup_s": warmup_s},
+              "platform": platform.platform(), "devices": str(jax.devices()[0]), "cpus": os.cpu_count()}
+    app = create_app(engine, ServerConfig(model_names=("bench",)))
+    with BackgroundServer(app) as srv:
+        result["server"] = []
+        for clients, per in ((1, 4), (4, 2), (16, 1)):
+            r = asyncio.run(load_test(srv.url, clients, per, args.max_tokens, seed0=1000 * clients))
+            print(json.dumps(r), flush=True)
+            result["server"].append(r)
+        result["prefix_cache"] = asyncio.run(second_turn(srv.url, engine, args.max_tokens, seed=7))
+        print(json.dumps(result["prefix_cache"]), flush=True)
+    engine.stop()
+    result["offline_generate_batched"], chats = offline_generate(model, proc, 16, args.max_tokens, seed0=16000)
+    print(json.dumps(result["offline_generate_batched"]), flush=True)
+    result["transformers_one_at_a_time"] = transformers_one_at_a_time(path, chats[:args.hf_requests], args.max_tokens)
+    print(json.dumps(result["transformers_one_at_a_time"]), flush=True)
+    at16 = result["server"][-1]["output_tokens_per_s"]
+    result["ratios"] = {
+        "server16_vs_offline_batched": at16 / result["offline_generate_batched"]["output_tokens_per_s"],
+        "server16_vs_transformers": at16 / result["transformers_one_at_a_time"]["output_tokens_per_s"],
+        "second_turn_ttft_cache_vs_none": result["prefix_cache"]["ratio"]}
+    print(json.dumps(result["ratios"]), flush=True)
+    out = os.path.join(ROOT, "benchmarks", "results", "serve.json")
+    with open(out, "w") as f:
+        json.dump(result, f, indent=2)
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,469 @@
+"""The serving engine: a fixed pool of decode slots fed by a request queue (continuous batching), on the programs of
+`programs.py`. It knows nothing of HTTP: the app (and the tests) submit `Prompt`s with `Options` and receive `Event`s.
+
+One engine thread loops: drop cancelled requests (their slots are free at once), admit waiting requests into free
+slots (images encoded or taken from the feature cache, the prompt's prefix restored from the prefix cache, the rest
+prefilled chunk by chunk, the first token picked), then run one decode step over all slots and hand each running
+sequence its token. Stop conditions (eos, stop strings, max_tokens, the cache's end) are checked on the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import os
+import queue
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from deepseek_vl_jax import sharding
+from deepseek_vl_jax.generation import weights
+from deepseek_vl_jax.generation.inputs import resolve_eos
+from deepseek_vl_jax.serving import caches, programs
+from deepseek_vl_jax.serving.metrics import Metrics
+
+
+class QueueFull(Exception):
+    """More than `max_queue` requests are waiting."""
+
+
+class TooLong(ValueError):
+    """The prompt plus max_tokens exceeds the model's positions."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    max_batch: int = 8  # decode slots B
+    max_seq_len: int | None = None  # cache slots per row (default: the model's positions), rounded up to the chunk
+    prefill_chunk: int = 64  # C: prompt tokens per prefill call; also the prefix cache's largest block
+    max_queue: int = 64
+    image_cache_bytes: int = 256 << 20
+    prefix_cache_bytes: int = 1 << 30
+    prefix_cache: bool = True
+    prefill_budget: int = 512  # prompt tokens admitted between two decode steps (at least one request)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Per-request sampling and stopping. temperature 0 = greedy; top_k 0 = off; max_tokens None = up to the end of
+    the cache; seed None = a random one."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    n: int = 1
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclasses.dataclass
+class Prompt:
+    """A processed chat: ids [n] and per image (pixel_values [3, H, W], high_res [3, Hh, Wh] or None)."""
+
+    ids: np.ndarray
+    images: list[tuple[np.ndarray, np.ndarray | None]] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_batch(cls, batch: dict) -> "Prompt":
+        """From a processor output for one chat (attention mask all ones)."""
+        ids = np.asarray(batch["input_ids"])[0]
+        mask = np.asarray(batch.get("attention_mask", np.ones((1, len(ids)))))[0].astype(bool)
+        pix, high = batch.get("pixel_values"), batch.get("high_res_pixel_values")
+        n = 0 if pix is None else len(pix)
+        return cls(ids[mask].astype(np.int32), [(pix[i], None if high is None else high[i]) for i in range(n)])
+
+
+@dataclasses.dataclass
+class Event:
+    """What one step produced for one choice: new text, the new tokens (with log-probabilities when asked), and on
+    the last event the finish reason ('stop' or 'length'; 'cancelled' never reaches a client)."""
+
+    choice: int
+    text: str
+    tokens: list[int]
+    logprobs: list[dict] | None = None
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class _Sequence:
+    request: "_Request"
+    choice: int
+    slot: int = -1
+    tokens: list = dataclasses.field(default_factory=list)
+    emitted: str = ""
+    position: int = 0  # the cache slot the last token will be fed at
+    last_time: float = 0.0
+    finish: str | None = None
+
+
+@dataclasses.dataclass
+class _Request:
+    id: int
+    prompt: Prompt
+    options: Options
+    sink: Callable[[Event], None]
+    limit: int  # max tokens per choice
+    seed: int
+    arrival: float
+    cancelled: bool = False
+    sequences: list = dataclasses.field(default_factory=list)
+
+
+class Engine:
+    """Continuous batching over `config.max_batch` slots. `start()` runs the engine thread; `submit` queues a
+    request; `cancel` drops one; `generate` is the blocking convenience the tests and benchmarks use."""
+
+    def __init__(self, model, processor, config: EngineConfig = EngineConfig(), eos_token_ids: Sequence[int] = ()):
+        self.model, self.processor, self.config = model, processor, config
+        c = model.config
+        chunk = config.prefill_chunk
+        positions = c.text.max_position_embeddings
+        seq = -(-(config.max_seq_len or positions) // chunk) * chunk
+        self.max_positions = min(seq, positions)  # prompt + generated tokens
+        seq += chunk  # room for the last prefill chunk's C slots
+        self.shapes = programs.Shapes(slots=config.max_batch, seq_len=seq, chunk=chunk)
+        self.programs = programs.Programs(c, model.mesh, self.shapes)
+        self.params = weights.generation_params(model)
+        eos = set(eos_token_ids) | set(resolve_eos(None, c.text.eos_token_id))
+        if getattr(processor, "eos_token_id", None) is not None:
+            eos.add(processor.eos_token_id)
+        self.eos = frozenset(eos)
+        self.tokens_per_image = c.num_image_tokens
+        self.metrics = Metrics()
+        self.image_cache = caches.ImageFeatureCache(config.image_cache_bytes)
+        self.prefix_cache = caches.PrefixCache(config.prefix_cache_bytes)
+        with self._mesh():
+            self.cache = self.programs.init_cache(stacked=self.params["layers"] is None)
+        self.slots: list[_Sequence | None] = [None] * config.max_batch
+        self.waiting: list[_Request] = []
+        self._ids = itertools.count()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self.error: BaseException | None = None
+
+    # ------------------------------------------------------------------------------------------------ public API
+    def start(self) -> "Engine":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="dsvl-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def check(self, prompt: Prompt, options: Options) -> int:
+        """Raise ValueError if the request cannot run; return its per-choice token limit."""
+        n = len(prompt.ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        runs = caches.image_runs(prompt.ids, self.model.config.image_token_id, self.tokens_per_image)
+        if len(runs) != len(prompt.images):
+            raise ValueError(f"the prompt has {len(runs)} image token runs but {len(prompt.images)} images")
+        if options.n > self.config.max_batch:
+            raise ValueError(f"n={options.n} is more than the server's {self.config.max_batch} slots")
+        room = self.max_positions - n
+        if options.max_tokens is not None and n + options.max_tokens > self.max_positions:
+            raise TooLong(f"the prompt has {n} tokens and max_tokens is {options.max_tokens}: {n} + "
+                             f"{options.max_tokens} = {n + options.max_tokens} exceeds the model's "
+                             f"{self.max_positions} positions")
+        if room < 1:
+            raise TooLong(f"the prompt has {n} tokens, which leaves no room in the model's {self.max_positions} "
+                             f"positions")
+        return room if options.max_tokens is None else options.max_tokens
+
+    def submit(self, prompt: Prompt, options: Options, sink: Callable[[Event], None]) -> int:
+        """Queue a request; `sink` gets its events (from the engine thread). Raises ValueError (bad request) or
+        QueueFull. Returns the request id."""
+        limit = self.check(prompt, options)
+        seed = options.seed if options.seed is not None else int.from_bytes(os.urandom(4), "little")
+        with self._lock:
+            if len(self.waiting) >= self.config.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are already waiting")
+            request = _Request(next(self._ids), prompt, options, sink, limit, seed % (1 << 32), time.monotonic())
+            request.sequences = [_Sequence(request, i) for i in range(options.n)]
+            self.waiting.append(request)
+            self.metrics.queue_depth.set(len(self.waiting))
+            self._lock.notify_all()
+        return request.id
+
+    def cancel(self, request_id: int) -> None:
+        """Drop a request (waiting or running); its slots are freed before the next step."""
+        with self._lock:
+            for r in self.waiting:
+                if r.id == request_id:
+                    r.cancelled = True
+            for s in self.slots:
+                if s is not None and s.request.id == request_id:
+                    s.request.cancelled = True
+            self._lock.notify_all()
+
+    def state(self) -> dict:
+        with self._lock:
+            return {"running": sum(s is not None for s in self.slots), "waiting": len(self.waiting),
+                    "slots": self.config.max_batch, "programs": self.programs.program_count(),
+                    "prefix_blocks": len(self.prefix_cache), "images_cached": len(self.image_cache)}
+
+    def generate(self, prompt: Prompt, options: Options = Options(), timeout: float = 600.0) -> list[dict]:
+        """Blocking: run one request, return per choice {"text", "tokens", "logprobs", "finish_reason"}."""
+        events: queue.Queue = queue.Queue()
+        self.submit(prompt, options, events.put)
+        out = [{"text": "", "tokens": [], "logprobs": [], "finish_reason": None} for _ in range(options.n)]
+        while any(o["finish_reason"] is None for o in out):
+            e = events.get(timeout=timeout)
+            o = out[e.choice]
+            o["text"] += e.text
+            o["tokens"] += e.tokens
+            o["logprobs"] += e.logprobs or []
+            o["finish_reason"] = e.finish_reason
+        return out
+
+    def warmup(self) -> int:
+        """Compile every program (a dummy request through prefill, a step and the prefix cache); returns the
+        number of programs compiled. Starts the engine thread."""
+        self.start()
+        c = self.model.config
+        p = self.tokens_per_image
+        ids = np.full(self.shapes.chunk + 1 + p, 1 if c.image_token_id != 1 else 2, np.int32)
+        ids[1:1 + p] = c.image_token_id
+        v = c.vision
+        pix = np.zeros((v.num_channels, v.image_size, v.image_size), np.float32)
+        high = None
+        if c.is_hybrid:
+            h = c.high_res
+            high = np.zeros((h.num_channels, h.image_size, h.image_size), np.float32)
+        prompt = Prompt(ids, [(pix, high)])
+        for _ in range(2):  # the second run restores the first's prefix block
+            self.generate(prompt, Options(max_tokens=2, temperature=0.0))
+        self.generate(prompt, Options(max_tokens=2, temperature=0.8, top_k=3, top_p=0.9, seed=0))
+        self.image_cache.entries.clear()
+        self.image_cache.bytes = 0
+        self.prefix_cache.entries.clear()
+        self.prefix_cache.bytes = 0
+        return self.programs.program_count()
+
+    # ------------------------------------------------------------------------------------------------ the loop
+    def _mesh(self) -> contextlib.AbstractContextManager:
+        """`jax.set_mesh` + the logical axis rules (the model's activation constraints), or nothing off a mesh."""
+        stack = contextlib.ExitStack()
+        if self.model.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.model.mesh))
+            stack.enter_context(sharding.axis_rules(self.model.mesh))
+        return stack
+
+    def _run(self) -> None:
+        try:
+            with self._mesh():
+                while True:
+                    with self._lock:
+                        while not self._stop and not self.waiting and all(s is None for s in self.slots):
+                            self._lock.wait(0.5)
+                        if self._stop:
+                            return
+                        self._drop_cancelled()
+                        admit = self._take_admissible()
+                    for request in admit:
+                        self._admit(request)
+                    if any(s is not None for s in self.slots):
+                        self._step()
+        except BaseException as e:  # noqa: BLE001 - reported to every waiting client, then re-raised in the thread
+            self.error = e
+            with self._lock:
+                for s in [s for s in self.slots if s is not None] + [q for r in self.waiting for q in r.sequences]:
+                    s.request.sink(Event(s.choice, "", [], None, "error"))
+            raise
+
+    def _drop_cancelled(self) -> None:
+        self.waiting = [r for r in self.waiting if not r.cancelled]
+        for i, s in enumerate(self.slots):
+            if s is not None and s.request.cancelled:
+                self.slots[i] = None
+        self._update_gauges()
+
+    def _take_admissible(self) -> list[_Request]:
+        free = sum(s is None for s in self.slots)
+        taken, budget = [], self.config.prefill_budget
+        while self.waiting and self.waiting[0].options.n <= free and (not taken or budget > 0):
+            r = self.waiting.pop(0)
+            free -= r.options.n
+            budget -= len(r.prompt.ids) * r.options.n
+            taken.append(r)
+            for seq in r.sequences:  # reserve the slots now so `state()` sees them as running
+                seq.slot = self.slots.index(None)
+                self.slots[seq.slot] = seq
+        self._update_gauges()
+        return taken
+
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.set(len(self.waiting))
+        self.metrics.running_slots.set(sum(s is not None for s in self.slots))
+
+    def _features(self, image: tuple[np.ndarray, np.ndarray | None]) -> tuple[str, np.ndarray]:
+        key = caches.pixel_hash(*image)
+        feats = self.image_cache.get(key)
+        if feats is not None:
+            self.metrics.image_hits.inc()
+            return key, feats
+        pix, high = image
+        put = lambda x: None if x is None else programs.replicated_put(self.model.mesh, np.asarray(x, np.float32)[None])
+        feats = np.asarray(self.programs.encode(self.params, put(pix), put(high)))
+        self.metrics.images_encoded.inc()
+        self.image_cache.put(key, feats)
+        return key, feats
+
+    def _admit(self, request: _Request) -> None:
+        prompt, c = request.prompt, self.shapes.chunk
+        hashes, feats = zip(*(self._features(im) for im in prompt.images)) if prompt.images else ((), ())
+        runs = caches.image_runs(prompt.ids, self.model.config.image_token_id, self.tokens_per_image)
+        n = len(prompt.ids)
+        put = lambda x: programs.replicated_put(self.model.mesh, x)
+        bounds = caches.boundaries(n, runs, c)
+        keys = caches.block_keys(prompt.ids, hashes, runs, bounds) if self.config.prefix_cache else []
+        slab = np.zeros((n, self.model.config.text.hidden_size), np.float32)
+        for (s, e), f in zip(runs, feats):
+            slab[s:e] = f
+        is_image = np.zeros(n, bool)
+        for s, e in runs:
+            is_image[s:e] = True
+        self.metrics.prompt_tokens.inc(n * len(request.sequences))
+        for seq in request.sequences:
+            if request.cancelled:
+                with self._lock:
+                    for other in request.sequences:
+                        if self.slots[other.slot] is other:
+                            self.slots[other.slot] = None
+                break
+            hit = self.prefix_cache.longest_hit(keys, bounds, n, runs) if keys else 0
+            for j in range(hit):  # in order: each block's C slots overwrite the previous one's unused tail
+                block = self.prefix_cache.get(keys[j])
+                self.cache = self.programs.load_block(self.cache, block, np.int32(seq.slot), np.int32(bounds[j]))
+            if hit:
+                self.metrics.prefix_hits.inc()
+                self.metrics.prefix_hit_tokens.inc(bounds[hit])
+            logits = None
+            for j in range(hit, len(bounds) - 1):
+                start = bounds[j]
+                m = min(bounds[j + 1], n) - start
+                ids = np.zeros(c, np.int32)
+                ids[:m] = prompt.ids[start:start + m]
+                f = np.zeros((c, slab.shape[1]), np.float32)
+                f[:m] = slab[start:start + m]
+                im = np.zeros(c, bool)
+                im[:m] = is_image[start:start + m]
+                self.cache, logits = self.programs.chunk(self.params, self.cache, np.int32(seq.slot), put(ids),
+                                                         put(f), put(im), np.int32(start), np.int32(m))
+            self.metrics.prefill_tokens.inc(n - bounds[hit])
+            for j in range(hit, len(keys)):
+                if keys[j] not in self.prefix_cache:
+                    self.prefix_cache.put(keys[j], self.programs.save_block(self.cache, np.int32(seq.slot),
+                                                                            np.int32(bounds[j])))
+            picked = self.programs.pick(logits[None], self._slot_params([seq]))
+            seq.position = n
+            self._emit([seq], jax.device_get(picked))
+
+    def _slot_params(self, seqs: Sequence[_Sequence | None]) -> programs.SlotParams:
+        vocab = self.model.config.text.vocab_size
+        rows = []
+        for s in seqs:
+            if s is None:
+                rows.append((True, 1.0, vocab, 1.0, 0, 0, 0))
+                continue
+            o = s.request.options
+            greedy = o.temperature == 0.0
+            rows.append((greedy, 1.0 if greedy else o.temperature, o.top_k if o.top_k > 0 else vocab, o.top_p,
+                         s.request.seed, s.choice, len(s.tokens)))
+        g, t, k, p, seed, ch, cnt = zip(*rows)
+        return programs.SlotParams(greedy=np.array(g), temperature=np.array(t, np.float32),
+                                   top_k=np.array(k, np.int32), top_p=np.array(p, np.float32),
+                                   seed=np.array(seed, np.uint32), choice=np.array(ch, np.int32),
+                                   counter=np.array(cnt, np.int32))
+
+    def _step(self) -> None:
+        seqs = [s if s is not None and s.tokens else None for s in self.slots]
+        tokens = np.array([s.tokens[-1] if s is not None else 0 for s in seqs], np.int32)
+        positions = np.array([s.position if s is not None else 0 for s in seqs], np.int32)
+        self.cache, picked = self.programs.step(self.params, self.cache, tokens, positions, self._slot_params(seqs))
+        picked = jax.device_get(picked)
+        live = [s for s in seqs if s is not None]
+        for s in live:
+            s.position += 1
+        with self._lock:
+            self._emit(live, picked, rows=[s.slot for s in live])
+
+    def _emit(self, seqs: list[_Sequence], picked: programs.Picked, rows: list[int] | None = None) -> None:
+        """Append each sequence's new token, check its stop conditions, send its event; free finished slots."""
+        now = time.monotonic()
+        rows = rows if rows is not None else list(range(len(seqs)))
+        for s, r in zip(seqs, rows):
+            req, o = s.request, s.request.options
+            if req.cancelled:
+                continue
+            token = int(picked.token[r])
+            s.tokens.append(token)
+            if len(s.tokens) == 1:
+                self.metrics.ttft.observe(now - req.arrival)
+            else:
+                self.metrics.itl.observe(now - s.last_time)
+            s.last_time = now
+            finish = None
+            if token in self.eos:
+                finish = "stop"
+            elif len(s.tokens) >= req.limit or s.position >= self.max_positions:
+                finish = "length"
+            text, stopped = self._text(s, finish is not None)
+            finish = "stop" if stopped else finish
+            lp = None
+            if o.logprobs:
+                lp = [self._logprob_entry(token, float(picked.logprob[r]), picked.top_ids[r],
+                                          picked.top_logprobs[r], o.top_logprobs)]
+            s.finish = finish
+            req.sink(Event(s.choice, text, [token], lp, finish))
+            if finish is not None:
+                self.metrics.requests.labels(finish).inc()
+                if self.slots[s.slot] is s:
+                    self.slots[s.slot] = None
+        self.metrics.tokens(len(seqs))
+        self._update_gauges()
+
+    def _text(self, s: _Sequence, final: bool) -> tuple[str, bool]:
+        """The new text of a sequence (held back while a stop string or a UTF-8 character may be incomplete) and
+        whether a stop string ended it."""
+        ids = [t for t in s.tokens if t not in self.eos]
+        full = self.processor.decode(ids, skip_special_tokens=True)
+        stops = s.request.options.stop
+        stopped = False
+        if stops:
+            begin = max(0, len(s.emitted) - max(map(len, stops)))
+            hits = [i for i in (full.find(x, begin) for x in stops) if i >= 0]
+            if hits:
+                full, stopped, final = full[:min(hits)], True, True
+        safe = full
+        if not final:
+            hold = max((len(x) - 1 for x in stops), default=0)
+            safe = full[:len(full) - hold] if hold else full
+            safe = safe.rstrip("\ufffd")
+        if not safe.startswith(s.emitted):
+            return "", stopped
+        delta = safe[len(s.emitted):]
+        s.emitted = safe
+        return delta, stopped
+
+    def _logprob_entry(self, token: int, logprob: float, top_ids, top_lps, k: int) -> dict:
+        def entry(t, lp):
+            text = self.processor.decode([int(t)])
+            return {"token": text, "logprob": float(lp), "bytes": list(text.encode("utf-8"))}
+        return {**entry(token, logprob), "top_logprobs": [entry(t, lp) for t, lp in zip(top_ids[:k], top_lps[:k])]}

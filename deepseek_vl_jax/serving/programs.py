@@ -1,0 +1,217 @@
+"""The engine's jitted programs, each over fixed shapes so a running server compiles a bounded set:
+
+- `encode`: one image -> its features [P, D] (pixel values [1, 3, H, W], and [1, 3, Hh, Wh] for the hybrid model);
+- `chunk`: C prompt tokens of one slot, written into that slot's cache row at slots [start, start + C);
+- `step`: one decode step over all B slots at once, each slot at its own position, with per-slot sampling;
+- `pick`: the first token of a request from the last prompt logits (the same per-row sampler as `step`);
+- `save_block` / `load_block`: copy C cache slots of one row out to / back from the prefix cache.
+
+Shapes: B slots (--max-batch), S cache slots per row (--max-seq-len rounded up to a multiple of C, plus C), C the prefill chunk, K kv
+heads, H head dim, D hidden size, V vocabulary, L layers. The cache is `kv_cache.init_cache(text, B, S)`: one row per
+slot, its tokens contiguous from slot 0 (slot index = position), the layout a ragged/paged attention kernel reads.
+
+Batch invariance by construction: `step` runs each slot's row through the same fixed-shape program, vmapped (no
+reduction crosses slots), and the prompt is always computed in chunks of at most C tokens whose starts depend only on
+the content before them (`caches.boundaries`), so the KV of a prefix is bitwise the same whether it was computed now
+or restored from the prefix cache.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from deepseek_vl_jax import multimodal
+from deepseek_vl_jax.config import ModelConfig
+from deepseek_vl_jax.generation import kv_cache, sampling
+from deepseek_vl_jax.model import DeepseekVL
+
+TOP_LOGPROBS = 20  # OpenAI's maximum top_logprobs; always computed, the host keeps what a request asked for
+_SAMPLER = sampling.Sampler(do_sample=True, temperature=True, top_k=True, top_p=True)
+
+
+@struct.dataclass
+class SlotParams:
+    """Per-slot sampling values [B]: greedy rows take the argmax of the raw logits; the others sample with
+    temperature, top-k (V = off) and top-p from the key fold_in(fold_in(key(seed), choice), counter)."""
+
+    greedy: jax.Array  # bool
+    temperature: jax.Array  # float32
+    top_k: jax.Array  # int32
+    top_p: jax.Array  # float32
+    seed: jax.Array  # uint32
+    choice: jax.Array  # int32
+    counter: jax.Array  # int32: index of the token being sampled
+
+
+@struct.dataclass
+class Picked:
+    """Per-row results: the token [B], its log-probability [B] and the top log-probabilities [B, TOP_LOGPROBS]."""
+
+    token: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def _pick_row(logits, greedy, temperature, top_k, top_p, seed, choice, counter) -> Picked:
+    """One row: logits [V] -> token, log-probabilities of the raw distribution."""
+    logits = logits.astype(jnp.float32)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), choice), counter)
+    sp = sampling.SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                 repetition_penalty=jnp.float32(1.0))
+    token = jax.lax.cond(greedy, lambda: jnp.argmax(logits).astype(jnp.int32),
+                         lambda: sampling.sample(_SAMPLER, sp, logits[None], key)[0])
+    logprobs = jax.nn.log_softmax(logits)
+    top_lp, top_ids = jax.lax.top_k(logprobs, TOP_LOGPROBS)
+    return Picked(token=token, logprob=logprobs[token], top_ids=top_ids.astype(jnp.int32), top_logprobs=top_lp)
+
+
+def pick(logits: jax.Array, p: SlotParams) -> Picked:
+    """logits [B, V] -> per-row `Picked` (vmapped: no computation crosses rows)."""
+    return jax.vmap(_pick_row)(logits, p.greedy, p.temperature, p.top_k, p.top_p, p.seed, p.choice, p.counter)
+
+
+def _batch_axis(cache) -> int:
+    return 1 if kv_cache.is_stacked(cache) else 0
+
+
+def _row(cache, slot):
+    """One slot's cache row, batch axis kept (size 1)."""
+    axis = _batch_axis(cache)
+    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, slot, 1, axis=axis), cache)
+
+
+def _put_row(cache, row, slot):
+    axis = _batch_axis(cache)
+    return jax.tree.map(lambda x, r: jax.lax.dynamic_update_slice_in_dim(x, r, slot, axis=axis), cache, row)
+
+
+def _length_axes(cache) -> tuple[int, int]:
+    """The slot (length) axis of keys and values: k [.., K, S, H], v [.., K, H, S]."""
+    k, v = (cache[0], cache[1]) if kv_cache.is_stacked(cache) else cache[0]
+    return k.ndim - 2, v.ndim - 1
+
+
+def _decoder(apply, params, embeds, positions, mask, cache, cache_index):
+    """The decoder over per-layer weights (CPU) or scanned over the stacked ones (TPU/GPU)."""
+    if params["layers"] is None:
+        return apply(embeds, positions, mask, cache, cache_index, method="decode")
+    return apply(embeds, positions, mask, params["layers"], cache, cache_index, method="decode_layers")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    slots: int  # B
+    seq_len: int  # S
+    chunk: int  # C
+
+
+class Programs:
+    """The jitted programs for one model config, mesh and `Shapes`. `traces` counts compilations per program."""
+
+    def __init__(self, config: ModelConfig, mesh: Mesh | None, shapes: Shapes):
+        self.config, self.mesh, self.shapes = config, mesh, shapes
+        self.module = DeepseekVL(config)
+        self.traces: collections.Counter = collections.Counter()
+        self.encode = jax.jit(self._counted("encode", self._encode))
+        self.chunk = jax.jit(self._counted("chunk", self._chunk), donate_argnums=1)
+        self.step = jax.jit(self._counted("step", self._step), donate_argnums=1)
+        self.pick = jax.jit(self._counted("pick", pick))
+        self.save_block = jax.jit(self._counted("save_block", self._save_block))
+        self.load_block = jax.jit(self._counted("load_block", self._load_block), donate_argnums=0)
+
+    def _counted(self, name, fn):
+        @functools.wraps(fn)
+        def wrapped(*args):
+            self.traces[name] += 1
+            return fn(*args)
+        return wrapped
+
+    def program_count(self) -> int:
+        return sum(self.traces.values())
+
+    def _apply(self, params):
+        return functools.partial(self.module.apply, {"params": params["params"]})
+
+    def _constrain(self, cache):
+        return kv_cache.constrain_cache(cache, self.mesh, self.config.text)
+
+    def init_cache(self, stacked: bool):
+        """Zeros [B, K, S, H] / [B, K, H, S] per layer (or stacked), sharded by the rules table on a mesh."""
+        s = self.shapes
+        dtype = jnp.dtype(self.config.dtype)
+        make = lambda: self._constrain(kv_cache.init_cache(self.config.text, s.slots, s.seq_len, dtype, stacked))
+        return jax.jit(make)()
+
+    def _encode(self, params, pixel_values, high_res_pixel_values):
+        """pixel_values [1, 3, H, W] -> features [P, D]."""
+        return self._apply(params)(pixel_values, high_res_pixel_values, method="encode_images")[0]
+
+    def _chunk(self, params, cache, slot, ids, feats, is_image, start, n_valid):
+        """ids [C], feats [C, D] (image features where is_image [C]), written at slots [start, start + C) of row
+        `slot`; the first n_valid tokens are real. Returns (cache, logits [V] at the last real token)."""
+        apply = self._apply(params)
+        c = ids.shape[0]
+        embeds = apply(ids[None], method="embed")
+        embeds = jnp.where(is_image[None, :, None], feats[None].astype(embeds.dtype), embeds)
+        positions = (start + jnp.arange(c, dtype=jnp.int32))[None]
+        key_valid = (jnp.arange(self.shapes.seq_len) < start + n_valid)[None]
+        mask = multimodal.cache_mask(key_valid, start, c)
+        hidden, row = _decoder(apply, params, embeds, positions, mask, _row(cache, slot), start)
+        last = jax.lax.dynamic_slice_in_dim(hidden, n_valid - 1, 1, axis=1)
+        return self._constrain(_put_row(cache, row, slot)), apply(last, method="logits")[0, 0]
+
+    def _step_row(self, params, row, token, position):
+        """One slot: feed `token` at `position` (= its cache slot). row: the slot's cache without the batch axis."""
+        apply = self._apply(params)
+        axis = 1 if kv_cache.is_stacked(row) else 0
+        row = jax.tree.map(lambda x: jnp.expand_dims(x, axis), row)
+        key_valid = (jnp.arange(self.shapes.seq_len) <= position)[None]
+        mask = multimodal.cache_mask(key_valid, position, 1)
+        embeds = apply(token[None, None], method="embed")
+        hidden, row = _decoder(apply, params, embeds, position[None, None], mask, row, position)
+        return apply(hidden, method="logits")[0, 0], jax.tree.map(lambda x: jnp.squeeze(x, axis), row)
+
+    def _step(self, params, cache, tokens, positions, p: SlotParams):
+        """tokens, positions [B] -> (cache, Picked [B]). Every slot runs; the host ignores the idle ones."""
+        axis = _batch_axis(cache)
+        logits, cache = jax.vmap(functools.partial(self._step_row, params), in_axes=(axis, 0, 0),
+                                 out_axes=(0, axis))(cache, tokens, positions)
+        return self._constrain(cache), pick(logits, p)
+
+    def _save_block(self, cache, slot, start):
+        """Slots [start, start + C) of row `slot`: per layer (k [K, C, H], v [K, H, C]) (or stacked [L, ...])."""
+        ka, va = _length_axes(cache)
+        axis = _batch_axis(cache)
+        row = _row(cache, slot)
+        cut = lambda x, a: jnp.squeeze(jax.lax.dynamic_slice_in_dim(x, start, self.shapes.chunk, axis=a), axis)
+        if kv_cache.is_stacked(cache):
+            return cut(row[0], ka), cut(row[1], va)
+        return tuple((cut(k, ka), cut(v, va)) for k, v in row)
+
+    def _load_block(self, cache, block, slot, start):
+        """Write a `save_block` result back at slots [start, start + C) of row `slot`."""
+        ka, va = _length_axes(cache)
+        axis = _batch_axis(cache)
+        put = lambda x, b, a: jax.lax.dynamic_update_slice(
+            x, jnp.expand_dims(b, axis).astype(x.dtype),
+            tuple(slot if d == axis else (start if d == a else 0) for d in range(x.ndim)))
+        if kv_cache.is_stacked(cache):
+            out = (put(cache[0], block[0], ka), put(cache[1], block[1], va))
+        else:
+            out = tuple((put(k, bk, ka), put(v, bv, va)) for (k, v), (bk, bv) in zip(cache, block))
+        return self._constrain(out)
+
+
+def replicated_put(mesh: Mesh | None, x):
+    """Host array -> device (replicated over the mesh)."""
+    if mesh is None:
+        return jnp.asarray(x)
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec()))
+

@@ -1,0 +1,166 @@
+"""The engine without HTTP: batch invariance (a request's tokens and log-probabilities are the same alone, beside 15
+others, joining mid-way, and through the prefix cache; seeded sampling too), the image-aware prefix cache (the next
+turn of a chat reuses the first turn's blocks, the same text with another image reuses nothing past the text before
+the image), a bounded program count, and tensor-parallel serving on the 8-device mesh equal to one device."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from deepseek_vl_jax.serving import Options, Prompt
+from deepseek_vl_jax.serving.caches import image_runs
+from deepseek_vl_jax.serving.metrics import read
+
+import serving_fixtures as S
+
+TEXTS = ["Describe the picture.", "What is in it?", "Tell me a long story about the colours you see here.",
+         "Hi", "Count the objects, then name each one of them in order."]
+
+
+def prompt(proc, images, text, history=()):
+    content = [*({"type": "image", "image": S.pil_image(s)} for s in images), {"type": "text", "text": text}]
+    return Prompt.from_batch(proc([*history, {"role": "user", "content": content}], add_generation_prompt=True))
+
+
+def requests(proc):
+    """16 different requests: 0, 1 or 2 images, different texts and max_tokens; two of them sampled with a seed."""
+    out = []
+    for i in range(16):
+        images = [(i * 7 + k) % 5 for k in range(i % 3)]
+        opts = Options(max_tokens=6 + (i * 5) % 17, temperature=0.0, logprobs=True)
+        if i in (3, 10):
+            opts = Options(max_tokens=12, temperature=0.9, top_k=40, top_p=0.9, seed=100 + i, logprobs=True)
+        out.append((prompt(proc, images, TEXTS[i % len(TEXTS)]), opts))
+    return out
+
+
+def run_concurrently(engine, reqs, stagger):
+    """Submit from 16 threads; request i waits stagger[i] seconds first (so some join mid-way)."""
+    results = [None] * len(reqs)
+
+    def client(i):
+        time.sleep(stagger[i])
+        results[i] = engine.generate(*reqs[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(reqs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def same(a, b):
+    assert a["tokens"] == b["tokens"] and a["text"] == b["text"] and a["finish_reason"] == b["finish_reason"]
+    assert [x["logprob"] for x in a["logprobs"]] == [x["logprob"] for x in b["logprobs"]]  # bitwise
+
+
+def test_batch_invariance_cold_and_warm_prefix_cache(serving_engine, serving_models):
+    engine = serving_engine("vl", 16)
+    _, _, proc = serving_models("vl")
+    reqs = requests(proc)
+    programs = engine.warmup()  # compiles every program (and empties the caches)
+    assert programs == 6
+    alone = []
+    for r in reqs:  # one at a time, each into an otherwise idle engine (and no prefix cache hits beyond its own)
+        engine.prefix_cache.entries.clear()
+        engine.prefix_cache.bytes = 0
+        alone.append(engine.generate(*r)[0])
+    assert len({tuple(a["tokens"]) for a in alone}) > 8  # the requests really differ
+    engine.prefix_cache.entries.clear()
+    engine.prefix_cache.bytes = 0
+    hits = read(engine.metrics.render().decode(), "dsvl_prefix_cache_hit_tokens")
+    stagger = [0.0] * 8 + [0.02 * k for k in range(1, 9)]  # half arrive while the others decode
+    for together in (run_concurrently(engine, reqs, stagger), run_concurrently(engine, reqs, stagger[::-1])):
+        for a, t in zip(alone, together):
+            same(a, t[0])
+    # the second concurrent round ran with the prefix cache warm from the first
+    assert read(engine.metrics.render().decode(), "dsvl_prefix_cache_hit_tokens") > hits
+    assert engine.programs.program_count() == programs  # no new compilation for any length or image count
+    assert engine.state()["running"] == 0
+
+
+def test_prefix_cache_second_turn_and_other_image(serving_engine, serving_models):
+    engine = serving_engine("vl", 16)
+    _, _, proc = serving_models("vl")
+    first = prompt(proc, [1], "Describe the picture.")
+    answer = engine.generate(first, Options(max_tokens=8, temperature=0.0))[0]["text"]
+    history = [{"role": "user", "content": [{"type": "image", "image": S.pil_image(1)},
+                                            {"type": "text", "text": "Describe the picture."}]},
+               {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    second = prompt(proc, [], "And what else?", history)
+    second.images = first.images
+
+    def counters():
+        text = engine.metrics.render().decode()
+        return {k: read(text, f"dsvl_{k}") for k in ("prefix_cache_hits", "prefix_cache_hit_tokens",
+                                                      "prefill_tokens", "image_cache_hits", "images_encoded")}
+
+    before = counters()
+    got = engine.generate(second, Options(max_tokens=8, temperature=0.0, logprobs=True))[0]
+    after = counters()
+    reused = after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"]
+    assert after["prefix_cache_hits"] == before["prefix_cache_hits"] + 1
+    assert reused >= len(first.ids) - 16  # all of the first turn's full blocks
+    assert after["prefill_tokens"] - before["prefill_tokens"] == len(second.ids) - reused
+    assert after["images_encoded"] == before["images_encoded"]  # the image's features came from the cache
+    # the same answer as without the cache
+    engine.prefix_cache.entries.clear()
+    engine.prefix_cache.bytes = 0
+    same(got, engine.generate(second, Options(max_tokens=8, temperature=0.0, logprobs=True))[0])
+    # same text, another image: only the blocks before the image's token run can be shared
+    engine.generate(first, Options(max_tokens=2, temperature=0.0))
+    other = prompt(proc, [4], "Describe the picture.")
+    np.testing.assert_array_equal(other.ids, first.ids)  # same token ids, only the pixels differ
+    start = image_runs(other.ids, engine.model.config.image_token_id, engine.tokens_per_image)[0][0]
+    before = counters()
+    got = engine.generate(other, Options(max_tokens=8, temperature=0.0, logprobs=True))[0]
+    after = counters()
+    assert after["prefix_cache_hit_tokens"] - before["prefix_cache_hit_tokens"] <= start
+    engine.prefix_cache.entries.clear()
+    engine.prefix_cache.bytes = 0
+    same(got, engine.generate(other, Options(max_tokens=8, temperature=0.0, logprobs=True))[0])
+
+
+def test_bad_lengths_name_both_numbers(serving_engine, serving_models):
+    engine = serving_engine("vl", 16)
+    _, _, proc = serving_models("vl")
+    p = prompt(proc, [1], "Describe the picture.")
+    with pytest.raises(ValueError, match=f"{len(p.ids)} tokens and max_tokens is 250"):
+        engine.submit(p, Options(max_tokens=250), print)
+    with pytest.raises(ValueError, match="n=17 is more than the server's 16 slots"):
+        engine.submit(p, Options(n=17), print)
+
+
+def test_tensor_parallel_equals_one_device(serving_engine, serving_models):
+    _, _, proc = serving_models("vl")
+    single = serving_engine("vl", 16)  # the engine the other tests use (compiled already)
+    sharded = serving_engine("vl", 4, mesh=dict(data=1, fsdp=4, tensor=2))
+    assert len({d for x in sharded.cache[0] for d in x.devices()}) == 8
+    for images, text in (([1], "Describe the picture."), ([2, 3], "What is in it?")):
+        p = prompt(proc, images, text)
+        want = single.generate(p, Options(max_tokens=10, temperature=0.0, logprobs=True))[0]
+        got = sharded.generate(p, Options(max_tokens=10, temperature=0.0, logprobs=True))[0]
+        assert got["tokens"] == want["tokens"] and got["text"] == want["text"]
+        np.testing.assert_allclose([x["logprob"] for x in got["logprobs"]],
+                                   [x["logprob"] for x in want["logprobs"]], atol=1e-5)
+
+
+def test_block_boundaries_and_keys():
+    from deepseek_vl_jax.serving import caches
+
+    runs = [(5, 21)]
+    bounds = caches.boundaries(50, runs, 16)
+    assert bounds == [0, 16, 21, 37, 53]  # every 16 tokens or at the image's end; the last chunk runs past 50
+    assert [caches.usable_boundary(b, runs) for b in bounds] == [True, False, True, True, True]
+    ids = np.arange(50)
+    a = caches.block_keys(ids, ["img-a"], runs, bounds)
+    b = caches.block_keys(ids, ["img-b"], runs, bounds)
+    assert len(a) == 3 and a[0] != b[0] and a[2] != b[2]  # the image overlaps the first block: no key shared
+    text_first = caches.block_keys(ids, ["img-a"], [(20, 36)], caches.boundaries(50, [(20, 36)], 16))
+    other = caches.block_keys(ids, ["img-b"], [(20, 36)], caches.boundaries(50, [(20, 36)], 16))
+    assert text_first[0] == other[0] and text_first[1] != other[1]  # only the text before the image is shared
+    longer = caches.block_keys(np.arange(80), ["img-a"], runs, caches.boundaries(80, runs, 16))
+    assert longer[:3] == a  # a longer prompt with the same prefix: the same keys
