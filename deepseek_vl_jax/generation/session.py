@@ -58,19 +58,18 @@ def check_sampling_flags(args: argparse.Namespace) -> None:
 
 
 def check_image(path: str) -> str:
-    """Raise UserError unless `path` is a readable image."""
-    from deepseek_vl_jax.processing import ImageLoadError, load_rgb_image
+    """Raise UserError unless `path` is an image file (its header only: the processor decodes it, once)."""
+    from PIL import Image, UnidentifiedImageError
 
     if not path:
         raise UserError("no image path given: /image PATH (or --image PATH) names a picture file")
     if not os.path.isfile(path):
         raise UserError(f"cannot read image {path!r}: no such file")
     try:
-        load_rgb_image(path)
-    except ImageLoadError as e:
-        raise UserError(str(e)) from e
-    except OSError as e:
-        raise UserError(f"cannot read image {path!r}: {e}") from e
+        with Image.open(path) as image:
+            image.size  # noqa: B018 — the header is read and checked
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UserError(f"cannot read image file {path!r}: {type(e).__name__}: {e}") from e
     return path
 
 
