@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from deepseek_vl_jax import cli_errors, cli_runtime
@@ -63,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {argv[0]!r}; commands: {', '.join(COMMANDS)} (see deepseek-vl-jax --help)",
               file=sys.stderr)
         return cli_errors.USER_ERROR
+    if not debug:  # Orbax reports through absl what we report once, as an `error:` line (or not at all)
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
     try:
         module = importlib.import_module(COMMANDS[argv[0]][0])
         program = _Parser(prog=f"deepseek-vl-jax {argv[0]}", description=COMMANDS[argv[0]][1],

@@ -51,8 +51,26 @@ def _oserror_message(e: OSError) -> str:
     return f"{what}{':' if where else ''}{where}" + (f"; {advice}" if advice else "")
 
 
+# How errors of the OS reach us through libraries that do not raise OSError (tensorstore, under Orbax)
+_ENV_TEXT = {"No space left on device": errno.ENOSPC, "os_error_code='28'": errno.ENOSPC,
+             "Read-only file system": errno.EROFS, "os_error_code='30'": errno.EROFS,
+             "Disk quota exceeded": errno.EDQUOT}
+
+
+def _wrapped_os_error(e: BaseException) -> str | None:
+    text = str(e)
+    for needle, code in _ENV_TEXT.items():
+        if needle in text:
+            short = text if len(text) <= 300 else text[:300] + " ..."
+            return f"{os.strerror(code)} ({short}); {_ENV_ADVICE[code]}"
+    return None
+
+
 def classify(e: BaseException) -> tuple[int, str]:
     """(exit status, one-line message without the `error: ` prefix) for an exception raised by a command."""
+    wrapped = None if isinstance(e, OSError) else _wrapped_os_error(e)
+    if wrapped:
+        return ENV_ERROR, wrapped
     if isinstance(e, KeyboardInterrupt):
         return INTERRUPTED, "interrupted (Ctrl-C)"
     if isinstance(e, EnvironmentFailure):

@@ -88,6 +88,11 @@ def build_config(args):
     if args.batch_size is not None:
         overrides.append(f"data.batch_size={args.batch_size}")
     if args.learning_rate is not None:
+        import math
+
+        if not (math.isfinite(args.learning_rate) and 0.0 < args.learning_rate <= 1.0):
+            raise ValueError(f"--learning-rate {args.learning_rate!r} is out of range: must be a finite number in "
+                             "(0, 1], e.g. 2e-5")
         overrides.append(f"optimizer.learning_rate={args.learning_rate!r}")
     return load_config(args.config, overrides)
 
