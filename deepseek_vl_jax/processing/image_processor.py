@@ -156,7 +156,7 @@ class ImageProcessorConfig:
 def _to_8_bit(image: Image.Image) -> Image.Image:
     """16-bit greyscale (PIL modes I;16*, or I holding 16-bit values) scaled to 8 bits (x / 257). PIL's
     convert("RGB") clips such values at 255, turning most pictures white; transformers does the same clipping, so
-    here this library departs from it on purpose (tests/test_processing_loading.py)."""
+    here this library departs from it on purpose (tests/test_processing_16bit.py)."""
     if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
         values = np.asarray(image, dtype=np.float64)
         return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
