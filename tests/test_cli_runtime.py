@@ -47,8 +47,18 @@ def test_second_generate_hits_the_persistent_cache(tmp_path):
     assert second["misses"] == 0 and second["hits"] == first["misses"]
     assert entries(cache) == written  # nothing new compiled
     assert out2 == out1 and out1.strip()
-    # off by flag or environment variable: nothing read or written
-    for extra, env in ((["--no-compile-cache"], None), ([], {"DEEPSEEK_VL_JAX_COMPILE_CACHE": "0"})):
-        off = tmp_path / f"off{len(extra)}"
-        out3, third = run(off, *extra, env=env)
-        assert third["hits"] == third["misses"] == 0 and not off.exists() and out3 == out1
+    # off by flag: nothing read or written
+    off = tmp_path / "off"
+    out3, third = run(off, "--no-compile-cache")
+    assert third["hits"] == third["misses"] == 0 and not off.exists() and out3 == out1
+
+
+def test_cache_switch(monkeypatch):
+    from deepseek_vl_jax import cli_runtime
+
+    assert cli_runtime.cache_wanted() and not cli_runtime.cache_wanted(flag_off=True)
+    for value in ("0", "off", "false"):
+        monkeypatch.setenv(cli_runtime.CACHE_SWITCH_ENV, value)
+        assert not cli_runtime.cache_wanted()
+    monkeypatch.setenv(cli_runtime.CACHE_DIR_ENV, "/somewhere/else")
+    assert cli_runtime.default_cache_dir() == "/somewhere/else"
