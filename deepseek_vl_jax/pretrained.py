@@ -116,7 +116,7 @@ class Model:
 
 def _put(array: np.ndarray, target: jax.sharding.Sharding | None):
     if target is None:
-        return jnp.asarray(array)
+        return jax.device_put(np.ascontiguousarray(array))  # a plain copy (jnp.asarray compiles a program per shape)
     # Each process builds only the shards it holds: works unchanged on multi-host meshes.
     return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
