@@ -32,6 +32,19 @@ COMMANDS = {
 GLOBAL_FLAGS = ("--debug", "--no-compile-cache")
 
 
+class _Help(argparse.HelpFormatter):
+    """Each flag's help ends with its default, unless it has none worth saying or already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        unsaid = default is None or default is False or default is argparse.SUPPRESS or (
+            isinstance(default, (list, tuple)) and not default)
+        if action.option_strings and "default" not in text and not unsaid:
+            text += f" (default: {default})"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with the project's error line (`error: ...`, exit 2) instead of usage + `prog: error:`."""
 
@@ -69,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         module = importlib.import_module(COMMANDS[argv[0]][0])
         program = _Parser(prog=f"deepseek-vl-jax {argv[0]}", description=COMMANDS[argv[0]][1],
-                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                          formatter_class=_Help)
         module.add_arguments(program)
         _global_flags(program)
         args = program.parse_args(argv[1:] + flags)
