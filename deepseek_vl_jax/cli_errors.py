@@ -32,7 +32,7 @@ _ENV_ADVICE = {errno.ENOSPC: "free some disk space or write elsewhere",
                errno.EPERM: "check the permissions or write elsewhere"}
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """A mistake the user can fix (exit status 2). The message says what, where, and what to do."""
 
 
