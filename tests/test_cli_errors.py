@@ -204,3 +204,24 @@ def test_python_dash_m_is_the_cli(files):
     for flag in ("--max-new-tokens", "--temperature", "--top-p", "--top-k", "--seed", "--dtype"):
         assert flag in helped.stdout
     assert "(default: 0.0)" in helped.stdout and "(0, 1]" in helped.stdout
+
+
+def test_evaluate_skips_and_reports_bad_rows_by_line(tmp_path, capsys):
+    """As `train` does: a bad JSON line is left out and named by its line; the good rows are scored."""
+    import shutil
+
+    shutil.copy(IMAGE, tmp_path / "shapes.png")  # image paths are relative to the data file
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": "shapes.png"},
+                                                     {"type": "text", "text": "What color is the circle?"}]},
+                        {"role": "assistant", "content": [{"type": "text", "text": "red"}]}], "kind": "color"}
+    data = tmp_path / "heldout.jsonl"
+    data.write_text(json.dumps(row) + "\n{not json\n" + json.dumps(row) + "\n")
+    predictions = tmp_path / "pred.jsonl"
+    rc = cli.main(["evaluate", "--model", TINY, "--data", str(data), "--max-new-tokens", "4",
+                   "--predictions", str(predictions)])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert f"skipped 1 bad row(s) of {data}: lines [2]" in out.err and "Traceback" not in out.err
+    summary = json.loads(out.out)
+    assert summary["rows"] == 2 and summary["skipped_rows"] == [2] and summary["by_kind"]["color"][1] == 2
+    assert [json.loads(x)["line"] for x in predictions.read_text().splitlines()] == [1, 3]
