@@ -21,15 +21,15 @@ class Unused:
 
 
 BAD = [
-    (dict(temperature=-1.0), "temperature=-1.0 is out of range: must be a finite number > 0"),
+    (dict(temperature=-1.0), "temperature=-1.0 is out of range: temperature must be > 0 and finite"),
     (dict(temperature=math.nan), "temperature=nan"),
     (dict(temperature=math.inf, do_sample=True), "temperature=inf"),
-    (dict(top_p=1.5), "top_p=1.5 is out of range: must be a number in (0, 1]"),
+    (dict(top_p=1.5), "top_p=1.5 is out of range: top_p must be in (0, 1]"),
     (dict(top_p=0.0), "top_p=0.0"),
-    (dict(top_k=-1), "top_k=-1 is out of range: must be an integer >= 0"),
+    (dict(top_k=-1), "top_k=-1 is out of range: top_k must be >= 0, an integer"),
     (dict(top_k=2.5), "top_k=2.5"),
-    (dict(repetition_penalty=0.0), "repetition_penalty=0.0 is out of range: must be a finite number > 0"),
-    (dict(max_new_tokens=0), "max_new_tokens=0 is out of range: must be an integer >= 1"),
+    (dict(repetition_penalty=0.0), "repetition_penalty=0.0 is out of range: repetition_penalty must be > 0 and finite"),
+    (dict(max_new_tokens=0), "max_new_tokens=0 is out of range: max_new_tokens must be >= 1, an integer"),
 ]
 
 

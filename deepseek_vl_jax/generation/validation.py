@@ -10,11 +10,11 @@ import math
 import numbers
 
 RANGES = {
-    "temperature": "a finite number > 0 (with do_sample; the CLI's 0 means greedy)",
-    "top_p": "a number in (0, 1]; 1 turns it off",
-    "top_k": "an integer >= 0; 0 turns it off",
-    "repetition_penalty": "a finite number > 0; 1 turns it off",
-    "max_new_tokens": "an integer >= 1",
+    "temperature": "> 0 and finite (with do_sample; the CLI's 0 means greedy)",
+    "top_p": "in (0, 1]; 1 turns it off",
+    "top_k": ">= 0, an integer; 0 turns it off",
+    "repetition_penalty": "> 0 and finite; 1 turns it off",
+    "max_new_tokens": ">= 1, an integer",
 }
 
 
@@ -42,4 +42,5 @@ def check_sampling(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         bad.append(("max_new_tokens", max_new_tokens))
     if bad:
-        raise ValueError("; ".join(f"{names.get(k, k)}={v!r} is out of range: must be {RANGES[k]}" for k, v in bad))
+        raise ValueError("; ".join(f"{names.get(k, k)}={v!r} is out of range: {names.get(k, k)} must be {RANGES[k]}"
+                                   for k, v in bad))
