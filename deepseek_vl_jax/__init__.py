@@ -7,15 +7,21 @@
 
 import importlib
 
-from deepseek_vl_jax.config import ConfigError, ModelConfig, SamConfig, SiglipConfig, TextConfig
-from deepseek_vl_jax.hf_mapping import MappingError
-from deepseek_vl_jax.multimodal import ImageTokenError
-from deepseek_vl_jax.pretrained import Model, init_params, load_pretrained
-from deepseek_vl_jax.rope import RopeConfig
-from deepseek_vl_jax.safetensors_io import CheckpointError
-
-# Names imported on first use (their modules pull in orbax, tokenizers, ...).
+# Every public name is imported on first use, so `import deepseek_vl_jax` (and the CLI's --help) does not pull in
+# jax, flax, orbax or tokenizers before they are needed.
 _LAZY = {
+    "ConfigError": "deepseek_vl_jax.config",
+    "ModelConfig": "deepseek_vl_jax.config",
+    "SamConfig": "deepseek_vl_jax.config",
+    "SiglipConfig": "deepseek_vl_jax.config",
+    "TextConfig": "deepseek_vl_jax.config",
+    "MappingError": "deepseek_vl_jax.hf_mapping",
+    "ImageTokenError": "deepseek_vl_jax.multimodal",
+    "Model": "deepseek_vl_jax.pretrained",
+    "init_params": "deepseek_vl_jax.pretrained",
+    "load_pretrained": "deepseek_vl_jax.pretrained",
+    "RopeConfig": "deepseek_vl_jax.rope",
+    "CheckpointError": "deepseek_vl_jax.safetensors_io",
     "load_processor": "deepseek_vl_jax.processing",
     "generate": "deepseek_vl_jax.generation",
     "TextStreamer": "deepseek_vl_jax.generation",
@@ -31,11 +37,14 @@ _LAZY = {
 
 def __getattr__(name):
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'deepseek_vl_jax' has no attribute {name!r}")
 
 
-__all__ = [
-    "CheckpointError", "ConfigError", "ImageTokenError", "MappingError", "Model", "ModelConfig", "RopeConfig",
-    "SamConfig", "SiglipConfig", "TextConfig", "init_params", "load_pretrained", *_LAZY,
-]
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+__all__ = sorted(_LAZY)

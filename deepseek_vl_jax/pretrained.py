@@ -116,7 +116,7 @@ class Model:
 
 def _put(array: np.ndarray, target: jax.sharding.Sharding | None):
     if target is None:
-        return jnp.asarray(array)
+        return jax.device_put(np.ascontiguousarray(array))  # a plain copy (jnp.asarray compiles a program per shape)
     # Each process builds only the shards it holds: works unchanged on multi-host meshes.
     return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
@@ -130,14 +130,14 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh 
     Raises on any missing, unexpected or mis-shaped tensor, on an unknown model type and on a corrupt file.
 
     `path` may also be a Flax checkpoint directory written by `deepseek-vl-jax convert` / `save_flax_checkpoint`
-    (it holds the marker file `conversion.flax_checkpoint.MARKER`): its Orbax params are restored straight into
-    `param_dtype` and the mesh's shardings.
+    (it holds the marker file `conversion.flax_checkpoint.MARKER`), or a `train` output directory (its latest
+    checkpoint): its Orbax params are restored straight into `param_dtype` and the mesh's shardings.
     """
     param_dtype = param_dtype or dtype
     config = ModelConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, **runtime)
     from deepseek_vl_jax.conversion import flax_checkpoint  # imported here: conversion imports this module
 
-    if flax_checkpoint.is_flax_checkpoint(path):
+    if flax_checkpoint.is_flax_checkpoint(path) or flax_checkpoint.is_training_output(path):
         return Model(config, flax_checkpoint.restore_params(path, config, param_dtype, mesh), mesh)
     reader = CheckpointReader(path)
     abstract = abstract_params(config)

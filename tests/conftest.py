@@ -1,9 +1,15 @@
-"""Test session setup: 8 simulated CPU devices (before jax is imported), float32 matmuls at full precision."""
+"""Test session setup: 8 simulated CPU devices (before jax is imported), float32 matmuls at full precision, and
+JAX's persistent compilation cache in ~/.cache/deepseek-vl-jax/tests (or $DEEPSEEK_VL_JAX_TEST_CACHE), also for the
+CLI processes the tests start (DEEPSEEK_VL_JAX_CACHE_DIR), so a rerun compiles little. Compilation counters
+(`generation.compile_count`) count traces, which the cache does not skip."""
 
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+CACHE = os.environ.get("DEEPSEEK_VL_JAX_TEST_CACHE") or os.path.join(
+    os.path.expanduser("~"), ".cache", "deepseek-vl-jax", "tests")
+os.environ.setdefault("DEEPSEEK_VL_JAX_CACHE_DIR", CACHE)
 
 import torchvision_ops  # noqa: E402
 
@@ -12,6 +18,12 @@ torchvision_ops.ensure_importable()  # before anything imports torchvision (see 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+try:
+    os.makedirs(CACHE, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", CACHE)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+except OSError:  # an unwritable home: no cache
+    pass
 
 
 import pytest  # noqa: E402

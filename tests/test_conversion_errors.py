@@ -100,7 +100,7 @@ def test_unknown_model_type(sharded, tmp_path, capsys):
         convert(src, tmp_path / "out", progress=False)
     assert _nothing_at(tmp_path / "out")
     # the command prints one line and exits non-zero
-    assert cli.main(["convert", src, str(tmp_path / "out"), "--no-progress"]) == 1
+    assert cli.main(["convert", src, str(tmp_path / "out"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: unknown model_type 'llava'") and "Traceback" not in err
     assert _nothing_at(tmp_path / "out")

@@ -173,7 +173,7 @@ def test_cli_fail_mode_stops_before_training(tmp_path, capsys):
     out = str(tmp_path / "out")
     args = ["train", "--model", H.model_dir(), "--data", path, "--output", out, "--config", "stage3",
             "--set", "data.bad_rows=fail", "--set", "logging.progress=false", "--distributed", "off"]
-    assert main(args) == 1
+    assert main(args) == 2
     err = capsys.readouterr().err
     assert f"{path}:3: not valid JSON" in err
     assert not os.path.exists(os.path.join(out, "checkpoints"))

@@ -117,3 +117,15 @@ def test_evaluate_counts_per_kind(tmp_path):
                {"line": 5, "correct": True}]
     assert evaluate.by_kind(str(path), records) == {"color": [2, 2], "side": [0, 1]}
     assert evaluate.by_kind(str(path), records[1:2]) == {}
+
+
+def test_load_pretrained_and_generate_take_a_training_output(run, capsys):
+    """Every command that takes a model takes a `train` output directory (its latest checkpoint)."""
+    from deepseek_vl_jax import cli
+
+    _, out, _, result = run
+    model = load_pretrained(out, progress=False)
+    for a, b in zip(jax.tree.leaves(jax.device_get(result.state.params)), jax.tree.leaves(model.params)):
+        np.testing.assert_array_equal(np.asarray(b), a)
+    assert cli.main(["generate", "--model", out, "--prompt", "What is this?", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.endswith("\n")

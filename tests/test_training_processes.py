@@ -1,6 +1,7 @@
 """The `train` command in real processes: two processes (2 simulated devices each, gloo collectives) train to the
 same losses as one process with 4 devices; a run killed with SIGKILL mid-training and resumed ends with exactly
-the losses of an uninterrupted run."""
+the losses of an uninterrupted run; so does a run stopped with SIGTERM (which saves the step it was at); a resume
+with another batch size is refused, and accepted with --allow-config-change (recorded)."""
 
 import json
 import os
@@ -43,8 +44,9 @@ def runs(tmp_path_factory):
     model = H.model_dir()
     root = str(tmp_path_factory.mktemp("procs"))
     data = H.write_dataset(os.path.join(root, "data"), n=12)
-    out = {k: os.path.join(root, k) for k in ("straight", "multi", "killed")}
-    logs = {k: os.path.join(root, k + ".log") for k in ("straight", "multi0", "multi1", "killed", "resumed")}
+    out = {k: os.path.join(root, k) for k in ("straight", "multi", "killed", "termed")}
+    logs = {k: os.path.join(root, k + ".log") for k in ("straight", "multi0", "multi1", "killed", "resumed",
+                                                       "termed", "termed_resumed", "refused", "changed")}
     port = H.free_port()
     straight = H.start_cli(common_args(model, data, out["straight"], STEPS), 4, logs["straight"])
     multi = [H.start_cli(common_args(model, data, out["multi"], 4) + [
@@ -54,27 +56,47 @@ def runs(tmp_path_factory):
     for i, p in enumerate(multi):
         wait(p, logs[f"multi{i}"])
 
-    # the same run, but meant to go on for long: SIGKILL once step 4 is logged and checkpoint 3 is committed
+    # the same run, but meant to go on for long: SIGKILL once step 4 is logged and checkpoint 3 is committed;
+    # and another one stopped with SIGTERM (preemption) once step 4 is logged
     killed = H.start_cli(common_args(model, data, out["killed"], 10_000), 4, logs["killed"])
-    metrics_file = os.path.join(out["killed"], "metrics.jsonl")
-    committed = os.path.join(out["killed"], "checkpoints", "3")
+    termed = H.start_cli(common_args(model, data, out["termed"], 10_000), 4, logs["termed"])
+    pending = {"killed": (killed, signal.SIGKILL), "termed": (termed, signal.SIGTERM)}
     deadline = time.time() + 240
-    while time.time() < deadline and killed.poll() is None:
-        if os.path.isdir(committed) and os.path.exists(metrics_file) and any(
-                json.loads(line)["step"] >= 4 for line in open(metrics_file) if line.strip().endswith("}")):
-            break
+    while pending and time.time() < deadline:
+        for name, (proc, sig) in list(pending.items()):
+            assert proc.poll() is None, open(logs[name]).read()[-3000:]
+            metrics_file = os.path.join(out[name], "metrics.jsonl")
+            committed = name == "termed" or os.path.isdir(os.path.join(out[name], "checkpoints", "3"))
+            if committed and os.path.exists(metrics_file) and any(
+                    json.loads(line)["step"] >= 4 for line in open(metrics_file) if line.strip().endswith("}")):
+                proc.send_signal(sig)
+                del pending[name]
         time.sleep(0.02)
-    assert killed.poll() is None, open(logs["killed"]).read()[-3000:]
-    killed.send_signal(signal.SIGKILL)
+    assert not pending, "the runs did not reach step 4 in time"
     killed.wait()
+    termed_rc = termed.wait(timeout=120)
     before = losses(out["killed"])
+    termed_before = losses(out["termed"])
     resumed = H.start_cli(common_args(model, data, out["killed"], STEPS), 4, logs["resumed"])
     wait(resumed, logs["resumed"])
-    return out, logs, before
+    # resuming the SIGTERM'd run with another batch size: refused, nothing changed; then allowed
+    config_before = open(os.path.join(out["termed"], "train_config.json")).read()
+    refused = H.start_cli(common_args(model, data, out["termed"], STEPS) + ["--batch-size", "2"], 4, logs["refused"])
+    refused_rc = refused.wait(timeout=240)
+    config_after_refusal = open(os.path.join(out["termed"], "train_config.json")).read()
+    termed_resumed = H.start_cli(common_args(model, data, out["termed"], STEPS), 4, logs["termed_resumed"])
+    wait(termed_resumed, logs["termed_resumed"])
+    changed = H.start_cli(common_args(model, data, out["termed"], STEPS + 1) + ["--batch-size", "2",
+                                                                               "--allow-config-change"],
+                          4, logs["changed"])
+    wait(changed, logs["changed"])
+    termed_info = dict(rc=termed_rc, before=termed_before, refused_rc=refused_rc, config_before=config_before,
+                       config_after_refusal=config_after_refusal)
+    return out, logs, before, termed_info
 
 
 def test_two_processes_match_one(runs):
-    out, logs, _ = runs
+    out, logs, _, _ = runs
     one, two = losses(out["straight"]), losses(out["multi"])
     assert sorted(two) == [1, 2, 3, 4]
     np.testing.assert_allclose([two[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=1e-5)
@@ -85,7 +107,7 @@ def test_two_processes_match_one(runs):
 
 
 def test_killed_and_resumed_run_matches_straight_run(runs):
-    out, logs, before = runs
+    out, logs, before, _ = runs
     assert max(before) >= 4  # killed while training, after step 4
     log = open(logs["resumed"]).read()
     assert "resumed from" in log
@@ -94,3 +116,31 @@ def test_killed_and_resumed_run_matches_straight_run(runs):
     want, got = losses(out["straight"]), losses(out["killed"])
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]  # bit-identical
+
+
+def test_sigterm_saves_the_step_and_the_resumed_run_matches_the_straight_run(runs):
+    out, logs, _, t = runs
+    assert t["rc"] == 128 + signal.SIGTERM, open(logs["termed"]).read()[-3000:]
+    stopped = max(t["before"])
+    assert stopped >= 4
+    log = open(logs["termed"]).read()
+    assert f"stopped after step {stopped} (SIGTERM): checkpoint {stopped} saved" in log and "Traceback" not in log
+    assert f"resumed from {os.path.join(out['termed'], 'checkpoints')} at step {stopped}" in open(
+        logs["termed_resumed"]).read()
+    want, got = losses(out["straight"]), losses(out["termed"])
+    assert [got[s] for s in range(1, STEPS + 1)] == [want[s] for s in range(1, STEPS + 1)]  # bit-identical
+
+
+def test_resume_with_another_batch_size_is_refused_unless_allowed(runs):
+    out, logs, _, t = runs
+    refused = open(logs["refused"]).read()
+    assert t["refused_rc"] == 2, refused[-3000:]
+    (line,) = [x for x in refused.splitlines() if x.startswith("error: ")]
+    assert "data.batch_size: 4 -> 2" in line and "--allow-config-change" in line and "Traceback" not in refused
+    assert t["config_after_refusal"] == t["config_before"]
+    with open(os.path.join(out["termed"], "config_changes.jsonl")) as f:
+        (record,) = [json.loads(x) for x in f]
+    assert record == {"resumed_at_step": STEPS, "changes": ["data.batch_size: 4 -> 2"]}
+    with open(os.path.join(out["termed"], "train_config.json")) as f:
+        assert json.load(f)["data"]["batch_size"] == 2
+    assert sorted(losses(out["termed"])) == list(range(1, STEPS + 2))

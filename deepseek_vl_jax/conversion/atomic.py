@@ -54,6 +54,15 @@ def check_destination(dst: str, force: bool) -> None:
         raise DestinationExistsError(f"{dst} already exists; pass --force (force=True) to replace it")
 
 
+def _remove(path: str) -> None:
+    """Delete a replaced destination, a directory or a file (or a symlink)."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
 @contextlib.contextmanager
 def staged_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[str]:
     """Yield a fresh temporary directory next to `dst`; on normal exit rename it to `dst`, on any error delete it.
@@ -67,7 +76,7 @@ def staged_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[st
     parent, name = os.path.split(dst)
     os.makedirs(parent, exist_ok=True)
     for stale in stale_siblings(dst):
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove(stale)
     tmp = os.path.join(parent, f".{name}{PARTIAL}{os.getpid()}-{secrets.token_hex(4)}")
     os.mkdir(tmp)
     try:
@@ -77,7 +86,7 @@ def staged_directory(dst: str | os.PathLike, force: bool = False) -> Iterator[st
             old = os.path.join(parent, f".{name}{REPLACED}{os.getpid()}-{secrets.token_hex(4)}")
             os.rename(dst, old)
             os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.rename(tmp, dst)
     except BaseException:

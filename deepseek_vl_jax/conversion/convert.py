@@ -174,14 +174,9 @@ def handle_sigterm() -> None:
 
 
 def report_errors(fn, *args, **kwargs) -> int:
-    """Run `fn`; print library errors as one clear line and return exit status 1."""
-    from deepseek_vl_jax.hf_mapping import MappingError
-    try:
-        fn(*args, **kwargs)
-    except (CheckpointError, MappingError, ConfigError, atomic.DestinationExistsError, FileNotFoundError,
-            ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    """Run `fn` and return 0; its errors propagate to `cli.main`, which prints each as one `error:` line (exit 2
+    for the user's mistakes, 3 for a full or read-only disk)."""
+    fn(*args, **kwargs)
     return 0
 
 

@@ -69,6 +69,21 @@ def read_marker(path: str | os.PathLike) -> dict:
     return marker
 
 
+def is_training_output(path: str | os.PathLike) -> bool:
+    """A `train` output directory (OUT/config.json and OUT/checkpoints/), not a Flax checkpoint or HF directory."""
+    path = os.fspath(path)
+    return (not is_flax_checkpoint(path) and os.path.isdir(os.path.join(path, TRAINING_CHECKPOINTS))
+            and not any(n.endswith(".safetensors") for n in os.listdir(path)))
+
+
+def training_steps(out: str | os.PathLike) -> list[int]:
+    """The finished steps in OUT/checkpoints, oldest first."""
+    root = os.path.join(os.fspath(out), TRAINING_CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(d) for d in os.listdir(root) if d.isdigit() and os.path.isdir(os.path.join(root, d, PARAMS)))
+
+
 def latest_training_step(out: str | os.PathLike) -> int | None:
     """The newest finished step in OUT/checkpoints (numeric directory names with a `params` item), or None."""
     root = os.path.join(os.fspath(out), TRAINING_CHECKPOINTS)
@@ -107,8 +122,10 @@ def resolve(path: str | os.PathLike, step: int | None = None) -> FlaxSource:
         chosen = latest_training_step(path) if step is None else step
         params = os.path.join(path, TRAINING_CHECKPOINTS, str(chosen), PARAMS)
         if chosen is None or not os.path.isdir(params):
+            steps = training_steps(path)
+            have = f"; the steps there are {steps}" if steps else "; it holds no finished checkpoint yet"
             raise FileNotFoundError(f"{path}: no finished step with a '{PARAMS}' item under {TRAINING_CHECKPOINTS}/"
-                                    + ("" if step is None else f" (asked for step {step})"))
+                                    + ("" if step is None else f" (asked for step {step})") + have)
         return FlaxSource(params, path, "training", chosen)
     raise FileNotFoundError(f"{path}: neither a Flax checkpoint ({MARKER}) nor a training output "
                             f"({TRAINING_CHECKPOINTS}/<step>/{PARAMS})")

@@ -4,7 +4,7 @@
         [--temperature T] [--top-p P] [--top-k K] [--seed S] [--dtype bfloat16|float32]
 
 The prompt is one user turn in DeepSeek-VL's chat format (one image placeholder per --image, then the text),
-rendered by the processor's chat template.
+rendered by the processor's chat template. Errors are raised as `UserError`s and reported by `cli.main`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deepseek_vl_jax.generation.session import CliError, Session, add_model_arguments, check_image, user_message
+from deepseek_vl_jax.generation.session import Session, add_model_arguments, check_image, user_message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,11 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        images = [check_image(p) for p in args.image]
-        session = Session.from_args(args)
-        session.answer([user_message(args.prompt, images)], sys.stdout)
-    except (CliError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    images = [check_image(p) for p in args.image]
+    session = Session.from_args(args)
+    session.answer([user_message(args.prompt, images)], sys.stdout)
     return 0

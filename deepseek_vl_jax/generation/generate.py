@@ -15,6 +15,7 @@ import numpy as np
 from deepseek_vl_jax import sharding
 from deepseek_vl_jax.generation import kv_cache, loop, sampling, weights
 from deepseek_vl_jax.generation.inputs import MAX_EOS, place, prepare_inputs, resolve_eos
+from deepseek_vl_jax.generation.validation import check_sampling
 
 
 def generate(model, batch: Mapping[str, Any], max_new_tokens: int = 32, do_sample: bool = False,
@@ -32,6 +33,7 @@ def generate(model, batch: Mapping[str, Any], max_new_tokens: int = 32, do_sampl
       it receives each step's tokens as they are generated.
     Returns new token ids [B, max_new_tokens] (int32), `pad_token_id` after each row's eos.
     """
+    check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     c = model.config
     sampler = sampling.Sampler.create(do_sample, temperature, top_k, top_p, repetition_penalty)
     sp = sampling.SamplingParams.create(temperature, top_k, top_p, repetition_penalty)

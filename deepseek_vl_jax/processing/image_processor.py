@@ -179,12 +179,23 @@ class ImageProcessorConfig:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def _to_8_bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale (PIL modes I;16*, or I holding 16-bit values) scaled to 8 bits (x / 257). PIL's
+    convert("RGB") clips such values at 255, turning most pictures white; transformers does the same clipping, so
+    here this library departs from it on purpose (tests/test_processing_16bit.py)."""
+    if image.mode.startswith("I;16") or (image.mode == "I" and image.getextrema()[1] > 255):
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+    return image
+
+
 def _open_path(path: str) -> Image.Image:
-    """transformers' `load_image` for local files: open, EXIF-transpose, plain `convert("RGB")`."""
+    """transformers' `load_image` for local files: open, EXIF-transpose, plain `convert("RGB")` (16-bit greyscale
+    scaled to 8 bits first, see `_to_8_bit`)."""
     try:
         image = Image.open(path)
         image = ImageOps.exif_transpose(image)
-        return image.convert("RGB")
+        return _to_8_bit(image).convert("RGB")
     except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
         raise ImageLoadError(f"cannot read image file {path!r}: {type(e).__name__}: {e}") from e
 

@@ -1,4 +1,7 @@
-"""`deepseek-vl-jax synthetic OUT`: write the synthetic VQA set and a tokenizer/processor directory for it."""
+"""`deepseek-vl-jax synthetic OUT`: write the synthetic VQA set and a tokenizer/processor directory for it.
+
+OUT must be new or empty unless --force; everything is written into a temporary sibling and renamed into place when
+complete (so an interrupted run leaves nothing, and --force leaves no stale pictures of an earlier run)."""
 
 from __future__ import annotations
 
@@ -6,8 +9,12 @@ import argparse
 import json
 import os
 
+from deepseek_vl_jax.cli_errors import UserError
+from deepseek_vl_jax.conversion import atomic
 from deepseek_vl_jax.synthetic.dataset import write_dataset
 from deepseek_vl_jax.synthetic.tokenizer import write_processor
+
+USES_JAX = False  # no compilation cache needed
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,7 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64, help="the processor's (SigLIP's) input size")
     p.add_argument("--patch-size", type=int, default=8, help="to derive num_image_tokens = (size / patch)^2")
-    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--vocab-size", type=int, default=512, help="the tokenizer's vocabulary size (>= 64)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty OUT (once the new set is complete)")
 
 
 def texts(jsonl: str):
@@ -35,12 +43,31 @@ def texts(jsonl: str):
                         yield item["text"]
 
 
+def check_args(args: argparse.Namespace) -> None:
+    for flag, value, least in (("--train", args.train, 1), ("--heldout", args.heldout, 0),
+                               ("--pretrain", args.pretrain, 0), ("--questions-per-image", args.questions_per_image, 1),
+                               ("--turns", args.turns, 1), ("--image-size", args.image_size, 8),
+                               ("--patch-size", args.patch_size, 1), ("--vocab-size", args.vocab_size, 64)):
+        if value < least:
+            raise UserError(f"{flag} must be >= {least}, got {value}")
+    if args.image_size % args.patch_size:
+        raise UserError(f"--image-size {args.image_size} is not a multiple of --patch-size {args.patch_size}")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UserError(f"{args.output} is a file; give a directory for the data set")
+    if os.path.isdir(args.output) and os.listdir(args.output) and not args.force:
+        raise UserError(f"{args.output} is not empty; give a new directory, or --force to replace it")
+
+
 def run(args: argparse.Namespace) -> int:
-    paths = write_dataset(args.output, args.train, args.heldout, args.seed, args.pretrain,
-                          args.questions_per_image, args.turns)
-    tokens = (args.image_size // args.patch_size) ** 2
-    corpus = [t for split in ("train", "pretrain") if split in paths for t in texts(paths[split])]
-    tok = write_processor(os.path.join(args.output, "processor"), corpus, args.image_size, tokens, args.vocab_size)
+    check_args(args)
+    out = os.path.abspath(args.output)
+    force = os.path.isdir(out)  # an empty directory, or a non-empty one with --force
+    with atomic.staged_directory(out, force=force) as tmp:
+        paths = write_dataset(tmp, args.train, args.heldout, args.seed, args.pretrain,
+                              args.questions_per_image, args.turns)
+        tokens = (args.image_size // args.patch_size) ** 2
+        corpus = [t for split in ("train", "pretrain") if split in paths for t in texts(paths[split])]
+        tok = write_processor(os.path.join(tmp, "processor"), corpus, args.image_size, tokens, args.vocab_size)
     each = f"chats of up to {args.turns} questions" if args.turns > 1 else f"{args.questions_per_image} questions each"
     print(f"wrote {args.train} train pictures ({each}) and {args.heldout} held-out "
           f"rows to {args.output}; "

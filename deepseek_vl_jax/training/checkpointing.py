@@ -105,3 +105,95 @@ def prepare_output(out_dir: str, model_dir: str, processor, train_config: dict) 
     processor.save_pretrained(out_dir)
     with open(os.path.join(out_dir, "train_config.json"), "w", encoding="utf-8") as f:
         json.dump(train_config, f, indent=2)
+
+
+# ------------------------------------------------------------------------------------------------ resume checks
+# Train-config keys whose change does not alter the numbers of a resumed run.
+HARMLESS = ("log_every", "eval_every", "checkpoint.", "logging.", "data.num_threads", "data.prefetch",
+            "data.bad_rows")
+CHANGES_FILE = "config_changes.jsonl"
+
+
+class ResumeError(ValueError):
+    """A resume whose settings differ from the checkpoint's in a way that breaks exactness."""
+
+
+def file_fingerprint(path: str) -> dict:
+    """Size and SHA-256 of a data file (what decides whether a resumed run reads the same rows)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+
+
+def run_fingerprint(model_dir: str, data_path: str, mesh_shape: dict) -> dict:
+    """What besides the train config decides a run's numbers: the model's config, the data, the mesh shape."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        model = json.load(f)
+    return {"model": model, "data": file_fingerprint(data_path), "mesh": {k: int(v) for k, v in mesh_shape.items()}}
+
+
+def latest_meta(out_dir: str) -> tuple[int, dict] | None:
+    """(step, meta) of the newest finished checkpoint in OUT, or None (read from disk, nothing created)."""
+    root = os.path.join(out_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return None
+    steps = sorted((int(d) for d in os.listdir(root) if d.isdigit()), reverse=True)
+    for step in steps:
+        file = os.path.join(root, str(step), META, "metadata")
+        if os.path.isfile(file):
+            with open(file, encoding="utf-8") as f:
+                return step, json.load(f)
+    return None
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _schedule_uses_steps(train_config: dict) -> bool:
+    opt = train_config.get("optimizer", {})
+    return not (opt.get("warmup_steps", 0) == 0 and opt.get("min_learning_rate_ratio") == 1.0)
+
+
+def setting_changes(saved: dict, new: dict) -> list[str]:
+    """The differences between a checkpoint's meta and a new run's that change the numbers, e.g.
+    ["data.batch_size: 4 -> 2", "data file: sha256 1a2b... -> 3c4d..."]."""
+    changes = []
+    old_cfg, new_cfg = _flat(saved.get("train_config", {})), _flat(new["train_config"])
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if key.startswith(HARMLESS) or key == "description" or old_cfg.get(key) == new_cfg.get(key):
+            continue
+        if key == "steps" and not (_schedule_uses_steps(saved.get("train_config", {}))
+                                   or _schedule_uses_steps(new["train_config"])):
+            continue  # a constant learning rate: more or fewer steps continue the same run
+        changes.append(f"{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
+    old_fp, new_fp = saved.get("fingerprint"), new.get("fingerprint")
+    if old_fp and new_fp:
+        if old_fp["model"] != new_fp["model"]:
+            keys = sorted(k for k in set(_flat(old_fp["model"])) | set(_flat(new_fp["model"]))
+                          if _flat(old_fp["model"]).get(k) != _flat(new_fp["model"]).get(k))
+            changes.append(f"model config.json differs in {', '.join(keys[:6])}")
+        if old_fp["data"] != new_fp["data"]:
+            changes.append(f"data file: {old_fp['data']['bytes']} bytes sha256 {old_fp['data']['sha256'][:12]} -> "
+                           f"{new_fp['data']['bytes']} bytes sha256 {new_fp['data']['sha256'][:12]}")
+        if old_fp["mesh"] != new_fp["mesh"]:
+            changes.append(f"mesh: {old_fp['mesh']} -> {new_fp['mesh']}")
+    return changes
+
+
+def record_changes(out_dir: str, step: int, changes: list[str]) -> None:
+    """Append the accepted changes of a resume to OUT/config_changes.jsonl (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(out_dir, CHANGES_FILE), "a", encoding="utf-8") as f:
+        f.write(json.dumps({"resumed_at_step": step, "changes": changes}) + "\n")

@@ -116,7 +116,7 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     bad_rows: BadRows = BadRows.SKIP
-    num_threads: int = 4
+    num_threads: int = 2  # grain warns when prefetch < num_threads
     prefetch: int = 2
 
     def __post_init__(self):
@@ -177,6 +177,12 @@ class TrainConfig:
         return self.data.batch_size // self.optimizer.grad_accum_steps
 
 
+def _finite(x) -> bool:
+    import math
+
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def check(c: TrainConfig) -> None:
     problems = []
     if c.steps < 1:
@@ -192,8 +198,24 @@ def check(c: TrainConfig) -> None:
         problems.append("data.max_images_per_row must be >= 0 and data.max_length >= 2")
     if c.checkpoint.every < 1 or c.checkpoint.keep < 1:
         problems.append("checkpoint.every and checkpoint.keep must be >= 1")
-    if not 0.0 <= c.optimizer.min_learning_rate_ratio <= 1.0:
+    o = c.optimizer
+    if not 0.0 <= o.min_learning_rate_ratio <= 1.0:
         problems.append("optimizer.min_learning_rate_ratio must be in [0, 1]")
+    if not (_finite(o.learning_rate) and 0.0 < o.learning_rate <= 1.0):
+        problems.append(f"optimizer.learning_rate (--learning-rate) must be a finite number in (0, 1], got "
+                        f"{o.learning_rate!r}")
+    for name in ("b1", "b2"):
+        if not (_finite(getattr(o, name)) and 0.0 <= getattr(o, name) < 1.0):
+            problems.append(f"optimizer.{name} must be in [0, 1), got {getattr(o, name)!r}")
+    if not (_finite(o.eps) and o.eps > 0) or not (_finite(o.weight_decay) and o.weight_decay >= 0):
+        problems.append(f"optimizer.eps must be > 0 and optimizer.weight_decay >= 0, got {o.eps!r} and "
+                        f"{o.weight_decay!r}")
+    if o.warmup_steps < 0:
+        problems.append(f"optimizer.warmup_steps must be >= 0, got {o.warmup_steps}")
+    if o.clip_grad_norm is not None and not (_finite(o.clip_grad_norm) and o.clip_grad_norm > 0):
+        problems.append(f"optimizer.clip_grad_norm must be > 0 or null (off), got {o.clip_grad_norm!r}")
+    if c.data.num_threads < 0 or c.data.prefetch < 0:
+        problems.append("data.num_threads and data.prefetch must be >= 0")
     if problems:
         raise TrainConfigError("; ".join(problems))
 

@@ -23,11 +23,11 @@ from typing import Sequence
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory, or a `train` output directory")
     p.add_argument("--data", required=True, help="held-out JSONL of chats ending with the reference answer")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-images-per-row", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    p.add_argument("--ignore-case", action="store_true")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest answer in tokens, >= 1")
+    p.add_argument("--batch-size", type=int, default=8, help="rows answered together, >= 1")
+    p.add_argument("--max-images-per-row", type=int, default=8, help="rows with more images are skipped, >= 0")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and compute dtype")
+    p.add_argument("--ignore-case", action="store_true", help="compare answers case-insensitively")
     p.add_argument("--predictions", help="write one JSON line per row: line, prediction, reference, correct")
 
 
@@ -97,10 +97,13 @@ def by_kind(path: str, records: Sequence[dict]) -> dict[str, list[int]]:
     kinds = {}
     with open(path, encoding="utf-8") as f:
         for n, text in enumerate(f, start=1):
-            if text.strip():
-                kind = json.loads(text).get("kind")
-                if kind is not None:
-                    kinds[n] = str(kind)
+            try:
+                record = json.loads(text) if text.strip() else None
+            except json.JSONDecodeError:
+                continue  # a bad row: skipped (and reported) by read_rows
+            kind = record.get("kind") if isinstance(record, dict) else None
+            if kind is not None:
+                kinds[n] = str(kind)
     out: dict[str, list[int]] = {}
     for r in records:
         if r["line"] in kinds:
@@ -110,20 +113,46 @@ def by_kind(path: str, records: Sequence[dict]) -> dict[str, list[int]]:
     return out
 
 
+def check_args(args) -> None:
+    from deepseek_vl_jax.cli_errors import UserError
+
+    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--batch-size", args.batch_size, 1),
+                               ("--max-images-per-row", args.max_images_per_row, 0)):
+        if value < least:
+            raise UserError(f"{flag} must be >= {least}, got {value}")
+    if not os.path.isfile(args.data):
+        raise UserError(f"--data {args.data}: no such file; give the held-out JSONL")
+    if not os.path.isdir(args.model) or not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UserError(f"--model {args.model}: not a model directory (no config.json); pass an HF directory, a "
+                        "converted Flax checkpoint or a `train` output directory")
+    if args.predictions and os.path.isdir(args.predictions):
+        raise UserError(f"--predictions {args.predictions} is a directory; give a file name")
+
+
 def run(args) -> int:
     from deepseek_vl_jax.processing import load_processor
     from deepseek_vl_jax.training import data
     from deepseek_vl_jax.training.config import BadRows
 
+    check_args(args)
     rows = data.read_rows(args.data, args.max_images_per_row, BadRows.SKIP)
+    if rows.bad:
+        print(f"skipped {len(rows.bad)} bad row(s) of {args.data}: lines {[e.line for e in rows.bad]}",
+              file=sys.stderr)
     model = load_model(args.model, args.dtype)
     processor = load_processor(args.model)
     accuracy, records = exact_match(model, processor, rows.rows, args.max_new_tokens, args.batch_size,
                                     args.ignore_case)
-    if args.predictions:
-        with open(args.predictions, "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    if args.predictions:  # written whole or not at all
+        tmp = f"{args.predictions}.partial-{os.getpid()}"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            os.replace(tmp, args.predictions)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     summary = {"exact_match": accuracy, "correct": sum(r["correct"] for r in records), "rows": len(records),
                "skipped_rows": [e.line for e in rows.bad]}
     kinds = by_kind(args.data, records)

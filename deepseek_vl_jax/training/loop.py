@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import time
 from typing import Sequence
 
@@ -23,7 +24,7 @@ from deepseek_vl_jax import common, sharding
 from deepseek_vl_jax.config import ModelConfig
 from deepseek_vl_jax.model import DeepseekVL
 from deepseek_vl_jax.processing import load_processor
-from deepseek_vl_jax.training import checkpointing, data, flops
+from deepseek_vl_jax.training import checkpointing, data, flops, interrupt
 from deepseek_vl_jax.training import optimizer as opt_lib
 from deepseek_vl_jax.training import state as state_lib
 from deepseek_vl_jax.training.config import TrainConfig
@@ -43,6 +44,7 @@ class TrainResult:
     losses: list[float]
     state: TrainState
     start_step: int
+    stopped_by: int | None = None  # the signal (SIGINT / SIGTERM) that stopped the run early, after a checkpoint
 
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
@@ -104,15 +106,49 @@ def _mesh_context(mesh: Mesh):
     return stack
 
 
+def check_paths(model_dir: str, data_path: str, out_dir: str, eval_path: str | None = None) -> None:
+    """ValueError / FileNotFoundError naming the flag, before anything is loaded or written."""
+    if not os.path.isdir(model_dir) or not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"--model {model_dir}: not a model directory (no config.json); pass an HF "
+                                "directory, a converted Flax checkpoint or a `train` output directory")
+    for flag, path in (("--data", data_path), ("--eval-data", eval_path)):
+        if path is not None and not os.path.isfile(path):
+            raise FileNotFoundError(f"{flag} {path}: no such file; give a JSONL file of chats")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--output {out_dir} is a file, not a directory; give a new or existing output directory")
+
+
 def train(config: TrainConfig, model_dir: str, data_path: str, out_dir: str, eval_path: str | None = None,
-          devices: Sequence[jax.Device] | None = None) -> TrainResult:
+          devices: Sequence[jax.Device] | None = None, allow_config_change: bool = False) -> TrainResult:
     """Train from `model_dir` (HF or Flax checkpoint directory with processor files) on `data_path`, writing to
-    `out_dir`; resumes from the latest checkpoint in `out_dir` if there is one."""
+    `out_dir`; resumes from the latest checkpoint in `out_dir` if there is one. A resume whose settings differ from
+    the checkpoint's in a way that changes the numbers (model, data, batch size, optimizer, schedule, mesh) raises
+    `checkpointing.ResumeError` unless `allow_config_change` (then the changes go to OUT/config_changes.jsonl).
+    SIGINT / SIGTERM finish the step, save a checkpoint and return (`TrainResult.stopped_by`)."""
+    with interrupt.StopRequest() as stop:
+        return _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_config_change, stop)
+
+
+def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_config_change, stop) -> TrainResult:
     t_start = time.perf_counter()
     primary = jax.process_index() == 0
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    check_paths(model_dir, data_path, out_dir, eval_path)
+    try:
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    except ValueError as e:
+        raise ValueError(f"mesh {dataclasses.asdict(config.mesh)}: {e}; choose sizes whose product is the device "
+                         "count, one of them may be -1 (e.g. --set mesh.fsdp=-1)") from None
     processor = load_processor(model_dir)
     rows = data.read_rows(data_path, config.data.max_images_per_row, config.data.bad_rows)  # bad data fails fast
+    meta = {"train_config": config.to_dict(), "process_count": jax.process_count(),
+            "fingerprint": checkpointing.run_fingerprint(model_dir, rows.path, dict(mesh.shape))}
+    saved = checkpointing.latest_meta(out_dir)
+    changes = checkpointing.setting_changes(saved[1], meta) if saved else []
+    if changes and not allow_config_change:
+        raise checkpointing.ResumeError(
+            f"{out_dir} holds a run (checkpoint {saved[0]}) with other settings: {'; '.join(changes)}. A resume "
+            "with these would not continue it exactly: use the same settings, a new --output, or "
+            "--allow-config-change to resume anyway (the changes are recorded)")
     eval_rows = None
     if eval_path is not None:
         eval_rows = data.read_rows(eval_path, config.data.max_images_per_row, config.data.bad_rows)
@@ -124,13 +160,22 @@ def train(config: TrainConfig, model_dir: str, data_path: str, out_dir: str, eva
     schedule = opt_lib.learning_rate_schedule(config.optimizer, config.steps)
     shardings = state_lib.shardings(model_config, tx, config.trainable, mesh)
     checkpointing.prepare_output(out_dir, model_dir, processor, config.to_dict())
+    if changes:
+        checkpointing.record_changes(out_dir, saved[0], changes)
+        if primary:
+            log.warning("resuming with changed settings (recorded in %s): %s", checkpointing.CHANGES_FILE,
+                        "; ".join(changes))
     mgr = checkpointing.manager(out_dir, config.checkpoint)
 
     latest = mgr.latest_step()
     iterator_state = None
     if latest is not None:
         target = state_lib.abstract(model_config, tx, config.trainable, shardings)
-        params, opt_state, iterator_state, meta = checkpointing.restore(mgr, latest, target)
+        try:
+            params, opt_state, iterator_state, _ = checkpointing.restore(mgr, latest, target)
+        except (ValueError, KeyError) as e:
+            raise checkpointing.ResumeError(f"checkpoint {latest} in {out_dir} does not fit --model {model_dir}: "
+                                            f"{e}; use a new --output for another model") from None
         step0 = jax.jit(lambda: jax.numpy.int32(latest), out_shardings=shardings.step)()
         state = TrainState(step0, params, opt_state)
         if primary:
@@ -158,11 +203,11 @@ def train(config: TrainConfig, model_dir: str, data_path: str, out_dir: str, eva
     train_step, eval_step = compile_steps(module, tx, config.trainable, schedule, mesh, shardings, batch_shardings)
     peak = flops.peak_flops(config.logging.peak_flops_per_device) if primary else 1.0
     logger = MetricsLogger(out_dir, primary, config.steps, start, config.logging.tensorboard, config.logging.progress)
-    meta = {"train_config": config.to_dict(), "process_count": jax.process_count()}
     if primary and rows.bad:
         logger.message(f"skipped {len(rows.bad)} bad row(s) of {rows.path}: lines {[e.line for e in rows.bad]}")
 
     steps, losses = [], []
+    stopped_by = None
     try:
         with _mesh_context(mesh):
             for step in range(start, config.steps):
@@ -199,13 +244,24 @@ def train(config: TrainConfig, model_dir: str, data_path: str, out_dir: str, eva
                     logger.log(done, result, kind="eval")
                     logger.message(f"step {done}: eval loss {result['loss']:.4f} over {int(result['tokens'])} "
                                    "tokens")
+                if done < config.steps and stop.agreed():
+                    if done % config.checkpoint.every:
+                        checkpointing.save(mgr, done, state, iterator_state, {**meta, "step": done}, force=True)
+                    stopped_by = stop.signum or int(signal.SIGTERM)  # another host was asked
+                    logger.message(f"stopped after step {done} ({_signal_name(stop.signum)}): checkpoint {done} "
+                                   "saved; run the same command to resume")
+                    break
         mgr.wait_until_finished()
     finally:
         mgr.close()
         logger.close()
     if primary:
-        log.info("trained steps %d..%d in %.1fs", start + 1, config.steps, time.perf_counter() - t_start)
-    return TrainResult(steps, losses, state, start)
+        log.info("trained steps %d..%d in %.1fs", start + 1, start + len(steps), time.perf_counter() - t_start)
+    return TrainResult(steps, losses, state, start, stopped_by)
+
+
+def _signal_name(signum: int | None) -> str:
+    return signal.Signals(signum).name if signum else "asked by another process"
 
 
 def evaluate_loss(eval_step, params, rows: data.Rows, loader: data.ExampleLoader, model_config: ModelConfig,
