@@ -116,6 +116,15 @@ def quantize(w, scheme="int8", group_size: int = DEFAULT_GROUP_SIZE, axis: int =
     w = np.asarray(w)
     scale_dtype = np.dtype(scale_dtype or w.dtype)
     groups = _groups(w.shape[axis], scheme, group_size, what)
+    if w.ndim > -axis + 1:  # stacked leading axes: one slice at a time (float temporaries of one slice only)
+        first = quantize(w[0], scheme, group_size, axis, scale_dtype, what)
+        values = np.empty((w.shape[0],) + first.values.shape, first.values.dtype)
+        scales = np.empty((w.shape[0],) + first.scales.shape, first.scales.dtype)
+        values[0], scales[0] = first.values, first.scales
+        for i in range(1, w.shape[0]):
+            part = quantize(w[i], scheme, group_size, axis, scale_dtype, what)
+            values[i], scales[i] = part.values, part.scales
+        return first.replace(values=values, scales=scales)
     qmax = QMAX[scheme]
     g = _grouped(w.astype(np.float32), axis, groups)  # group axis at `axis - 1`, members at `axis`
     absmax = np.max(np.abs(g), axis=axis, keepdims=True)
