@@ -73,10 +73,12 @@ def _source(src: str, layout: str):
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None, layout: str = "auto",
-            force: bool = False, progress: bool = True) -> dict:
+            force: bool = False, progress: bool = True, quantize=None) -> dict:
     """Convert a checkpoint directory to a Flax checkpoint directory at `dst`; returns the marker written.
 
     dtype: store every parameter in this dtype (default: each tensor's own). layout: 'hf', 'original' or 'auto'.
+    quantize: None, "int8", "int4" or a `quantization.QuantizeConfig`: the selected tensors are stored quantized
+    (values and scales, scales in the tensor's stored dtype), each quantized as it is written.
     Raises (and leaves nothing at `dst`) on a missing shard, a truncated file, unknown or missing tensors, shape
     mismatches and unknown model types."""
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
@@ -87,6 +89,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
     if os.path.commonpath([src, dst]) == src:
         raise ValueError(f"DST {dst} must not be inside SRC {src}")
     atomic.check_destination(dst, force)
+    qconfig = _quantize_config(quantize)
     hf_config, tensors, reader, source_meta = _source(src, layout)
     config = ModelConfig.from_hf(hf_config)
     shapes = meta.unbox(flax_checkpoint.abstract(config))
@@ -114,18 +117,58 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
         return fn
 
     params: dict = {}
+    template = {e.path: e.shape for e in table}
+    qplan = {}
+    if qconfig is not None:
+        from deepseek_vl_jax.quantization import checkpoint as quantized
+        from deepseek_vl_jax.quantization import params as qparams
+
+        qplan = qparams.plan(flax_checkpoint.abstract(config), qconfig)  # errors before anything is written
+        template = quantized.template_shapes(flax_checkpoint.abstract(config), qconfig, np.float32)
     for e in table:
-        hf_mapping.set_path(params, e.path, orbax_io.LazyArray(e.shape, leaf_dtype[e.path], make(e)))
+        if e.path in qplan:
+            for path, leaf in _quantized_leaves(e, qplan[e.path], leaf_dtype[e.path], make(e)).items():
+                hf_mapping.set_path(params, path, leaf)
+        else:
+            hf_mapping.set_path(params, e.path, orbax_io.LazyArray(e.shape, leaf_dtype[e.path], make(e)))
     metadata = {"created_by": "deepseek-vl-jax convert",
                 "source": {"path": src, "bytes": reader.nbytes, **source_meta}}
+    if qconfig is not None:
+        metadata[quantized.MARKER_KEY] = qconfig.to_dict()
     try:
         with atomic.staged_directory(dst, force) as tmp:
-            marker = flax_checkpoint.write_into(tmp, hf_config, params, src, metadata=metadata,
-                                                template={e.path: e.shape for e in table})
+            marker = flax_checkpoint.write_into(tmp, hf_config, params, src, metadata=metadata, template=template)
     finally:
         if bar is not None:
             bar.close()
     return marker
+
+
+def _quantize_config(quantize):
+    if quantize is None:
+        return None
+    from deepseek_vl_jax.quantization import QuantizeConfig
+    return QuantizeConfig.create(quantize)
+
+
+def _quantized_leaves(entry, leaf, dtype, make_float) -> dict:
+    """Two lazy leaves (values, scales) of one quantized parameter; the float tensor is made and quantized once,
+    when the first of them is written, and dropped when the second is."""
+    from deepseek_vl_jax.quantization import params as qparams
+
+    memo: dict = {}
+    vshape, vdtype, sshape = qparams.leaf_shapes(entry.shape, leaf)
+
+    def part(name):
+        def fn():
+            if not memo:
+                qt = qparams.quantize_leaf(make_float(), leaf, dtype, entry.path)
+                memo.update({qparams.VALUES: qt.values, qparams.SCALES: qt.scales})
+            return memo.pop(name)
+        return fn
+
+    return {entry.path + (qparams.VALUES,): orbax_io.LazyArray(vshape, vdtype, part(qparams.VALUES)),
+            entry.path + (qparams.SCALES,): orbax_io.LazyArray(sshape, np.dtype(dtype), part(qparams.SCALES))}
 
 
 def _np_dtype(name: str):
@@ -144,6 +187,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace an existing DST (only after the new checkpoint is complete)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    add_quantize_arguments(parser, "store the decoder's linear layers quantized (weight-only)")
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """--quantize / --group-size, shared by convert and the generation CLIs."""
+    from deepseek_vl_jax.quantization import DEFAULT_GROUP_SIZE, SCHEMES
+    parser.add_argument("--quantize", choices=SCHEMES, default=None,
+                        help=f"{what}: int8 per output channel, int4 per group of input rows")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                        help=f"int4 group size along the input axis (default {DEFAULT_GROUP_SIZE})")
+
+
+def quantize_from_args(args: Any):
+    """The `quantize=` value for --quantize / --group-size (None without --quantize); validated where it is used,
+    so that a bad group size is reported like every other error."""
+    if getattr(args, "quantize", None) is None:
+        return None
+    return {"scheme": args.quantize, "group_size": args.group_size}
 
 
 def handle_sigterm() -> None:
@@ -166,7 +227,7 @@ def report_errors(fn, *args, **kwargs) -> int:
 def run(args: Any) -> int:
     handle_sigterm()
     status = report_errors(convert, args.src, args.dst, dtype=args.dtype, layout=args.layout, force=args.force,
-                           progress=args.progress)
+                           progress=args.progress, quantize=quantize_from_args(args))
     if status == 0:
         print(f"wrote {args.dst}")
     return status
