@@ -23,6 +23,7 @@ from deepseek_vl_jax import hf_mapping
 from deepseek_vl_jax.config import ConfigError, ModelConfig
 from deepseek_vl_jax.conversion import atomic, fast_mapping, flax_checkpoint, orbax_io, original_config
 from deepseek_vl_jax.conversion.original_layout import OriginalCheckpoint
+from deepseek_vl_jax.quantization import cli as quantize_cli
 from deepseek_vl_jax.safetensors_io import CheckpointError, CheckpointReader
 
 LAYOUTS = ("auto", "hf", "original")
@@ -98,6 +99,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
     hf_mapping.check(table, {k: tensors.shape(k) for k in tensors.keys()}, ignore=ignore)
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         source_meta.setdefault("dropped", []).append("lm_head.weight (tied to the token embeddings)")
+    template = {e.path: e.shape for e in table}
+    qplan = {}
+    if qconfig is not None:
+        from deepseek_vl_jax.quantization import checkpoint as quantized
+        from deepseek_vl_jax.quantization import params as qparams
+
+        qplan = qparams.plan(flax_checkpoint.abstract(config), qconfig)  # errors before anything is written
+        template = quantized.template_shapes(flax_checkpoint.abstract(config), qconfig, np.float32)
     target = np.dtype(_np_dtype(dtype)) if dtype else None
     leaf_dtype = {e.path: target or np.dtype(tensors.dtype(e.hf_keys[0])) for e in table}
     total = sum(int(np.prod(e.shape, dtype=np.int64)) * leaf_dtype[e.path].itemsize for e in table)
@@ -117,14 +126,6 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
         return fn
 
     params: dict = {}
-    template = {e.path: e.shape for e in table}
-    qplan = {}
-    if qconfig is not None:
-        from deepseek_vl_jax.quantization import checkpoint as quantized
-        from deepseek_vl_jax.quantization import params as qparams
-
-        qplan = qparams.plan(flax_checkpoint.abstract(config), qconfig)  # errors before anything is written
-        template = quantized.template_shapes(flax_checkpoint.abstract(config), qconfig, np.float32)
     for e in table:
         if e.path in qplan:
             for path, leaf in _quantized_leaves(e, qplan[e.path], leaf_dtype[e.path], make(e)).items():
@@ -187,24 +188,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace an existing DST (only after the new checkpoint is complete)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    add_quantize_arguments(parser, "store the decoder's linear layers quantized (weight-only)")
-
-
-def add_quantize_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    """--quantize / --group-size, shared by convert and the generation CLIs."""
-    from deepseek_vl_jax.quantization import DEFAULT_GROUP_SIZE, SCHEMES
-    parser.add_argument("--quantize", choices=SCHEMES, default=None,
-                        help=f"{what}: int8 per output channel, int4 per group of input rows")
-    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
-                        help=f"int4 group size along the input axis (default {DEFAULT_GROUP_SIZE})")
-
-
-def quantize_from_args(args: Any):
-    """The `quantize=` value for --quantize / --group-size (None without --quantize); validated where it is used,
-    so that a bad group size is reported like every other error."""
-    if getattr(args, "quantize", None) is None:
-        return None
-    return {"scheme": args.quantize, "group_size": args.group_size}
+    quantize_cli.add_arguments(parser, "store the decoder's linear layers quantized (weight-only)")
 
 
 def handle_sigterm() -> None:
@@ -227,7 +211,7 @@ def report_errors(fn, *args, **kwargs) -> int:
 def run(args: Any) -> int:
     handle_sigterm()
     status = report_errors(convert, args.src, args.dst, dtype=args.dtype, layout=args.layout, force=args.force,
-                           progress=args.progress, quantize=quantize_from_args(args))
+                           progress=args.progress, quantize=quantize_cli.from_args(args))
     if status == 0:
         print(f"wrote {args.dst}")
     return status

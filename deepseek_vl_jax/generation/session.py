@@ -13,6 +13,7 @@ import numpy as np
 
 from deepseek_vl_jax.generation.generate import generate
 from deepseek_vl_jax.generation.streamer import TextStreamer
+from deepseek_vl_jax.quantization import cli as quantize_cli
 
 
 class CliError(Exception):
@@ -32,6 +33,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (when sampling; 0: off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    quantize_cli.add_arguments(parser)
 
 
 def check_image(path: str) -> str:
@@ -74,7 +76,8 @@ class Session:
         except ProcessorError as e:
             raise CliError(f"cannot load the processor: {e}") from e
         try:
-            model = load_pretrained(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
+            model = load_pretrained(args.model, dtype=args.dtype, progress=sys.stderr.isatty(),
+                                    quantize=quantize_cli.from_args(args))
         except (ValueError, OSError) as e:
             raise CliError(f"cannot load the model: {e}") from e
         if processor.image_token_id != model.config.image_token_id:

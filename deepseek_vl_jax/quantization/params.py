@@ -164,6 +164,24 @@ def shardings_for(abstract_params, leaves: Mapping[tuple[str, ...], LeafPlan], m
     return out
 
 
+def quantize_params(params, abstract_params, quantize, scale_dtype, mesh: Mesh | None = None) -> dict:
+    """Quantize an in-memory float param tree (nested dict of arrays) by `quantize` (a scheme, dict or
+    QuantizeConfig), one tensor at a time through host memory; the rest is kept as it is. With `mesh`, the
+    quantized leaves are placed by `shardings_for`."""
+    qconfig = QuantizeConfig.create(quantize)
+    leaves = plan(abstract_params, qconfig)
+    shardings = dict(hf_mapping._flatten(shardings_for(abstract_params, leaves, mesh))) if mesh is not None else {}
+    out: dict = {}
+    for path, x in hf_mapping._flatten(params):
+        if path in leaves:
+            qt = quantize_leaf(np.asarray(x), leaves[path], scale_dtype, path)
+            sh = shardings.get(path)
+            put = lambda a, s: jax.device_put(a, s) if s is not None else jax.numpy.asarray(a)
+            x = qt.replace(values=put(qt.values, sh and sh.values), scales=put(qt.scales, sh and sh.scales))
+        hf_mapping.set_path(out, path, x)
+    return out
+
+
 def to_checkpoint_tree(params) -> dict:
     """QTensor leaves -> {q_values, q_scales} dicts (a plain nested dict of arrays, what Orbax stores)."""
     out: dict = {}

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--ignore-case", action="store_true")
     p.add_argument("--predictions", help="write one JSON line per row: line, prediction, reference, correct")
+    from deepseek_vl_jax.quantization import cli as quantize_cli
+    quantize_cli.add_arguments(p)
 
 
 def normalize(text: str, ignore_case: bool = False) -> str:
@@ -40,8 +42,9 @@ def reference_text(message: dict) -> str:
     return " ".join(item["text"] for item in message["content"] if item["type"] == "text")
 
 
-def load_model(path: str, dtype: str = "float32", mesh=None):
-    """A `Model` from a model directory, or from a training output directory's latest checkpoint."""
+def load_model(path: str, dtype: str = "float32", mesh=None, quantize=None):
+    """A `Model` from a model directory, or from a training output directory's latest checkpoint; `quantize` as in
+    `load_pretrained`."""
     from deepseek_vl_jax.training import checkpointing
 
     if os.path.isdir(os.path.join(path, checkpointing.CHECKPOINTS)):
@@ -65,10 +68,13 @@ def load_model(path: str, dtype: str = "float32", mesh=None):
             params = mgr.restore(step, args=ocp.args.Composite(
                 params=ocp.args.StandardRestore(shapes)))[checkpointing.PARAMS]
         params = jax.tree.map(lambda x: x.astype(dtype), params)
+        if quantize is not None:
+            from deepseek_vl_jax import quantization
+            params = quantization.quantize_params(params, boxed, quantize, dtype, mesh)
         return Model(config, params, mesh)
     from deepseek_vl_jax.pretrained import load_pretrained
 
-    return load_pretrained(path, dtype=dtype, mesh=mesh)
+    return load_pretrained(path, dtype=dtype, mesh=mesh, quantize=quantize)
 
 
 def exact_match(model, processor, rows: Sequence, max_new_tokens: int = 64, batch_size: int = 8,
@@ -116,7 +122,8 @@ def run(args) -> int:
     from deepseek_vl_jax.training.config import BadRows
 
     rows = data.read_rows(args.data, args.max_images_per_row, BadRows.SKIP)
-    model = load_model(args.model, args.dtype)
+    from deepseek_vl_jax.quantization import cli as quantize_cli
+    model = load_model(args.model, args.dtype, quantize=quantize_cli.from_args(args))
     processor = load_processor(args.model)
     accuracy, records = exact_match(model, processor, rows.rows, args.max_new_tokens, args.batch_size,
                                     args.ignore_case)
