@@ -91,6 +91,9 @@ def test_embedding_rows_quantized_per_row():
     ids = jnp.asarray([[4, 0, 49]])
     np.testing.assert_array_equal(np.asarray(Q.embed_lookup(ids, qt, jnp.float32)),
                                   np.asarray(Q.dequantize(qt))[np.asarray(ids)])
+    h = jnp.asarray(np.random.default_rng(5).standard_normal((2, 3, 64)).astype(np.float32))  # tied LM head
+    want = np.einsum("btd,vd->btv", np.asarray(h, np.float64), np.asarray(Q.dequantize(qt), np.float64))
+    np.testing.assert_allclose(np.asarray(Q.embed_attend(h, qt, jnp.float32)), want, rtol=1e-5, atol=1e-4)
 
 
 def test_quantized_matmul_equals_dequantized_matmul():
