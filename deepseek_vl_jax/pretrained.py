@@ -124,6 +124,15 @@ def _put(array: np.ndarray, target: jax.sharding.Sharding | None):
     return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
 
+def _release_pages(reader: CheckpointReader) -> None:
+    import mmap
+
+    for f in reader.files.values():
+        m = getattr(f, "_mmap", None)
+        if m is not None and hasattr(m, "madvise"):
+            m.madvise(mmap.MADV_DONTNEED)
+
+
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None,
                     param_dtype: str | None = None, progress: bool = True, quantize: Any = None,
                     **runtime: Any) -> Model:
@@ -185,4 +194,5 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh 
         else:
             value = _put(array, where)
         hf_mapping.set_path(params, e.path, value)
+        _release_pages(reader)  # the source pages read so far leave this process's memory (page cache keeps them)
     return Model(config, params, mesh)
