@@ -119,7 +119,7 @@ class Model:
 
 def _put(array: np.ndarray, target: jax.sharding.Sharding | None):
     if target is None:
-        return jnp.asarray(array)
+        return jax.device_put(array)  # on CPU without a copy: `array` is always a fresh array (never the mmap)
     # Each process builds only the shards it holds: works unchanged on multi-host meshes.
     return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
@@ -184,7 +184,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh 
         entries = tqdm(table, desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
                        leave=False)
     for e in entries:
-        array = hf_mapping.to_flax(e, reader.get).astype(target)
+        array = np.asarray(hf_mapping.to_flax(e, reader.get)).astype(target)  # a copy: off the memory map
         where = flat_shardings.get(e.path)
         if e.path in qplan:
             qt = quantization.quantize_leaf(array, qplan[e.path], common.to_dtype(dtype), e.path)

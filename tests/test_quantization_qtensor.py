@@ -2,7 +2,6 @@
 packing, and clear errors."""
 
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 
@@ -21,7 +20,7 @@ def _check_bound(w, qt, dtype=np.float32):
 
 
 @pytest.mark.parametrize("scheme,group", [("int8", 0), ("int4", 32), ("int4", 128)])
-@pytest.mark.parametrize("scale_dtype", [np.float32, ml_dtypes.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [np.float32, jnp.bfloat16])
 def test_random_tensors_within_bound(scheme, group, scale_dtype):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((2, 256, 96)).astype(np.float32)  # stacked [L, in, out]

@@ -9,8 +9,9 @@ What the compiled program does (HLO inspected on CPU; the same graph goes to TPU
   per-channel scale is applied to the [.., out] result. On TPU/GPU XLA fuses the convert into the dot's operand
   fusion, so HBM holds and reads only the int8 weights.
 - int4 Dense: dot(x, unpack(values) * scales): the uint8-packed kernel is unpacked (shifts), scaled per group and
-  fed to the dot, one fusion per layer; no dequantized copy of the model exists, at most one layer's weights in a
-  temporary buffer (on XLA:CPU, whose dot does not fuse producers, that temporary is materialised per layer).
+  fed to the dot, one fusion per layer; no dequantized copy of the model exists. XLA:CPU's dot does not fuse
+  producers: there a loop fusion writes the layer's kernel as float32 into a temporary, then the dot reads it; `after`
+  keeps that to one layer's kernel at a time.
 - Embeddings: the gathered int8 rows times their row scales; the tied LM head is dot(h, convert(values)^T) * scales.
 """
 
@@ -25,10 +26,25 @@ import jax.numpy as jnp
 from deepseek_vl_jax.quantization.qtensor import QTensor, Scheme, dequantize, int_values
 
 
+def after(qt: QTensor, x: jax.Array) -> QTensor:
+    """`qt` with its values made to depend on the activation `x` (on CPU; unchanged elsewhere).
+
+    XLA:CPU's dot does not fuse its operand's producer, so each layer's kernel is converted into a float temporary;
+    as the conversions depend only on parameters, its scheduler runs them all first and holds every layer's
+    dequantized kernel at once (a float copy of the decoder, measured with `memory_analysis`). Adding a zero derived
+    from `x` (`x > inf` is False for every value, NaN included) ties each conversion to its layer's input, so one
+    temporary is live at a time. TPU/GPU fuse the conversion into the dot: nothing to do there."""
+    if jax.default_backend() != "cpu":
+        return qt
+    zero = (x.reshape(-1)[0] > jnp.inf).astype(qt.values.dtype)
+    return qt.replace(values=jnp.asarray(qt.values) + zero)
+
+
 def dense(x: jax.Array, kernel: QTensor, dtype) -> jax.Array:
     """x [..., in] @ kernel [in, out] (a QTensor with axis -2) -> [..., out] in `dtype`."""
     if kernel.ndim != 2 or kernel.axis != -2:
         raise ValueError(f"a quantized Dense kernel must be 2-D quantized along its input axis, got {kernel.shape}")
+    kernel = after(kernel, x)
     x = x.astype(dtype)
     dims = (((x.ndim - 1,), (0,)), ((), ()))
     if kernel.scheme == Scheme.INT8:
@@ -48,6 +64,7 @@ def embed_lookup(ids: jax.Array, table: QTensor, dtype) -> jax.Array:
 
 def embed_attend(h: jax.Array, table: QTensor, dtype) -> jax.Array:
     """h [..., D] against every row of a QTensor table [V, D] -> [..., V] (the tied LM head)."""
+    table = after(table, h)
     h = h.astype(dtype)
     dims = (((h.ndim - 1,), (1,)), ((), ()))
     if table.scheme == Scheme.INT8:

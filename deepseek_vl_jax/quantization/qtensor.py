@@ -24,7 +24,6 @@ import enum
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import struct
 
@@ -188,7 +187,3 @@ def error_bound(w, qt: QTensor) -> np.ndarray:
 
 def is_qtensor(x) -> bool:
     return isinstance(x, QTensor)
-
-
-# numpy needs ml_dtypes registered for bfloat16 scales
-_ = ml_dtypes.bfloat16
