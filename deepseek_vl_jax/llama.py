@@ -131,7 +131,9 @@ def fuse_layer(layer: dict) -> dict:
     matrix-vector product instead of three (two) per decode step, which reads the weights closer to memory speed
     on CPU. Only for weights whose output axis is not sharded (the split would need communication otherwise)."""
     attn, mlp = dict(layer["self_attn"]), dict(layer["mlp"])
-    cat = lambda parts: {k: jnp.concatenate([p[k] for p in parts], axis=-1) for k in parts[0]}
+    # tree-mapped, so a quantized kernel (values and scales, both with the output axis last) fuses the same way
+    cat = lambda parts: {k: jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=-1), *[p[k] for p in parts])
+                         for k in parts[0]}
     attn["qkv_proj"] = cat([attn.pop("q_proj"), attn.pop("k_proj"), attn.pop("v_proj")])
     mlp["gate_up_proj"] = cat([mlp.pop("gate_proj"), mlp.pop("up_proj")])
     return dict(layer, self_attn=attn, mlp=mlp)

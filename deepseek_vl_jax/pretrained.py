@@ -73,9 +73,12 @@ class Model:
 
     @functools.cached_property
     def _forward(self):
+        from deepseek_vl_jax.quantization import quantized_layers
+
         def forward(params, input_ids, attention_mask, pixel_values, high_res_pixel_values):
-            return self.module.apply({"params": params}, input_ids, attention_mask, pixel_values,
-                                     high_res_pixel_values)
+            with quantized_layers():  # Dense/Embed layers whose weights are QTensors compute from them
+                return self.module.apply({"params": params}, input_ids, attention_mask, pixel_values,
+                                         high_res_pixel_values)
         return jax.jit(forward)
 
     def check_inputs(self, input_ids, pixel_values=None, high_res_pixel_values=None) -> None:
@@ -121,8 +124,18 @@ def _put(array: np.ndarray, target: jax.sharding.Sharding | None):
     return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
 
 
+def _release_pages(reader: CheckpointReader) -> None:
+    import mmap
+
+    for f in reader.files.values():
+        m = getattr(f, "_mmap", None)
+        if m is not None and hasattr(m, "madvise"):
+            m.madvise(mmap.MADV_DONTNEED)
+
+
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None,
-                    param_dtype: str | None = None, progress: bool = True, **runtime: Any) -> Model:
+                    param_dtype: str | None = None, progress: bool = True, quantize: Any = None,
+                    **runtime: Any) -> Model:
     """Load an HF DeepSeek-VL / -Hybrid checkpoint directory (`model.safetensors` or shards with an index).
 
     Tensors are read lazily one at a time (memory-mapped), mapped to the Flax layout, cast to `param_dtype`
@@ -132,17 +145,33 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh 
     `path` may also be a Flax checkpoint directory written by `deepseek-vl-jax convert` / `save_flax_checkpoint`
     (it holds the marker file `conversion.flax_checkpoint.MARKER`), or a `train` output directory (its latest
     checkpoint): its Orbax params are restored straight into `param_dtype` and the mesh's shardings.
+
+    quantize: None, "int8" (per output channel), "int4" (per group of 128 input rows) or a
+    `quantization.QuantizeConfig` (group size, LM head, embeddings, vision towers): each selected tensor is
+    quantized as it is loaded (scales in `dtype`), so host memory stays near the quantized size. A quantized Flax
+    checkpoint restores as stored (a conflicting `quantize` is an error).
     """
     param_dtype = param_dtype or dtype
     config = ModelConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, **runtime)
     from deepseek_vl_jax.conversion import flax_checkpoint  # imported here: conversion imports this module
 
     if flax_checkpoint.is_flax_checkpoint(path) or flax_checkpoint.is_training_output(path):
-        return Model(config, flax_checkpoint.restore_params(path, config, param_dtype, mesh), mesh)
+        return Model(config, flax_checkpoint.restore_params(path, config, param_dtype, mesh, quantize=quantize,
+                                                            scale_dtype=dtype), mesh)
     reader = CheckpointReader(path)
     abstract = abstract_params(config)
     shapes = meta.unbox(abstract)
-    shardings = sharding.param_shardings(abstract, mesh) if mesh is not None else None
+    qplan = {}
+    if quantize is not None:
+        from deepseek_vl_jax import quantization
+
+        qplan = quantization.plan(abstract, quantization.QuantizeConfig.create(quantize))  # errors before loading
+    if mesh is None:
+        shardings = None
+    elif qplan:
+        shardings = quantization.shardings_for(abstract, qplan, mesh)
+    else:
+        shardings = sharding.param_shardings(abstract, mesh)
     table = hf_mapping.entries(shapes)
     ignore = ["lm_head.weight"] if config.tie_word_embeddings else []
     hf_mapping.check(table, {k: reader.shape(k) for k in reader.keys()}, ignore=ignore)
@@ -155,6 +184,15 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh 
         entries = tqdm(table, desc=f"loading {os.path.basename(os.path.normpath(path))}", unit="tensor",
                        leave=False)
     for e in entries:
-        array = hf_mapping.to_flax(e, reader.get).astype(target)
-        hf_mapping.set_path(params, e.path, _put(array, flat_shardings.get(e.path)))
+        array = np.asarray(hf_mapping.to_flax(e, reader.get)).astype(target)  # a copy: off the memory map
+        where = flat_shardings.get(e.path)
+        if e.path in qplan:
+            qt = quantization.quantize_leaf(array, qplan[e.path], common.to_dtype(dtype), e.path)
+            del array
+            value = qt.replace(values=_put(qt.values, where and where.values),
+                               scales=_put(qt.scales, where and where.scales))
+        else:
+            value = _put(array, where)
+        hf_mapping.set_path(params, e.path, value)
+        _release_pages(reader)  # the source pages read so far leave this process's memory (page cache keeps them)
     return Model(config, params, mesh)

@@ -38,12 +38,18 @@ def test_sharded_generate_equals_one_device(checkpoint, layout):
     kw = dict(max_new_tokens=12, eos_token_id=-1)
     want = generate(single, inputs, **kw)
     np.testing.assert_array_equal(generate(model, inputs, **kw), want)
-    # q/k/v and gate/up are fused unless tensor parallelism shards their output axis
-    layer0 = weights.generation_params(model)["layers"][0]
-    assert ("qkv_proj" in layer0["self_attn"]) == (MESHES[layout]["tensor"] == 1)
+    # the per-layer trees are views of the stacked weights: each shard aliases the stacked shard's memory
+    layer1 = weights.generation_params(model)["layers"][1]
+    q1 = layer1["self_attn"]["q_proj"]["kernel"]
+    stacked = model.params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert tuple(q1.sharding.spec) == tuple(stacked.sharding.spec)[1:]
+    for view, whole in zip(q1.addressable_shards, stacked.addressable_shards):
+        assert view.device == whole.device
+        offset = view.data.unsafe_buffer_pointer() - whole.data.unsafe_buffer_pointer()
+        assert offset == view.data.nbytes  # layer 1 starts one layer into the stacked buffer
+    # q/k/v and gate/up fuse (new buffers, on request) unless tensor parallelism shards their output axis
     if layout == "fsdp":
-        qkv = layer0["self_attn"]["qkv_proj"]["kernel"]
-        stacked = model.params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+        qkv = weights.split_layers(model.params, fuse=True)["layers"][0]["self_attn"]["qkv_proj"]["kernel"]
         assert tuple(qkv.sharding.spec) == tuple(stacked.sharding.spec)[1:] and "fsdp" in tuple(qkv.sharding.spec)
     else:
         with pytest.raises(ValueError, match="tensor parallelism"):

@@ -25,7 +25,8 @@ from deepseek_vl_jax import hf_mapping
 from deepseek_vl_jax.config import ConfigError, ModelConfig
 from deepseek_vl_jax.conversion import atomic, fast_mapping, flax_checkpoint, orbax_io, original_config
 from deepseek_vl_jax.conversion.original_layout import OriginalCheckpoint
-from deepseek_vl_jax.safetensors_io import CheckpointError, CheckpointReader
+from deepseek_vl_jax.quantization import cli as quantize_cli
+from deepseek_vl_jax.safetensors_io import CheckpointReader
 
 LAYOUTS = ("auto", "hf", "original")
 DTYPES = ("bfloat16", "float32", "float16")
@@ -75,10 +76,12 @@ def _source(src: str, layout: str):
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = None, layout: str = "auto",
-            force: bool = False, progress: bool = True) -> dict:
+            force: bool = False, progress: bool = True, quantize=None) -> dict:
     """Convert a checkpoint directory to a Flax checkpoint directory at `dst`; returns the marker written.
 
     dtype: store every parameter in this dtype (default: each tensor's own). layout: 'hf', 'original' or 'auto'.
+    quantize: None, "int8", "int4" or a `quantization.QuantizeConfig`: the selected tensors are stored quantized
+    (values and scales, scales in the tensor's stored dtype), each quantized as it is written.
     Raises (and leaves nothing at `dst`) on a missing shard, a truncated file, unknown or missing tensors, shape
     mismatches and unknown model types."""
     src, dst = os.path.abspath(os.fspath(src)), os.path.abspath(os.fspath(dst))
@@ -89,6 +92,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
     if os.path.commonpath([src, dst]) == src:
         raise ValueError(f"DST {dst} must not be inside SRC {src}")
     atomic.check_destination(dst, force)
+    qconfig = _quantize_config(quantize)
     hf_config, tensors, reader, source_meta = _source(src, layout)
     config = ModelConfig.from_hf(hf_config)
     shapes = meta.unbox(flax_checkpoint.abstract(config))
@@ -97,6 +101,14 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
     hf_mapping.check(table, {k: tensors.shape(k) for k in tensors.keys()}, ignore=ignore)
     if config.tie_word_embeddings and "lm_head.weight" in tensors:
         source_meta.setdefault("dropped", []).append("lm_head.weight (tied to the token embeddings)")
+    template = {e.path: e.shape for e in table}
+    qplan = {}
+    if qconfig is not None:
+        from deepseek_vl_jax.quantization import checkpoint as quantized
+        from deepseek_vl_jax.quantization import params as qparams
+
+        qplan = qparams.plan(flax_checkpoint.abstract(config), qconfig)  # errors before anything is written
+        template = quantized.template_shapes(flax_checkpoint.abstract(config), qconfig, np.float32)
     target = np.dtype(_np_dtype(dtype)) if dtype else None
     leaf_dtype = {e.path: target or np.dtype(tensors.dtype(e.hf_keys[0])) for e in table}
     total = sum(int(np.prod(e.shape, dtype=np.int64)) * leaf_dtype[e.path].itemsize for e in table)
@@ -117,16 +129,22 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, dtype: str | None = 
 
     params: dict = {}
     for e in table:
-        hf_mapping.set_path(params, e.path, orbax_io.LazyArray(e.shape, leaf_dtype[e.path], make(e)))
+        if e.path in qplan:
+            for path, leaf in _quantized_leaves(e, qplan[e.path], leaf_dtype[e.path], make(e)).items():
+                hf_mapping.set_path(params, path, leaf)
+        else:
+            hf_mapping.set_path(params, e.path, orbax_io.LazyArray(e.shape, leaf_dtype[e.path], make(e)))
     metadata = {"created_by": "deepseek-vl-jax convert",
                 "source": {"path": src, "bytes": reader.nbytes, **source_meta}}
+    if qconfig is not None:
+        metadata[quantized.MARKER_KEY] = qconfig.to_dict()
     processor = _original_processor(src) if source_meta["layout"] == "original" else None
     try:
         with atomic.staged_directory(dst, force) as tmp:
             if processor is not None:
                 metadata["processor_files"] = sorted(os.path.basename(f) for f in processor.save_pretrained(tmp))
             marker = flax_checkpoint.write_into(tmp, hf_config, params, src if processor is None else None,
-                                                metadata=metadata, template={e.path: e.shape for e in table})
+                                                metadata=metadata, template=template)
     finally:
         if bar is not None:
             bar.close()
@@ -150,6 +168,33 @@ def _original_processor(src: str):
         raise ConfigError(str(e)) from e
 
 
+def _quantize_config(quantize):
+    if quantize is None:
+        return None
+    from deepseek_vl_jax.quantization import QuantizeConfig
+    return QuantizeConfig.create(quantize)
+
+
+def _quantized_leaves(entry, leaf, dtype, make_float) -> dict:
+    """Two lazy leaves (values, scales) of one quantized parameter; the float tensor is made and quantized once,
+    when the first of them is written, and dropped when the second is."""
+    from deepseek_vl_jax.quantization import params as qparams
+
+    memo: dict = {}
+    vshape, vdtype, sshape = qparams.leaf_shapes(entry.shape, leaf)
+
+    def part(name):
+        def fn():
+            if not memo:
+                qt = qparams.quantize_leaf(make_float(), leaf, dtype, entry.path)
+                memo.update({qparams.VALUES: qt.values, qparams.SCALES: qt.scales})
+            return memo.pop(name)
+        return fn
+
+    return {entry.path + (qparams.VALUES,): orbax_io.LazyArray(vshape, vdtype, part(qparams.VALUES)),
+            entry.path + (qparams.SCALES,): orbax_io.LazyArray(sshape, np.dtype(dtype), part(qparams.SCALES))}
+
+
 def _np_dtype(name: str):
     from deepseek_vl_jax import common
     return common.to_dtype(name)
@@ -166,6 +211,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace an existing DST (only after the new checkpoint is complete)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    quantize_cli.add_arguments(parser, "store the decoder's linear layers quantized (weight-only)")
 
 
 def handle_sigterm() -> None:
@@ -183,7 +229,7 @@ def report_errors(fn, *args, **kwargs) -> int:
 def run(args: Any) -> int:
     handle_sigterm()
     status = report_errors(convert, args.src, args.dst, dtype=args.dtype, layout=args.layout, force=args.force,
-                           progress=args.progress)
+                           progress=args.progress, quantize=quantize_cli.from_args(args))
     if status == 0:
         print(f"wrote {args.dst}")
     return status

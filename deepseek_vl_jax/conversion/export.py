@@ -43,6 +43,11 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int |
     """Export a Flax checkpoint directory / training output (latest step, or `step`) to an HF directory at `dst`.
     Returns the weight files written."""
     source = flax_checkpoint.resolve(src, step)
+    if source.kind == "flax":
+        from deepseek_vl_jax.quantization import checkpoint as quantized
+        if quantized.stored_config(flax_checkpoint.read_marker(source.root)) is not None:
+            raise ValueError(f"{source.root} is a quantized checkpoint; export writes float HF checkpoints and does "
+                             "not dequantize: export the float checkpoint it was converted from")
     dst = os.path.abspath(os.fspath(dst))
     atomic.check_destination(dst, force)
     sw.parse_size(max_shard_size)

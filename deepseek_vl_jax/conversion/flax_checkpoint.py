@@ -267,15 +267,24 @@ def save_flax_checkpoint(dst: str | os.PathLike, config_dict: Mapping[str, Any],
 
 
 def restore_params(path: str | os.PathLike, config: ModelConfig, dtype: str | None = None, mesh=None,
-                   step: int | None = None):
+                   step: int | None = None, quantize=None, scale_dtype: str | None = None):
     """Restore the params of a Flax checkpoint directory (or a training output directory) straight into `dtype`
     (default: `config.param_dtype`) and, with `mesh`, into the rules table's shardings (`sharding.param_shardings`).
 
+    A quantized checkpoint (its marker says so) restores quantized as stored; `quantize` (see `load_pretrained`)
+    quantizes a float one tensor by tensor, and must agree with a quantized one's settings. Scales in
+    `scale_dtype` (default: `config.dtype`).
     Every stored parameter must exist in the model and match its shape (MappingError otherwise)."""
     from deepseek_vl_jax import common
+    from deepseek_vl_jax.quantization import checkpoint as quantized
 
     source = resolve(path, step)
     boxed = abstract(config)
+    stored = quantized.stored_config(read_marker(source.root) if source.kind == "flax" else None)
+    qconfig = quantized.choose(stored, quantize, source.root)
+    if qconfig is not None:
+        return quantized.restore(source.params_dir, boxed, qconfig, stored is not None,
+                                 dtype or config.param_dtype, scale_dtype or config.dtype, mesh)
     shapes = meta.unbox(boxed)
     stored = orbax_io.leaf_metadata(source.params_dir)
     check_tree({k: tuple(v.shape) for k, v in flat_leaves(shapes).items()},

@@ -26,6 +26,7 @@ from deepseek_vl_jax import multimodal
 from deepseek_vl_jax.config import ModelConfig
 from deepseek_vl_jax.generation import kv_cache, sampling
 from deepseek_vl_jax.model import DeepseekVL
+from deepseek_vl_jax.quantization import quantized_layers
 
 _TRACES: collections.Counter = collections.Counter()
 
@@ -157,15 +158,18 @@ def programs(config: ModelConfig, sampler: sampling.Sampler, mesh: Mesh | None) 
 
     def gen(params, inputs, rng, sp, stop, gen_len):
         _TRACES["generate"] += 1
-        return run(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop)
+        with quantized_layers():  # layers whose weights are QTensors compute from them (a no-op for float ones)
+            return run(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop)
 
     def pre(params, inputs, rng, sp, stop, gen_len):
         _TRACES["prefill"] += 1
-        return prefill(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop)
+        with quantized_layers():
+            return prefill(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop)
 
     def step(params, state, sp, stop):
         _TRACES["step"] += 1
-        return decode_step(module, sampler, params, state, sp, stop)
+        with quantized_layers():
+            return decode_step(module, sampler, params, state, sp, stop)
 
     return Programs(generate=jax.jit(gen, static_argnums=5), prefill=jax.jit(pre, static_argnums=5),
                     step=jax.jit(step, donate_argnums=1))

@@ -8,13 +8,13 @@ import argparse
 import dataclasses
 import math
 import os
-import sys
 from typing import Any, TextIO
 
 import numpy as np
 
 from deepseek_vl_jax.cli_errors import UserError
 from deepseek_vl_jax.cli_runtime import Status
+from deepseek_vl_jax.quantization import cli as quantize_cli
 
 CliError = UserError  # the older name
 
@@ -42,6 +42,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
                         help="transformers' repetition penalty, a finite R > 0; 1: off")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same answer)")
+    quantize_cli.add_arguments(parser)
 
 
 def check_sampling_flags(args: argparse.Namespace) -> None:
@@ -106,8 +107,9 @@ class Session:
         except ProcessorError as e:
             raise UserError(f"cannot load the processor: {e}") from e
         try:
-            model = load_pretrained(args.model, dtype=args.dtype, progress=False)
-        except (ValueError, FileNotFoundError) as e:
+            model = load_pretrained(args.model, dtype=args.dtype, progress=False,
+                                    quantize=quantize_cli.from_args(args))
+        except (ValueError, OSError) as e:
             raise UserError(f"cannot load the model {args.model!r}: {e}") from e
         if processor.image_token_id != model.config.image_token_id:
             raise UserError(f"the processor's image token id {processor.image_token_id} differs from the model's "

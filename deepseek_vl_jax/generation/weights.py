@@ -1,15 +1,18 @@
-"""The parameters in the layout generation runs on. On CPU: the decoder's stacked layers split into one tree per
-layer (see `llama.apply_layers` for why), with q/k/v and gate/up fused where their output axis is not sharded
-(`llama.fuse_layer`), everything else shared with the model's own parameters. On TPU/GPU: the model's own
-parameters, the decoder scanned over its stacked layers.
+"""The parameters in the layout generation runs on, held once. On CPU: the decoder's stacked layers split into one
+tree per layer (see `llama.apply_layers` for why) whose arrays are views of the stacked ones (the same memory, no
+copy), everything else the model's own parameters. On TPU/GPU: the model's own parameters, the decoder scanned
+over its stacked layers. Either way a generating model holds its weights once, float or quantized (`QTensor`
+leaves split like any other: values and scales).
 
-The split layers are new buffers (the model's stacked ones stay, as the full forward uses them), made once per
-`Model` and kept on it; with a mesh, each slice keeps its parameter's sharding.
+`split_layers(params, fuse=True)` instead concatenates q/k/v and gate/up into new buffers (`llama.fuse_layer`):
+one matrix-vector product instead of three (two), but a second copy of those weights; it is an explicit choice
+(benchmarks/bench_generate.py measures both), never the default.
 """
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from deepseek_vl_jax.llama import fuse_layer
@@ -45,34 +48,56 @@ def _fuse_shardings(layer: dict) -> dict:
     return dict(layer, self_attn=attn, mlp=mlp)
 
 
-def _split(stacked, fuse: bool):
-    """One jitted call that slices every stacked leaf into its layers (fused if asked), each keeping its sharding."""
+def _split_fused(stacked):
+    """One jitted call that slices every stacked leaf into its layers and fuses them (new buffers), each keeping its
+    sharding."""
     leaves, treedef = jax.tree.flatten(stacked)
     n = leaves[0].shape[0]
     targets = [_layer_sharding(x) for x in leaves]
     out_shardings = None
     if all(t is not None for t in targets):
-        per_layer = jax.tree.unflatten(treedef, targets)
-        out_shardings = (_fuse_shardings(per_layer) if fuse else per_layer,) * n
-    one = lambda t, i: (fuse_layer if fuse else lambda x: x)(jax.tree.map(lambda x: x[i], t))
+        out_shardings = (_fuse_shardings(jax.tree.unflatten(treedef, targets)),) * n
+    one = lambda t, i: fuse_layer(jax.tree.map(lambda x: x[i], t))
     return jax.jit(lambda t: tuple(one(t, i) for i in range(n)), out_shardings=out_shardings)(stacked)
 
 
-def split_layers(params, fuse: bool | None = None) -> dict:
+def layer_views(x: jax.Array) -> list[jax.Array]:
+    """x [L, ...] -> L arrays [...] sharing x's memory, each sharded like its slice of x.
+
+    Each device's shard is read as a numpy view and handed back to the same device; on CPU both steps are
+    zero-copy (the arrays alias x's buffers, which they keep alive). Where a runtime cannot alias (another
+    platform, an unaligned slice), `device_put` copies: still correct, only the memory is no longer shared.
+    The layer axis is never sharded (the rules table maps `layers` to None), so every shard holds all layers."""
+    shards = x.addressable_shards
+    if any(s.data.shape[0] != x.shape[0] for s in shards):
+        raise ValueError("cannot split a stacked parameter whose layer axis is sharded")
+    target = _layer_sharding(x) or x.sharding
+    hosts = [np.asarray(s.data) for s in shards]
+    return [jax.make_array_from_single_device_arrays(
+        x.shape[1:], target, [jax.device_put(h[i], s.device) for h, s in zip(hosts, shards)])
+        for i in range(x.shape[0])]
+
+
+def _split_views(stacked) -> tuple:
+    leaves, treedef = jax.tree.flatten(stacked)
+    per_leaf = [layer_views(x) for x in leaves]
+    return tuple(jax.tree.unflatten(treedef, [v[i] for v in per_leaf]) for i in range(leaves[0].shape[0]))
+
+
+def split_layers(params, fuse: bool = False) -> dict:
     """{"params": params without language_model.layers, "layers": (layer 0 tree, layer 1 tree, ...)}.
-    fuse: concatenate q/k/v and gate/up (None: wherever `can_fuse`)."""
+    The layer trees are views of the stacked arrays (`layer_views`), or with `fuse` new buffers with q/k/v and
+    gate/up concatenated (not where tensor parallelism shards their output axis)."""
     lm = params["language_model"]
     rest = dict(params, language_model={k: v for k, v in lm.items() if k != "layers"})
-    if fuse is None:
-        fuse = can_fuse(lm["layers"])
-    elif fuse and not can_fuse(lm["layers"]):
+    if fuse and not can_fuse(lm["layers"]):
         raise ValueError("cannot fuse q/k/v or gate/up: their output axis is sharded (tensor parallelism)")
-    return {"params": rest, "layers": _split(lm["layers"], fuse)}
+    return {"params": rest, "layers": _split_fused(lm["layers"]) if fuse else _split_views(lm["layers"])}
 
 
 def split_on(model) -> bool:
-    """Whether generation splits the decoder into per-layer buffers: on CPU, where it is much faster (see
-    `llama.apply_layers`). On TPU/GPU the decoder is scanned over the stacked weights: no second copy of them."""
+    """Whether generation splits the decoder into per-layer trees: on CPU, where it is much faster (see
+    `llama.apply_layers`). On TPU/GPU the decoder is scanned over the stacked weights."""
     return all(d.platform == "cpu" for d in jax.tree.leaves(model.params)[0].devices())
 
 

@@ -29,6 +29,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weights and compute dtype")
     p.add_argument("--ignore-case", action="store_true", help="compare answers case-insensitively")
     p.add_argument("--predictions", help="write one JSON line per row: line, prediction, reference, correct")
+    from deepseek_vl_jax.quantization import cli as quantize_cli
+    quantize_cli.add_arguments(p)
 
 
 def normalize(text: str, ignore_case: bool = False) -> str:
@@ -40,35 +42,12 @@ def reference_text(message: dict) -> str:
     return " ".join(item["text"] for item in message["content"] if item["type"] == "text")
 
 
-def load_model(path: str, dtype: str = "float32", mesh=None):
-    """A `Model` from a model directory, or from a training output directory's latest checkpoint."""
-    from deepseek_vl_jax.training import checkpointing
-
-    if os.path.isdir(os.path.join(path, checkpointing.CHECKPOINTS)):
-        import jax
-        import orbax.checkpoint as ocp
-        from flax.core import meta
-
-        from deepseek_vl_jax import sharding
-        from deepseek_vl_jax.config import ModelConfig
-        from deepseek_vl_jax.pretrained import Model, abstract_params
-
-        config = ModelConfig.from_pretrained(path, dtype=dtype, param_dtype=dtype)
-        boxed = abstract_params(config)
-        shapes = meta.unbox(boxed)
-        if mesh is not None:
-            shapes = checkpointing.abstract(shapes, sharding.param_shardings(boxed, mesh))
-        with ocp.CheckpointManager(os.path.join(os.path.abspath(path), checkpointing.CHECKPOINTS)) as mgr:
-            step = mgr.latest_step()
-            if step is None:
-                raise FileNotFoundError(f"{path}/{checkpointing.CHECKPOINTS} holds no finished checkpoint")
-            params = mgr.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(shapes)))[checkpointing.PARAMS]
-        params = jax.tree.map(lambda x: x.astype(dtype), params)
-        return Model(config, params, mesh)
+def load_model(path: str, dtype: str = "float32", mesh=None, quantize=None):
+    """A `Model` from a model directory, a Flax checkpoint or a training output directory's latest checkpoint;
+    `quantize` as in `load_pretrained`."""
     from deepseek_vl_jax.pretrained import load_pretrained
 
-    return load_pretrained(path, dtype=dtype, mesh=mesh)
+    return load_pretrained(path, dtype=dtype, mesh=mesh, quantize=quantize)
 
 
 def exact_match(model, processor, rows: Sequence, max_new_tokens: int = 64, batch_size: int = 8,
@@ -139,7 +118,8 @@ def run(args) -> int:
     if rows.bad:
         print(f"skipped {len(rows.bad)} bad row(s) of {args.data}: lines {[e.line for e in rows.bad]}",
               file=sys.stderr)
-    model = load_model(args.model, args.dtype)
+    from deepseek_vl_jax.quantization import cli as quantize_cli
+    model = load_model(args.model, args.dtype, quantize=quantize_cli.from_args(args))
     processor = load_processor(args.model)
     accuracy, records = exact_match(model, processor, rows.rows, args.max_new_tokens, args.batch_size,
                                     args.ignore_case)
