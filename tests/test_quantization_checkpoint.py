@@ -85,16 +85,15 @@ def test_everything_quantized_sharded_restore_equals_one_device(source, tmp_path
 def test_clear_errors(source, tmp_path, capsys):
     cfg, path = source
     dst = str(tmp_path / "bad")
-    assert main(["convert", path, dst, "--quantize", "int4", "--group-size", "48", "--no-progress"]) == 1
+    assert main(["convert", path, dst, "--quantize", "int4", "--group-size", "48", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: int4 group size 48 does not divide the input width") and "\n" not in err
     assert not os.path.exists(dst)  # nothing half-written
-    with pytest.raises(SystemExit):
-        main(["convert", path, dst, "--quantize", "int3"])
+    assert main(["convert", path, dst, "--quantize", "int3"]) == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err
     qdst = str(tmp_path / "q8")
     D.convert(path, qdst, quantize="int8", progress=False)
-    assert main(["export", qdst, str(tmp_path / "hf"), "--no-progress"]) == 1
+    assert main(["export", qdst, str(tmp_path / "hf"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert "is a quantized checkpoint; export writes float HF checkpoints" in err and "\n" not in err
 
@@ -112,6 +111,6 @@ def test_generate_cli_conflicting_quantize_is_one_line(source, tmp_path):
                           "--prompt", "hi", "--quantize", "int4", "--max-new-tokens", "2"],
                          capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 2, out.stderr[-1000:]
-    assert out.stderr.strip().startswith("error: cannot load the model:") and "conflicts" in out.stderr
+    assert out.stderr.strip().startswith("error: cannot load the model") and "conflicts" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     shutil.rmtree(model_dir)
