@@ -77,6 +77,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     return out.astype(out_dtype)
 
 
+def attention_with_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                         scale: float) -> tuple[jax.Array, jax.Array]:
+    """`attention` written out, also returning the probabilities (transformers' eager attention, for
+    `output_attentions`): q [B, T, N, H], k/v [B, S, K, H], mask bool [B, 1, T, S] -> ([B, T, N, H], [B, N, T, S])."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype), probs.reshape(b, n, t, -1)
+
+
 def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      mask: jax.Array, cache_index: jax.Array, scale: float) -> jax.Array:
     """Attention of T new tokens over a KV cache they are being written into, at slots [cache_index, cache_index + T).
