@@ -2,11 +2,12 @@
 sequences matched on device, the min_new_tokens eos mask, per-token log-probabilities with the top-k alternatives.
 
 Stop strings follow transformers' `StopStringCriteria`: a row stops as soon as its text (prompt included) contains a
-stop string that overlaps the last token, i.e. the string's end lies in the last token and the last token starts
-with the rest of it (["st", "op"], ["st", "opera"], ["las", "topper"] all stop on "stop"; ["stop", "at"] does not).
+stop string whose end lies inside the last token (["st", "op"], ["st", "opera"], ["las", "topper"], [" dog"] for
+"o" all stop; ["stop", "at"] does not: the string ended before the last token, which was checked then).
 Matching is on UTF-8 bytes (a byte-level tokenizer's tokens may hold half a character). On host, `StopTables` holds
-per token and stop string: whether its first i bytes are the string's last i (`end`), whether it fits the string
-when r bytes of it remain to be matched from the back (`mid`, running off the string's start allowed), its length.
+per token and stop string: whether some prefix of it ends with the string's last i bytes, i = min(prefix, string)
+(`end`), whether it fits the string when r bytes of it remain to be matched from the back (`mid`, running off the
+string's start allowed), its length.
 On device, `stop_string_hit` walks back over the last W tokens (W = the longest string in bytes) for every start.
 Shapes: B batch, W window, J stop strings, L longest string (bytes), V vocabulary (+1: a never-matching row).
 """
@@ -71,7 +72,8 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes]:
 
 @struct.dataclass
 class StopTables:
-    """end [V + 1, J, L] bool: the token's first i + 1 bytes are string j's last i + 1; mid [V + 1, J, L] bool: with
+    """end [V + 1, J, L] bool: a prefix of the token ends with string j's last i + 1 bytes (all of it, or the
+    prefix is i + 1 long); mid [V + 1, J, L] bool: with
     r + 1 bytes of string j left to match (from its back), the token ends with them or is a part of them; length
     [V + 1] int32 (bytes); target [J] int32 (each string's length). Row V (= index -1) never matches."""
 
@@ -107,8 +109,9 @@ def stop_tables(token_texts: Sequence[bytes], stop_strings: Sequence[str]) -> St
         for j, s in enumerate(strings):
             if not set(tok) & set(s):
                 continue
-            for i in range(1, min(len(tok), len(s)) + 1):
-                end[t, j, i - 1] = s[-i:] == tok[:i]
+            for cut in range(1, len(tok) + 1):  # the string may end anywhere inside the last token
+                m = min(cut, len(s))
+                end[t, j, m - 1] |= tok[:cut].endswith(s[-m:])
             for r in range(1, len(s)):
                 mid[t, j, r - 1] = s[r - len(tok):r] == tok if len(tok) <= r else tok[-r:] == s[:r]
     return StopTables(jnp.asarray(end), jnp.asarray(mid), jnp.asarray(length), jnp.asarray(target))
