@@ -23,8 +23,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="HF checkpoint directory (config.json, safetensors, tokenizer and processor files)")
     parser.add_argument("--processor", metavar="DIR", help="processor directory if not the model directory")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="weights and compute dtype (default float32: XLA's CPU bfloat16 dots are slow)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weights and compute dtype (default float32: XLA's CPU bfloat16 dots are slow; "
+                             "float16 for GPUs)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 (default) decodes greedily; > 0 samples with this temperature")

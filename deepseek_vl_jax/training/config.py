@@ -194,6 +194,9 @@ def check(c: TrainConfig) -> None:
         problems.append("checkpoint.every and checkpoint.keep must be >= 1")
     if not 0.0 <= c.optimizer.min_learning_rate_ratio <= 1.0:
         problems.append("optimizer.min_learning_rate_ratio must be in [0, 1]")
+    if "float16" in (c.model.dtype, c.model.param_dtype):
+        problems.append("model.dtype float16 is not supported for training (its gradients overflow or vanish without "
+                        "a loss scale, which this trainer does not have): use bfloat16 (same memory) or float32")
     if problems:
         raise TrainConfigError("; ".join(problems))
 
