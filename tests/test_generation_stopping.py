@@ -165,6 +165,13 @@ def test_stop_sequences(generation_checkpoints):
         end = next(i + 1 for i in range(NEW) if any(row[:i + 1][-len(s):] == s for s in (seq0, seq1)))
         assert got.lengths[r] == end and got.finish_reasons[r] == "stop"
         np.testing.assert_array_equal(got.sequences[r], row[:end] + [PAD] * (NEW - end))
+    # Streaming runs the same options step by step: the same result, and it stops once both rows have ended.
+    collector = G.TokenCollector()
+    streamed = G.generate(model, inputs, max_new_tokens=NEW, eos_token_id=-1, pad_token_id=PAD,
+                          stop_sequences=[seq0, seq1], return_dict=True, streamer=collector)
+    np.testing.assert_array_equal(streamed.sequences, got.sequences)
+    np.testing.assert_allclose(streamed.logprobs, got.logprobs, rtol=0, atol=1e-6)
+    assert streamed.finish_reasons == got.finish_reasons and len(collector.steps) == max(got.lengths)
 
 
 @pytest.mark.parametrize("kind", ["vl", "hybrid"])
