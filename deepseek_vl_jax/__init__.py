@@ -3,6 +3,7 @@
     model = deepseek_vl_jax.load_pretrained(path)          # HF directory or converted Flax checkpoint
     processor = deepseek_vl_jax.load_processor(path)
     tokens = deepseek_vl_jax.generate(model, processor(chats), max_new_tokens=64)
+    pipe = deepseek_vl_jax.pipeline("image-text-to-text", model=path)   # transformers' pipeline interface
 """
 
 import importlib
@@ -24,6 +25,8 @@ _LAZY = {
     "CheckpointError": "deepseek_vl_jax.safetensors_io",
     "load_processor": "deepseek_vl_jax.processing",
     "generate": "deepseek_vl_jax.generation",
+    "GenerateOutput": "deepseek_vl_jax.generation",
+    "pipeline": "deepseek_vl_jax.pipelines",
     "TextStreamer": "deepseek_vl_jax.generation",
     "compile_count": "deepseek_vl_jax.generation",
     "train": "deepseek_vl_jax.training",

@@ -36,6 +36,10 @@ SCALAR = "scalar"  # e.g. the hybrid model's learned alpha
 
 IGNORE_INDEX = -100
 
+# Flax collections the decoder sows per-layer outputs into when the caller makes them mutable (`Model` outputs).
+HIDDEN_STATES = "hidden_states"  # each block's output [L, B, T, D]
+ATTENTIONS = "attentions"  # attention probabilities [L, B, N, T, S] (computed explicitly only then)
+
 
 class ModelType(str, enum.Enum):
     DEEPSEEK_VL = "deepseek_vl"

@@ -152,7 +152,8 @@ class SamConfig:
 class ModelConfig:
     """A whole DeepSeek-VL (or -Hybrid) model, plus the runtime settings that are not in `config.json`.
 
-    dtype: compute dtype of matmuls ('float32' for parity, 'bfloat16' for TPU/GPU); softmax and norms run in float32.
+    dtype: compute dtype of matmuls ('float32' for parity, 'bfloat16' for TPU/GPU, 'float16' for GPUs); softmax and
+      norms run in float32.
     param_dtype: dtype the parameters are stored in.
     remat_policy: what the backward pass recomputes (see `common.RematPolicy`).
     """

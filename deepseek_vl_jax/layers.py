@@ -68,13 +68,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
 
     mask: bool, broadcastable to [B, N, T, S], True where a query may attend. bias: added to the logits.
     Uses `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPU where the inputs allow it and
-    XLA's fused path elsewhere; logits and softmax run in float32.
+    XLA's fused path elsewhere; logits and softmax run in float32. float16 on CPU takes `attention_with_probs`
+    (XLA:CPU has no float16 x float16 -> float32 dot, which jax's attention asks for).
     """
     out_dtype = q.dtype
+    if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+        return attention_with_probs(q, k, v, mask, scale, bias)[0]
     if q.dtype != jnp.float32 and bias is not None:
         bias = bias.astype(q.dtype)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
     return out.astype(out_dtype)
+
+
+def attention_with_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                         scale: float | None = None, bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`attention` written out, also returning the probabilities (transformers' eager attention, for
+    `output_attentions`): q [B, T, N, H], k/v [B, S, K, H], mask bool broadcastable to [B, N, T, S] ->
+    ([B, T, N, H], probabilities [B, N, T, S] float32). Logits and softmax in float32."""
+    n, kh, h = q.shape[2], k.shape[2], q.shape[3]
+    if kh != n:
+        k, v = jnp.repeat(k, n // kh, axis=2), jnp.repeat(v, n // kh, axis=2)
+    f32 = lambda x: x.astype(jnp.float32)
+    logits = jnp.einsum("btnh,bsnh->bnts", f32(q), f32(k)) * (h**-0.5 if scale is None else scale)
+    if bias is not None:
+        logits = logits + f32(bias)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bnts,bsnh->btnh", probs, f32(v))
+    return out.astype(q.dtype), probs
 
 
 def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array,

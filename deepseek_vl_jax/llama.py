@@ -46,7 +46,10 @@ class LlamaAttention(nn.Module):
             v = proj(kh * h, (common.EMBED, common.KV_HEADS), "v_proj")(x)
         q, k, v = q.reshape(b, t, n, h), k.reshape(b, t, kh, h), v.reshape(b, t, kh, h)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache_kv is None:
+        if cache_kv is None and self.is_mutable_collection(common.ATTENTIONS):
+            out, probs = layers.attention_with_probs(q, k, v, mask, h**-0.5)
+            self.sow(common.ATTENTIONS, "probs", probs)
+        elif cache_kv is None:
             out = layers.attention(q, k, v, mask=mask, scale=h**-0.5)
         else:
             ck, cv = cache_kv  # k [B, K, S, H], v [B, K, H, S]: the layouts the attention dots read as they are
@@ -103,6 +106,7 @@ class LlamaBlock(nn.Module):
         if cache is not None:  # only the new slots are written, in place
             cache = (jax.lax.dynamic_update_slice(cache[0], new_kv[0][None], (i, 0, 0, cache_index, 0)),
                      jax.lax.dynamic_update_slice(cache[1], new_kv[1][None], (i, 0, 0, 0, cache_index)))
+        self.sow(common.HIDDEN_STATES, "out", x)  # a no-op unless the collection is mutable (Model outputs)
         return (x, cache, i + 1), None
 
 
@@ -155,7 +159,8 @@ class LlamaForCausalLM(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (common.VOCAB, common.EMBED)))
         block = layers.remat(LlamaBlock, self.remat_policy)
         self.layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_hidden_layers,
+            block, variable_axes={"params": 0, common.HIDDEN_STATES: 0, common.ATTENTIONS: 0},
+            split_rngs={"params": True}, length=c.num_hidden_layers,
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             metadata_params={nn.PARTITION_NAME: common.LAYERS},
         )(c, self.dtype, self.param_dtype)

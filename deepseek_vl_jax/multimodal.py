@@ -29,7 +29,11 @@ def merge_image_embeddings(embeds: jax.Array, input_ids: jax.Array, image_featur
     embeds [B, T, D]; input_ids [B, T]; image_features [N, P, D]. The i-th image token in row-major order over the
     batch takes the i-th feature vector of `image_features.reshape(-1, D)`, so image i fills the i-th run of P tokens.
     """
-    is_image = input_ids == image_token_id
+    return merge_at(embeds, input_ids == image_token_id, image_features)
+
+
+def merge_at(embeds: jax.Array, is_image: jax.Array, image_features: jax.Array) -> jax.Array:
+    """`merge_image_embeddings` with the placeholder positions given as a bool mask [B, T]."""
     feats = image_features.reshape(-1, image_features.shape[-1]).astype(embeds.dtype)
     index = jnp.cumsum(is_image.reshape(-1)) - 1
     index = jnp.clip(index, 0, feats.shape[0] - 1).reshape(is_image.shape)

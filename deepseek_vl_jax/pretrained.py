@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -60,7 +61,8 @@ def init_params(config: ModelConfig, rng: jax.Array, mesh: Mesh | None = None):
 class Model:
     """A loaded model: `.config`, `.params`, the Flax `.module`, and the mesh the params live on (or None).
 
-    Calling it runs the jitted full forward and returns logits [B, T, V] (float32).
+    Calling it runs the jitted full forward and returns logits [B, T, V] (float32), or with the keyword options of
+    `__call__` an `outputs.CausalLMOutput` as transformers returns it.
     """
 
     config: ModelConfig
@@ -103,18 +105,111 @@ class Model:
                 raise ValueError(f"high_res_pixel_values must be {want}, got {tuple(np.shape(high_res_pixel_values))}")
         multimodal.check_image_tokens(ids, n_images, c.num_image_tokens, c.image_token_id)
 
-    def __call__(self, input_ids, attention_mask=None, pixel_values=None, high_res_pixel_values=None) -> jax.Array:
-        self.check_inputs(input_ids, pixel_values, high_res_pixel_values)
-        if attention_mask is None:
-            attention_mask = np.ones(np.shape(input_ids), np.int32)
-        args = [jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
-                None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32),
-                None if high_res_pixel_values is None or pixel_values is None
-                else jnp.asarray(high_res_pixel_values, jnp.float32)]
+    def __call__(self, input_ids=None, attention_mask=None, pixel_values=None, high_res_pixel_values=None, *,
+                 position_ids=None, inputs_embeds=None, labels=None, logits_to_keep=0, output_hidden_states=False,
+                 output_attentions=False, return_dict=False):
+        """The full forward. Without the keyword options: logits [B, T, V] float32 (one compiled program).
+
+        With any of them (or return_dict=True): an `outputs.CausalLMOutput` (logits, loss, hidden_states, attentions,
+        image_hidden_states), transformers' semantics: position_ids [B, T] (default cumsum(mask) - 1),
+        inputs_embeds [B, T, D] instead of input_ids, labels [B, T] (-100 ignored) for the loss, logits_to_keep
+        (k > 0: the last k positions; or an index array). A separate program per set of flags.
+        """
+        plain = (position_ids is None and inputs_embeds is None and labels is None and
+                 (isinstance(logits_to_keep, int) and logits_to_keep == 0) and not output_hidden_states and
+                 not output_attentions and not return_dict)
+        if plain:
+            if input_ids is None:
+                raise ValueError("give input_ids (or inputs_embeds)")
+            self.check_inputs(input_ids, pixel_values, high_res_pixel_values)
+            if attention_mask is None:
+                attention_mask = np.ones(np.shape(input_ids), np.int32)
+            args = [jnp.asarray(input_ids, jnp.int32), jnp.asarray(attention_mask, jnp.int32),
+                    None if pixel_values is None else jnp.asarray(pixel_values, jnp.float32),
+                    None if high_res_pixel_values is None or pixel_values is None
+                    else jnp.asarray(high_res_pixel_values, jnp.float32)]
+            with self._context():
+                return self._forward(self.params, *args)
+        return self._outputs(input_ids, attention_mask, pixel_values, high_res_pixel_values, position_ids,
+                             inputs_embeds, labels, logits_to_keep, bool(output_hidden_states),
+                             bool(output_attentions))
+
+    def _context(self):
         if self.mesh is None:
-            return self._forward(self.params, *args)
-        with jax.set_mesh(self.mesh), sharding.axis_rules(self.mesh):
-            return self._forward(self.params, *args)
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(sharding.axis_rules(self.mesh))
+        return stack
+
+    @functools.cached_property
+    def _outputs_program(self):
+        from deepseek_vl_jax import outputs
+
+        return jax.jit(functools.partial(outputs.forward, self.module),
+                       static_argnames=("output_hidden_states", "output_attentions", "logits_to_keep"))
+
+    def _outputs(self, input_ids, attention_mask, pixel_values, high_res_pixel_values, position_ids, inputs_embeds,
+                 labels, logits_to_keep, output_hidden_states, output_attentions):
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            embeds = np.asarray(inputs_embeds, np.float32)
+            if embeds.ndim != 3 or embeds.shape[-1] != self.config.text.hidden_size:
+                raise ValueError(f"inputs_embeds must be [batch, length, {self.config.text.hidden_size}], got shape "
+                                 f"{embeds.shape}")
+            shape = embeds.shape[:2]
+            row = np.asarray(self.embed_tokens(np.full((1, 1), self.config.image_token_id))[0, 0], np.float32)
+            ids = np.where(np.all(embeds == row, axis=-1), self.config.image_token_id, -1)  # only for the checks
+        else:
+            ids = np.asarray(input_ids)
+            shape = ids.shape
+        self.check_inputs(ids, pixel_values, high_res_pixel_values)
+        if labels is not None:
+            if not (isinstance(logits_to_keep, int) and logits_to_keep == 0):
+                raise ValueError("labels need the logits of every position: use logits_to_keep=0 with labels")
+            if np.shape(labels) != shape:
+                raise ValueError(f"labels shape {np.shape(labels)} differs from the inputs' {shape}")
+        for name, value in (("attention_mask", attention_mask), ("position_ids", position_ids)):
+            if value is not None and np.shape(value) != shape:
+                raise ValueError(f"{name} shape {np.shape(value)} differs from the inputs' {shape}")
+        if not isinstance(logits_to_keep, int):
+            logits_to_keep = tuple(int(i) for i in np.asarray(logits_to_keep).reshape(-1))
+        elif logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+        as_int = lambda x: None if x is None else jnp.asarray(x, jnp.int32)
+        as_float = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
+        mask = np.ones(shape, np.int32) if attention_mask is None else attention_mask
+        with self._context():
+            return self._outputs_program(
+                self.params, as_int(input_ids), as_float(inputs_embeds), as_int(mask), as_float(pixel_values),
+                None if pixel_values is None else as_float(high_res_pixel_values), as_int(position_ids),
+                as_int(labels), output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                logits_to_keep=logits_to_keep)
+
+    @functools.cached_property
+    def _image_features(self):
+        return jax.jit(lambda params, px, hr: self.module.apply({"params": params}, px, hr, method="encode_images"))
+
+    def get_image_features(self, pixel_values, high_res_pixel_values=None) -> jax.Array:
+        """pixel_values [N, 3, H, W] (and high_res_pixel_values [N, 3, Hh, Wh] for the hybrid model) -> the aligned
+        image features [N, P, D] that replace the image tokens (transformers' `get_image_features(...).pooler_output`)."""
+        n = int(np.shape(pixel_values)[0])
+        ids = np.full((1, n * self.config.num_image_tokens), self.config.image_token_id)
+        self.check_inputs(ids, pixel_values, high_res_pixel_values)
+        hr = None if high_res_pixel_values is None else jnp.asarray(high_res_pixel_values, jnp.float32)
+        with self._context():
+            return self._image_features(self.params, jnp.asarray(pixel_values, jnp.float32), hr)
+
+    @functools.cached_property
+    def _embed_tokens(self):
+        return jax.jit(lambda params, ids: self.module.apply({"params": params}, ids,
+                                                             method=lambda m, i: m.language_model.embed(i)))
+
+    def embed_tokens(self, input_ids) -> jax.Array:
+        """The text embeddings [B, T, D] of input_ids [B, T] (transformers' `get_input_embeddings()(input_ids)`)."""
+        with self._context():
+            return self._embed_tokens(self.params, jnp.asarray(input_ids, jnp.int32))
 
 
 def _put(array: np.ndarray, target: jax.sharding.Sharding | None):

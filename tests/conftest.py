@@ -91,3 +91,33 @@ def serving_engine(serving_models):
     yield get
     for engine in cache.values():
         engine.stop()
+
+
+@pytest.fixture(scope="session")
+def chat_checkpoints(tmp_path_factory):
+    """Tiny model directories with a real (tiny byte-level BPE) tokenizer and processor, built once per session:
+    `get("vl" | "hybrid")` -> (transformers model, our Model, our processor, transformers processor, path). The
+    model's vocabulary, image token and bos/eos/pad ids fit the tokenizer; 16 tokens per image."""
+    import deepseek_vl_jax as D
+    import hf_fixtures as F
+    import processing_fixtures as PF
+    from deepseek_vl_jax.processing import load_processor
+
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            path = tmp_path_factory.mktemp(f"chat_{kind}")
+            PF.make_processor_dir(path, hybrid=kind == "hybrid", num_image_tokens=16, image_size=32, high_res_size=64)
+            proc = load_processor(path)
+            vocab = -(-proc.tokenizer.get_vocab_size() // 32) * 32
+            cfg = F.make_config(hybrid=kind == "hybrid", text={
+                "vocab_size": vocab, "bos_token_id": proc.bos_token_id, "eos_token_id": proc.eos_token_id,
+                "pad_token_id": proc.pad_token_id})
+            cfg.image_token_id = proc.image_token_id
+            ref = F.perturb(F.make_model(cfg, seed=2), seed=9, scale=0.2)
+            F.save(ref, path)
+            cache[kind] = (ref, D.load_pretrained(path, progress=False), proc, PF.load_hf_processor(path), str(path))
+        return cache[kind]
+
+    return get

@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from deepseek_vl_jax import multimodal
 from deepseek_vl_jax.config import ModelConfig
-from deepseek_vl_jax.generation import kv_cache, sampling
+from deepseek_vl_jax.generation import kv_cache, sampling, stopping
 from deepseek_vl_jax.model import DeepseekVL
 from deepseek_vl_jax.quantization import quantized_layers
 
@@ -37,13 +37,34 @@ def compile_count(kind: str | None = None) -> int:
     return sum(_TRACES.values()) if kind is None else _TRACES[kind]
 
 
+# Finish reasons as the loop records them (`Extras.report`); 0: still running, or stopped by max_new_tokens.
+LENGTH, EOS, STOP = 0, 1, 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Extras:
+    """Static (part of the compiled program): the optional stopping and scoring parts the loop carries. All off is
+    the plain loop, traced exactly as before they existed."""
+
+    min_new_tokens: bool = False  # mask the eos ids while fewer than StopParams.min_new_tokens were generated
+    stop_window: int = 0  # > 0: keep each row's last W tokens (prompt included) for stop strings / sequences
+    stop_strings: bool = False
+    stop_sequences: bool = False
+    report: bool = False  # the log-probability of each chosen token and each row's finish reason
+    top_logprobs: int = 0  # with report: also the k most likely tokens and their log-probabilities
+
+
 @struct.dataclass
 class StopParams:
-    """When to stop: eos ids [E] (-1 = unused slot), the pad id written after a row's end, and the step limit."""
+    """When to stop: eos ids [E] (-1 = unused slot), the pad id written after a row's end, and the step limit;
+    with `Extras`: min_new_tokens (scalar), stop-string tables, stop sequences [M, W'] (see `stopping`)."""
 
     eos: jax.Array
     pad: jax.Array
     max_new_tokens: jax.Array
+    min_new_tokens: jax.Array | None = None
+    tables: stopping.StopTables | None = None
+    sequences: jax.Array | None = None
 
 
 @struct.dataclass
@@ -58,6 +79,12 @@ class DecodeState:
     done: jax.Array  # [B] bool: the row has emitted an end token
     rng: jax.Array  # PRNG key, split every step
     seen: jax.Array | None  # [B, V] bool tokens in prompt + output (only with a repetition penalty)
+    window: jax.Array | None = None  # [B, W] int32 each row's last W tokens (Extras.stop_window)
+    logprobs: jax.Array | None = None  # [B, G] float32 of each chosen token (Extras.report; 0 after a row's end)
+    top_ids: jax.Array | None = None  # [B, G, k] int32 (Extras.top_logprobs)
+    top_logprobs: jax.Array | None = None  # [B, G, k] float32
+    reason: jax.Array | None = None  # [B] int32 LENGTH / EOS / STOP (Extras.report)
+    length: jax.Array | None = None  # [B] int32 tokens generated up to and including the end (Extras.report)
 
 
 def _is_eos(tokens: jax.Array, eos: jax.Array) -> jax.Array:
@@ -100,8 +127,54 @@ def next_logits(module: DeepseekVL, params, state: "DecodeState"):
     return apply(hidden, method="logits")[:, 0], cache, key_valid
 
 
+def _choose(sampler, extras: Extras, sp, stop: StopParams, logits, key, seen, step):
+    """The next tokens [B] and, with `extras.report`, their (logprob [B], top ids, top logprobs) of the processed
+    distribution they were drawn from (transformers' `output_scores`, log-softmaxed)."""
+    if extras.min_new_tokens:
+        logits = stopping.suppress_eos(logits, stop.eos, step < stop.min_new_tokens)
+    if not extras.report:
+        return sampling.sample(sampler, sp, logits, key, seen), None
+    processed = sampling.process_logits(sampler, sp, logits.astype(jnp.float32), seen)
+    token = sampling.pick(sampler, processed, key)
+    return token, stopping.token_logprobs(processed, token, extras.top_logprobs)
+
+
+def _finish(extras: Extras, stop: StopParams, state: DecodeState, token, scores, window, running):
+    """Write token [B] at column state.step and update done / reason / log-probabilities. running [B]: rows that
+    had not ended before this token."""
+    step = state.step
+    put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(buf, x[:, None], step, axis=1)
+    eos = running & _is_eos(token, stop.eos)
+    ended = eos
+    if extras.stop_window:
+        hit = jnp.zeros(token.shape, bool)
+        if extras.stop_strings:
+            hit = hit | stopping.stop_string_hit(stop.tables, window)
+        if extras.stop_sequences:
+            hit = hit | stopping.stop_sequence_hit(stop.sequences, window)
+        ended = ended | (running & hit)
+    new = dict(tokens=put(state.tokens, token), done=~running | ended, window=window)
+    if extras.report:
+        new["reason"] = jnp.where(eos, EOS, jnp.where(ended, STOP, state.reason))
+        new["length"] = jnp.where(running, step + 1, state.length)
+        chosen, top_ids, top_lp = scores
+        new["logprobs"] = put(state.logprobs, jnp.where(running, chosen, 0.0))
+        if extras.top_logprobs:
+            new["top_ids"] = put(state.top_ids, jnp.where(running[:, None], top_ids, -1))
+            new["top_logprobs"] = put(state.top_logprobs, jnp.where(running[:, None], top_lp, 0.0))
+    return new
+
+
+def _initial_window(extras: Extras, ids, mask):
+    """[B, W]: the last W prompt tokens of each (left-padded) row, NEVER before its start."""
+    b, t = ids.shape
+    w = extras.stop_window
+    tail = jnp.where(mask.astype(bool), ids, stopping.NEVER)[:, -w:]
+    return jnp.concatenate([jnp.full((b, max(0, w - t)), stopping.NEVER, jnp.int32), tail.astype(jnp.int32)], 1)
+
+
 def prefill(module: DeepseekVL, sampler: sampling.Sampler, mesh: Mesh | None, gen_len: int, params, inputs: dict,
-            rng: jax.Array, sp: sampling.SamplingParams, stop: StopParams) -> DecodeState:
+            rng: jax.Array, sp: sampling.SamplingParams, stop: StopParams, extras: Extras = Extras()) -> DecodeState:
     """`prompt_logits`, then sample the first token: the state after one generated token."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     logits, cache, key_valid = prompt_logits(module, mesh, gen_len, params, inputs)
@@ -109,67 +182,99 @@ def prefill(module: DeepseekVL, sampler: sampling.Sampler, mesh: Mesh | None, ge
     if sampler.repetition_penalty:
         seen = sampling.mark_seen(jnp.zeros(logits.shape, bool), ids, mask)
     rng, key = jax.random.split(rng)
-    token = sampling.sample(sampler, sp, logits, key, seen)
+    b = ids.shape[0]
+    if extras == Extras():
+        token = sampling.sample(sampler, sp, logits, key, seen)
+        if seen is not None:
+            seen = sampling.mark_seen(seen, token)
+        tokens = jnp.full((b, gen_len), stop.pad, jnp.int32).at[:, 0].set(token)
+        return DecodeState(step=jnp.int32(1), tokens=tokens, positions=jnp.sum(mask, axis=-1).astype(jnp.int32),
+                           key_valid=key_valid, cache=cache, done=_is_eos(token, stop.eos), rng=rng, seen=seen)
+    token, scores = _choose(sampler, extras, sp, stop, logits, key, seen, jnp.int32(0))
     if seen is not None:
         seen = sampling.mark_seen(seen, token)
-    tokens = jnp.full((ids.shape[0], gen_len), stop.pad, jnp.int32).at[:, 0].set(token)
-    return DecodeState(step=jnp.int32(1), tokens=tokens, positions=jnp.sum(mask, axis=-1).astype(jnp.int32),
-                       key_valid=key_valid, cache=cache, done=_is_eos(token, stop.eos), rng=rng, seen=seen)
+    k = extras.top_logprobs
+    state = DecodeState(
+        step=jnp.int32(0), tokens=jnp.full((b, gen_len), stop.pad, jnp.int32),
+        positions=jnp.sum(mask, axis=-1).astype(jnp.int32), key_valid=key_valid, cache=cache,
+        done=jnp.zeros((b,), bool), rng=rng, seen=seen,
+        logprobs=jnp.zeros((b, gen_len), jnp.float32) if extras.report else None,
+        top_ids=jnp.full((b, gen_len, k), -1, jnp.int32) if extras.report and k else None,
+        top_logprobs=jnp.zeros((b, gen_len, k), jnp.float32) if extras.report and k else None,
+        reason=jnp.full((b,), LENGTH, jnp.int32) if extras.report else None,
+        length=jnp.zeros((b,), jnp.int32) if extras.report else None)
+    window = stopping.push(_initial_window(extras, ids, mask), token) if extras.stop_window else None
+    new = _finish(extras, stop, state, token, scores, window, jnp.ones((b,), bool))
+    return state.replace(step=jnp.int32(1), **new)
 
 
 def decode_step(module: DeepseekVL, sampler: sampling.Sampler, params, state: DecodeState,
-                sp: sampling.SamplingParams, stop: StopParams) -> DecodeState:
+                sp: sampling.SamplingParams, stop: StopParams, extras: Extras = Extras()) -> DecodeState:
     """Feed the last generated token, sample the next one and write it (pad for rows already done)."""
     logits, cache, key_valid = next_logits(module, params, state)
     rng, key = jax.random.split(state.rng)
-    token = sampling.sample(sampler, sp, logits, key, state.seen)
+    if extras == Extras():
+        token = sampling.sample(sampler, sp, logits, key, state.seen)
+        token = jnp.where(state.done, stop.pad, token)
+        seen = state.seen
+        if seen is not None:
+            seen = sampling.mark_seen(seen, token, ~state.done)
+        tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
+        return DecodeState(step=state.step + 1, tokens=tokens, positions=state.positions + 1, key_valid=key_valid,
+                           cache=cache, done=state.done | _is_eos(token, stop.eos), rng=rng, seen=seen)
+    token, scores = _choose(sampler, extras, sp, stop, logits, key, state.seen, state.step)
     token = jnp.where(state.done, stop.pad, token)
     seen = state.seen
     if seen is not None:
         seen = sampling.mark_seen(seen, token, ~state.done)
-    tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
-    return DecodeState(step=state.step + 1, tokens=tokens, positions=state.positions + 1, key_valid=key_valid,
-                       cache=cache, done=state.done | _is_eos(token, stop.eos), rng=rng, seen=seen)
+    window = stopping.push(state.window, token) if extras.stop_window else None
+    new = _finish(extras, stop, state, token, scores, window, ~state.done)
+    return state.replace(step=state.step + 1, positions=state.positions + 1, key_valid=key_valid, cache=cache,
+                         rng=rng, seen=seen, **new)
 
 
 def keep_going(state: DecodeState, stop: StopParams) -> jax.Array:
     return (state.step < stop.max_new_tokens) & ~jnp.all(state.done)
 
 
-def run(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop):
-    """Prefill, then the decode loop as one `lax.while_loop`. Returns (tokens [B, G], steps taken)."""
-    state = prefill(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop)
+def run(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop, extras: Extras = Extras()):
+    """Prefill, then the decode loop as one `lax.while_loop`. Returns (tokens [B, G], steps taken), or with extras
+    the final `DecodeState` without its cache."""
+    state = prefill(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop, extras)
     state = jax.lax.while_loop(lambda s: keep_going(s, stop),
-                               lambda s: decode_step(module, sampler, params, s, sp, stop), state)
-    return state.tokens, state.step
+                               lambda s: decode_step(module, sampler, params, s, sp, stop, extras), state)
+    if extras == Extras():
+        return state.tokens, state.step
+    return state.replace(cache=None, key_valid=None, seen=None)
 
 
 @dataclasses.dataclass(frozen=True)
 class Programs:
-    generate: Any  # (params, inputs, rng, sp, stop, gen_len) -> (tokens [B, G], steps)
+    generate: Any  # (params, inputs, rng, sp, stop, gen_len) -> (tokens [B, G], steps), or a DecodeState (extras)
     prefill: Any  # (params, inputs, rng, sp, stop, gen_len) -> DecodeState
     step: Any  # (params, state, sp, stop) -> DecodeState (state donated)
 
 
 @functools.lru_cache(maxsize=32)
-def programs(config: ModelConfig, sampler: sampling.Sampler, mesh: Mesh | None) -> Programs:
-    """The jitted generation functions for one model config, static sampler and mesh (cached)."""
+def programs(config: ModelConfig, sampler: sampling.Sampler, mesh: Mesh | None,
+             extras: Extras = Extras()) -> Programs:
+    """The jitted generation functions for one model config, static sampler, mesh and extras (cached)."""
     module = DeepseekVL(config)
 
     def gen(params, inputs, rng, sp, stop, gen_len):
         _TRACES["generate"] += 1
         with quantized_layers():  # layers whose weights are QTensors compute from them (a no-op for float ones)
-            return run(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop)
+            return run(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop, extras)
 
     def pre(params, inputs, rng, sp, stop, gen_len):
         _TRACES["prefill"] += 1
         with quantized_layers():
-            return prefill(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop)
+            return prefill(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop, extras)
 
     def step(params, state, sp, stop):
         _TRACES["step"] += 1
         with quantized_layers():
-            return decode_step(module, sampler, params, state, sp, stop)
+            return decode_step(module, sampler, params, state, sp, stop, extras)
 
     return Programs(generate=jax.jit(gen, static_argnums=5), prefill=jax.jit(pre, static_argnums=5),
                     step=jax.jit(step, donate_argnums=1))

@@ -113,10 +113,14 @@ def process_logits(sampler: Sampler, params: SamplingParams, logits: jax.Array,
 def sample(sampler: Sampler, params: SamplingParams, logits: jax.Array, rng: jax.Array,
            seen: jax.Array | None = None) -> jax.Array:
     """Next tokens [B] int32 from logits [B, V]: argmax when greedy, else a categorical draw after processing."""
-    logits = process_logits(sampler, params, logits.astype(jnp.float32), seen)
+    return pick(sampler, process_logits(sampler, params, logits.astype(jnp.float32), seen), rng)
+
+
+def pick(sampler: Sampler, processed: jax.Array, rng: jax.Array) -> jax.Array:
+    """Next tokens [B] int32 from processed logits [B, V]: the argmax when greedy, else a categorical draw."""
     if not sampler.do_sample:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+        return jnp.argmax(processed, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, processed, axis=-1).astype(jnp.int32)
 
 
 def mark_seen(seen: jax.Array, tokens: jax.Array, valid: jax.Array | None = None) -> jax.Array:

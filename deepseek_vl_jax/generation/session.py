@@ -28,8 +28,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model directory: HF (config.json, safetensors, tokenizer and processor files), a "
                              "converted Flax checkpoint, or a `train` output directory (its latest checkpoint)")
     parser.add_argument("--processor", metavar="DIR", help="processor directory if not the model directory")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="weights and compute dtype (float32: XLA's CPU bfloat16 dots are slow)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weights and compute dtype (default float32: XLA's CPU bfloat16 dots are slow; "
+                             "float16 for GPUs)")
     parser.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
                         help=f"most tokens to generate, >= 1 (default: what the prompt leaves of the model's "
                              f"positions, at most {DEFAULT_MAX_NEW_TOKENS})")

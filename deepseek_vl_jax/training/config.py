@@ -216,6 +216,9 @@ def check(c: TrainConfig) -> None:
         problems.append(f"optimizer.clip_grad_norm must be > 0 or null (off), got {o.clip_grad_norm!r}")
     if c.data.num_threads < 0 or c.data.prefetch < 0:
         problems.append("data.num_threads and data.prefetch must be >= 0")
+    if "float16" in (c.model.dtype, c.model.param_dtype):
+        problems.append("model.dtype float16 is not supported for training (its gradients overflow or vanish without "
+                        "a loss scale, which this trainer does not have): use bfloat16 (same memory) or float32")
     if problems:
         raise TrainConfigError("; ".join(problems))
 
