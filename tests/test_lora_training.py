@@ -95,3 +95,28 @@ def test_interrupted_run_resumes_with_identical_losses(data, straight, monkeypat
     for x, y in zip(jax.tree.leaves(jax.device_get(resumed.state.params["lora"])),
                     jax.tree.leaves(jax.device_get(straight.state.params["lora"]))):
         np.testing.assert_array_equal(x, y)
+
+
+def test_qlora_trains_from_shipped_model_and_base_stays_int4():
+    from deepseek_vl_jax.lora import quant
+    from deepseek_vl_jax.synthetic.dataset import write_split
+
+    model = os.path.join(H.REPO, "models", "deepseek-vl-tiny")
+    rows = write_split(H.scratch("qlora_data"), "train", 16, seed=5)
+    cfg = H.tiny_config(steps=6, trainable={"vision": False, "aligner": False, "language": False},
+                        lora={"rank": 8, "alpha": 16.0, "quantize": "int4", "group_size": 32},
+                        optimizer={"learning_rate": 3e-3, "min_learning_rate_ratio": 1.0},
+                        data={"batch_size": 8, "max_length": 96, "length_buckets": [96]},
+                        checkpoint={"every": 6, "async_save": False})
+    result = train(cfg, model, rows, H.scratch("qlora_out"))
+    assert np.mean(result.losses[-2:]) < 0.8 * result.losses[0], result.losses
+    base = load_pretrained(model, progress=False).params
+    params = jax.device_get(result.state.params)
+    for path in lora.adapter_paths(params):
+        module = lora.adapters.get_path(params, path)
+        assert "kernel" not in module and module[quant.QUANT].dtype == np.uint8
+        want = quant.quantize(lora.adapters.get_path(base, path)["kernel"], lora.BaseQuant.INT4, 32)
+        np.testing.assert_array_equal(module[quant.QUANT], want[quant.QUANT])  # frozen: the same bytes
+        np.testing.assert_array_equal(module[quant.SCALE], want[quant.SCALE])
+    _, opt_bytes = lora.count(result.state.opt_state)
+    assert opt_bytes <= 2 * lora.count(params["lora"])[1] + 16
