@@ -122,7 +122,8 @@ def _put(array: np.ndarray, target: jax.sharding.Sharding | None):
 
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None,
-                    param_dtype: str | None = None, progress: bool = True, **runtime: Any) -> Model:
+                    param_dtype: str | None = None, progress: bool = True, adapter: str | os.PathLike | None = None,
+                    **runtime: Any) -> Model:
     """Load an HF DeepSeek-VL / -Hybrid checkpoint directory (`model.safetensors` or shards with an index).
 
     Tensors are read lazily one at a time (memory-mapped), mapped to the Flax layout, cast to `param_dtype`
@@ -132,7 +133,16 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh 
     `path` may also be a Flax checkpoint directory written by `deepseek-vl-jax convert` / `save_flax_checkpoint`
     (it holds the marker file `conversion.flax_checkpoint.MARKER`): its Orbax params are restored straight into
     `param_dtype` and the mesh's shardings.
+
+    `adapter`: a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`, e.g. from
+    `export OUT DIR --adapter` or PEFT's `save_pretrained`), folded into the weights (`lora.peft_io`).
     """
+    if adapter is not None:
+        from deepseek_vl_jax.lora.peft_io import merge_adapter
+
+        model = load_pretrained(path, dtype, mesh, param_dtype, progress, **runtime)
+        model.params = merge_adapter(model.params, adapter)
+        return model
     param_dtype = param_dtype or dtype
     config = ModelConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, **runtime)
     from deepseek_vl_jax.conversion import flax_checkpoint  # imported here: conversion imports this module
