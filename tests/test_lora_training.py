@@ -29,7 +29,9 @@ def data():
 def straight(data):
     model, path = data
     out = H.scratch("lora_straight")
-    return train(H.tiny_config(**SECTIONS), model, path, out)
+    result = train(H.tiny_config(**SECTIONS), model, path, out)
+    result.out = out
+    return result
 
 
 def test_base_bit_identical_and_adapters_train(data, straight):
@@ -69,6 +71,50 @@ def test_eight_devices_equal_one(data, straight):
     for x, y in zip(jax.tree.leaves(jax.device_get(one.state.params["lora"])),
                     jax.tree.leaves(jax.device_get(straight.state.params["lora"]))):
         np.testing.assert_allclose(x, y, rtol=0, atol=2e-5 * np.abs(y).max())
+
+
+def _inputs(model_dir):
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 100, size=(2, 12))
+    ids[0, 2:6] = cfg.image_token_id  # one image of 4 tokens in row 0
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    pixels = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def test_export_merge_and_adapter_load_in_transformers_and_peft(data, straight):
+    import peft
+    import torch
+    import transformers
+    from deepseek_vl_jax.cli import main
+    from deepseek_vl_jax.model import DeepseekVL
+
+    model_dir = data[0]
+    merged, adapter = H.scratch("lora_merged") + "/hf", H.scratch("lora_adapter") + "/peft"
+    assert main(["export", straight.out, merged, "--merge", "--no-progress"]) == 0
+    assert main(["export", straight.out, adapter, "--adapter", "--no-progress"]) == 0
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    x = _inputs(model_dir)
+    params = jax.device_get(straight.state.params)
+    config = load_pretrained(model_dir, progress=False).config
+    ours = np.asarray(lora.apply(DeepseekVL(config), params, *(jax.numpy.asarray(x[k]) for k in
+                                 ("input_ids", "attention_mask", "pixel_values")), config=H.tiny_config(**SECTIONS).lora))
+    tx = {k: torch.from_numpy(v) for k, v in x.items()}
+    with torch.no_grad():
+        hf = transformers.DeepseekVLForConditionalGeneration.from_pretrained(merged).eval()
+        got_merged = hf(**tx).logits.numpy()
+        base = transformers.DeepseekVLForConditionalGeneration.from_pretrained(model_dir).eval()
+        got_peft = peft.PeftModel.from_pretrained(base, adapter).eval()(**tx).logits.numpy()
+    for got in (got_merged, got_peft):
+        assert H.F.max_rel_err(got, ours, x["attention_mask"]) <= 1e-5
+    # and back: the adapter folded in by load_pretrained
+    back = np.asarray(load_pretrained(model_dir, progress=False, adapter=adapter)(**x))
+    assert H.F.max_rel_err(back, ours, x["attention_mask"]) <= 1e-5
+    assert main(["export", straight.out, H.scratch("lora_plain") + "/hf", "--no-progress"]) == 1  # names the flags
 
 
 class Interrupt(Exception):

@@ -23,6 +23,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="DIR",
                         help="HF checkpoint directory (config.json, safetensors, tokenizer and processor files)")
     parser.add_argument("--processor", metavar="DIR", help="processor directory if not the model directory")
+    parser.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory to fold into the model")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="weights and compute dtype (default float32: XLA's CPU bfloat16 dots are slow)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -74,7 +75,8 @@ class Session:
         except ProcessorError as e:
             raise CliError(f"cannot load the processor: {e}") from e
         try:
-            model = load_pretrained(args.model, dtype=args.dtype, progress=sys.stderr.isatty())
+            model = load_pretrained(args.model, dtype=args.dtype, progress=sys.stderr.isatty(),
+                                    adapter=getattr(args, "adapter", None))
         except (ValueError, OSError) as e:
             raise CliError(f"cannot load the model: {e}") from e
         if processor.image_token_id != model.config.image_token_id:

@@ -88,6 +88,7 @@ def run(args) -> int:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("deepseek_vl_jax").setLevel(getattr(logging, str(args.log_level).upper(), logging.INFO))
     from deepseek_vl_jax.training.config import TrainConfigError
+    from deepseek_vl_jax.lora import LoraError
     from deepseek_vl_jax.training.data import BadRowError
 
     try:
@@ -103,6 +104,9 @@ def run(args) -> int:
     except BadRowError as e:
         print(f"error: bad data row {e}", file=sys.stderr)
         return 1
+    except LoraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if result.losses:
         log.info("done: %d steps, last loss %.4f", len(result.losses), result.losses[-1])
     return 0
