@@ -153,7 +153,8 @@ class LlamaForCausalLM(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), (common.VOCAB, common.EMBED)))
         block = layers.remat(LlamaBlock, self.remat_policy)
         self.layers = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True}, length=c.num_hidden_layers,
+            block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            length=c.num_hidden_layers,
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             metadata_params={nn.PARTITION_NAME: common.LAYERS},
         )(c, self.dtype, self.param_dtype)

@@ -89,3 +89,13 @@ def test_adapter_written_by_peft_loads(case, tmp_path):
     assert F.max_rel_err(got, want, x["attention_mask"]) <= 1e-5
     with pytest.raises(peft_io.AdapterError, match="no adapter_config.json"):
         load_pretrained(path, progress=False, adapter=tmp_path / "nowhere")
+
+
+def test_generate_with_a_missing_adapter_says_so_in_one_line(tmp_path, capsys):
+    from deepseek_vl_jax.cli import main
+
+    import test_training_helpers as H
+
+    assert main(["generate", "--model", H.model_dir(), "--adapter", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "no adapter_config.json" in err and "\n" not in err

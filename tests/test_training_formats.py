@@ -14,7 +14,8 @@ from deepseek_vl_jax.training.config import BadRows
 import test_training_helpers as H
 
 NATIVE = [
-    [{"role": "user", "content": [{"type": "image", "image": "images/a.png"}, {"type": "text", "text": "What is this?"}]},
+    [{"role": "user", "content": [{"type": "image", "image": "images/a.png"},
+                                  {"type": "text", "text": "What is this?"}]},
      {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}],
     [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
      {"role": "user", "content": [{"type": "text", "text": "Hi?"}]},
@@ -30,7 +31,8 @@ LLAVA = [
         {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]},
     {"id": "1", "conversations": [
         {"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi?"},
-        {"from": "gpt", "value": "Hello there."}, {"from": "human", "value": "Two?"}, {"from": "gpt", "value": "Two."}]},
+        {"from": "gpt", "value": "Hello there."}, {"from": "human", "value": "Two?"},
+        {"from": "gpt", "value": "Two."}]},
     {"id": "2", "images": ["images/a.png", "images/b.png"], "conversations": [
         {"from": "human", "value": "Compare<image><image>\nWhich?"}, {"from": "gpt", "value": "The left one."}]},
 ]

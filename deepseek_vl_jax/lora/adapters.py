@@ -14,7 +14,6 @@ The model code knows nothing of either (the shape qwix uses, see the package doc
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from typing import Any, Mapping
 
@@ -254,6 +253,3 @@ def count(tree) -> tuple[int, int]:
     leaves = jax.tree.leaves(tree)
     return sum(int(x.size) for x in leaves), sum(int(x.size) * x.dtype.itemsize for x in leaves)
 
-
-def with_targets(config: LoraConfig, **changes) -> LoraConfig:
-    return dataclasses.replace(config, **changes)

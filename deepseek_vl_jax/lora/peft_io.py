@@ -160,7 +160,8 @@ def read_adapter(directory: str | os.PathLike, base: Mapping) -> tuple[dict, Lor
         A.set_path(out, (A.ADAPTERS, *path), pair)
     if not found:
         bad.append("no lora_A / lora_B tensors")
-    towers = {t for t, names in SAVED_MODULES.items() for n in names if any(k.startswith(f"model.{n}.") for k in tensors)}
+    towers = {t for t, names in SAVED_MODULES.items() for n in names
+              if any(k.startswith(f"model.{n}.") for k in tensors)}
     for tower in sorted(towers):
         part = {k: v for k, v in tensors.items() if k.startswith(f"model.{tower}.") or
                 (tower == "language_model" and k == "lm_head.weight")}
