@@ -36,6 +36,18 @@ VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               patch_size=16, vision_use_head=False)
 IMAGE_TOKEN = 100015
 ROWS, TEXT_TOKENS = 2, 54
+# --shape small (~0.07B: when the machine has no ~15 GB to spare for the 0.45B shape): same batch layout
+SMALL = (dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+              num_key_value_heads=8), dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                                           num_attention_heads=6, image_size=224), 31990)
+
+
+def use_shape(shape: str) -> None:
+    global IMAGE_TOKEN
+    if shape == "small":
+        TEXT.update(SMALL[0])
+        VISION.update(SMALL[1])
+        IMAGE_TOKEN = SMALL[2]
 
 
 def hf_config():
@@ -51,7 +63,7 @@ def make_batch():
     rng = np.random.default_rng(0)
     p = (VISION["image_size"] // VISION["patch_size"]) ** 2
     t = 2 + p + TEXT_TOKENS
-    ids = rng.integers(3, 100000, (ROWS, t)).astype(np.int64)
+    ids = rng.integers(3, min(100000, IMAGE_TOKEN - 1), (ROWS, t)).astype(np.int64)
     ids[:, 2:2 + p] = IMAGE_TOKEN
     labels = ids.copy()
     labels[:, :2 + p] = -100
@@ -184,9 +196,12 @@ def child(args) -> None:
     print("RESULT " + json.dumps(out), flush=True)
 
 
+SHAPE = "0.45b"
+
+
 def spawn(framework: str, steps: int, frozen_vision: bool, remat: str = "none", lora: str = "none") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--steps", str(steps), "--remat", remat,
-           "--lora-mode", lora]
+           "--lora-mode", lora, "--shape", SHAPE]
     if frozen_vision:
         cmd.append("--frozen-vision")
     env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
@@ -214,7 +229,8 @@ def summarize(r: dict, flops_per_step: float, tokens: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "train.json"))
+    p.add_argument("--out", default=None, help="default: benchmarks/results/train.json (train_small.json)")
+    p.add_argument("--shape", choices=("0.45b", "small"), default="0.45b")
     p.add_argument("--child", choices=("torch", "jax"))
     p.add_argument("--frozen-vision", action="store_true")
     p.add_argument("--remat", default="none")
@@ -222,6 +238,11 @@ def main() -> None:
     p.add_argument("--lora", action="store_true", help="also LoRA r16 / QLoRA int4 / transformers + peft LoRA")
     p.add_argument("--lora-mode", choices=("none", "lora", "qlora"), default="none", help=argparse.SUPPRESS)
     args = p.parse_args()
+    global SHAPE
+    SHAPE = args.shape
+    use_shape(args.shape)
+    args.out = args.out or os.path.join(REPO, "benchmarks", "results",
+                                        "train.json" if args.shape == "0.45b" else "train_small.json")
     if args.child:
         args.framework = args.child
         child(args)
@@ -241,8 +262,9 @@ def main() -> None:
     s = {k: summarize(v, lora_flops if "lora" in k else frozen if "frozen" in k else full, tokens)
          for k, v in results.items()}
     report = {
-        "benchmark": "train step, DeepSeek-VL ~0.45B (LLaMA 12x1024, vocab 102400; SigLIP 12x768 @ 384px), "
-                     f"batch {ROWS} x {tokens // ROWS} tokens (1 image + {TEXT_TOKENS} text each), float32, CPU",
+        "benchmark": f"train step, DeepSeek-VL shape {SHAPE} (LLaMA {TEXT['num_hidden_layers']}x{TEXT['hidden_size']}, "
+                     f"vocab {TEXT['vocab_size']}; SigLIP {VISION['num_hidden_layers']}x{VISION['hidden_size']} @ "
+                     f"{VISION['image_size']}px), batch {ROWS} x {tokens // ROWS} tokens (1 image + {TEXT_TOKENS} text each), float32, CPU",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
         "model_flops_per_step": {"all_trainable": full, "vision_frozen": frozen},
         "speedup_tokens_per_s_vs_transformers": s["jax"]["tokens_per_s"] / s["torch"]["tokens_per_s"],
