@@ -1,6 +1,7 @@
 """LoRA over the unchanged model, both model types: zero-initialised adapters give the base logits exactly; a LoRA
 model's logits (adapters applied on the fly, inside the scanned decoder with remat) equal the merged model's; the
-QLoRA base (int8 / int4) is what it dequantizes to; bad targets are named."""
+QLoRA base (int8 / int4) is what it dequantizes to; LoRA dropout is keyed and reaches every tower; bad targets
+are named."""
 
 import jax
 import jax.numpy as jnp
@@ -81,3 +82,15 @@ def test_bad_target_is_named(case):
     model, _, _ = case
     with pytest.raises(lora.LoraError, match="language_model/layers/self_attn/qq_proj.*matches no Dense"):
         lora.targets(model.params, lora.LoraConfig(rank=2, targets=("language_model/layers/self_attn/qq_proj",)))
+
+
+def test_dropout_is_keyed_and_reaches_every_scanned_tower(case):
+    model, inputs, config = case
+    from deepseek_vl_jax.training import step as ST
+
+    config = lora.LoraConfig(rank=4, alpha=8.0, dropout=0.3, targets=config.targets)
+    params = lora.adapters.add_adapters(model.params, config, jax.random.key(1), zero_b=False)
+    f = jax.jit(lambda p, r: ST.logits(DeepseekVL(model.config), p, inputs, config, r))
+    a, b, c = (np.asarray(f(params, jax.random.key(k))) for k in (1, 1, 2))
+    np.testing.assert_array_equal(a, b)  # the same key, the same masks (exact resume)
+    assert np.abs(a - c).max() > 1e-2 and np.abs(a - forward(model, params, inputs, config)).max() > 1e-2
