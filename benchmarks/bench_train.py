@@ -5,7 +5,11 @@ Shape (~0.45B): LLaMA 12 layers, hidden 1024, 16 heads, MLP 2816, vocab 102400 (
 hidden 768 at 384 px / 16 (576 image tokens); MLP aligner. Batch: 2 rows x 630 tokens (one image + 54 text tokens),
 labels on the text after the image. float32 everywhere.
 
-    python benchmarks/bench_train.py [--steps 3] [--with-torch-frozen] [--out benchmarks/results/train.json]
+    python benchmarks/bench_train.py [--steps 3] [--with-torch-frozen] [--lora] [--out benchmarks/results/train.json]
+
+--lora adds, in the same run: LoRA rank 16 (alpha 32) on the language model's q/k/v/o/gate/up/down with every
+tower frozen, QLoRA (the same with an int4 base), and transformers + peft with the same LoRA + torch AdamW; each
+with its trainable parameters and optimizer-state bytes.
 
 Reports tokens/s, step time, model FLOP/s (formula of `deepseek_vl_jax.training.flops`, the same count for both
 frameworks), MFU against the float32 matmul peak measured in the same run (both torch's and XLA's), peak RSS, and
@@ -32,6 +36,18 @@ VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
               patch_size=16, vision_use_head=False)
 IMAGE_TOKEN = 100015
 ROWS, TEXT_TOKENS = 2, 54
+# --shape small (~0.07B: when the machine has no ~15 GB to spare for the 0.45B shape): same batch layout
+SMALL = (dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
+              num_key_value_heads=8), dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+                                           num_attention_heads=6, image_size=224), 31990)
+
+
+def use_shape(shape: str) -> None:
+    global IMAGE_TOKEN
+    if shape == "small":
+        TEXT.update(SMALL[0])
+        VISION.update(SMALL[1])
+        IMAGE_TOKEN = SMALL[2]
 
 
 def hf_config():
@@ -47,7 +63,7 @@ def make_batch():
     rng = np.random.default_rng(0)
     p = (VISION["image_size"] // VISION["patch_size"]) ** 2
     t = 2 + p + TEXT_TOKENS
-    ids = rng.integers(3, 100000, (ROWS, t)).astype(np.int64)
+    ids = rng.integers(3, min(100000, IMAGE_TOKEN - 1), (ROWS, t)).astype(np.int64)
     ids[:, 2:2 + p] = IMAGE_TOKEN
     labels = ids.copy()
     labels[:, :2 + p] = -100
@@ -72,7 +88,8 @@ def matmul_peak_torch(n=2048, repeats=5) -> float:
     return 2 * n**3 / best
 
 
-def model_flops(frozen_vision: bool) -> float:
+def model_flops(frozen_vision: bool, lora: bool = False) -> float:
+    """Model FLOPs of a step; LoRA counts as the frozen-vision step (its own small dots left out: < 1%)."""
     from deepseek_vl_jax.config import ModelConfig
     from deepseek_vl_jax.training import flops
     from deepseek_vl_jax.training.config import TrainableConfig
@@ -82,7 +99,11 @@ def model_flops(frozen_vision: bool) -> float:
     return flops.step_flops(config, TrainableConfig(vision=not frozen_vision), [t] * ROWS, ROWS)
 
 
-def run_torch(steps: int, frozen_vision: bool) -> dict:
+LORA_RANK, LORA_ALPHA = 16, 32.0
+PEFT_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+
+
+def run_torch(steps: int, frozen_vision: bool, lora: str = "none") -> dict:
     import torch
     import transformers
 
@@ -90,8 +111,13 @@ def run_torch(steps: int, frozen_vision: bool) -> dict:
     model = transformers.DeepseekVLForConditionalGeneration(hf_config()).train()
     if frozen_vision:
         model.model.vision_model.requires_grad_(False)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95),
-                            weight_decay=0.0)
+    if lora != "none":
+        import peft
+
+        model = peft.get_peft_model(model, peft.LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA,
+                                                           target_modules=PEFT_TARGETS))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0)
     batch = {k: torch.from_numpy(v) for k, v in make_batch().items()}
     times, losses = [], []
     for i in range(steps + 1):
@@ -103,11 +129,14 @@ def run_torch(steps: int, frozen_vision: bool) -> dict:
         opt.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         times.append(time.perf_counter() - t)
+    opt_bytes = sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values()
+                    if torch.is_tensor(v))
     return {"step_times_s": times[1:], "first_step_s": times[0], "losses": losses, "peak_rss_gb": peak_rss_gb(),
-            "matmul_peak_flops": matmul_peak_torch(), "threads": torch.get_num_threads()}
+            "matmul_peak_flops": matmul_peak_torch(), "threads": torch.get_num_threads(),
+            "trainable_params": sum(p.numel() for p in trainable), "optimizer_state_bytes": opt_bytes}
 
 
-def run_jax(steps: int, frozen_vision: bool, remat: str) -> dict:
+def run_jax(steps: int, frozen_vision: bool, remat: str, lora: str = "none") -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -120,11 +149,29 @@ def run_jax(steps: int, frozen_vision: bool, remat: str) -> dict:
     from deepseek_vl_jax.training.config import OptimizerConfig, TrainableConfig
 
     config = ModelConfig.from_hf(hf_config().to_dict(), remat_policy=remat)
+    from deepseek_vl_jax import lora as lora_lib
+
     trainable = TrainableConfig(vision=not frozen_vision)
+    lora_config = None
+    if lora != "none":  # every tower frozen, adapters on the language model (an int4 base for qlora)
+        trainable = TrainableConfig(vision=False, aligner=False, language=False)
+        lora_config = lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA,
+                                          quantize="int4" if lora == "qlora" else "none")
     opt = OptimizerConfig(learning_rate=1e-5, clip_grad_norm=1.0)
     tx, schedule = opt_lib.make_optimizer(opt, 1000), opt_lib.learning_rate_schedule(opt, 1000)
-    state = state_lib.init_random(config, jax.random.key(0), tx, trainable)
-    step, _ = step_lib.compile_steps(DeepseekVL(config), tx, trainable, schedule)
+    if lora_config is None:
+        state = state_lib.init_random(config, jax.random.key(0), tx, trainable)
+    else:
+        from deepseek_vl_jax.pretrained import init_params
+
+        params = state_lib.add_lora(init_params(config, jax.random.key(0)), lora_config, trainable,
+                                    jax.random.key(1))
+        state = state_lib.create(params, tx, trainable)
+    step, _ = step_lib.compile_steps(DeepseekVL(config), tx, trainable, schedule, lora=lora_config)
+    train_part, _ = opt_lib.split(state.params, trainable)
+    trainable_params, _ = lora_lib.count(train_part)
+    _, opt_bytes = lora_lib.count(state.opt_state)
+    _, param_bytes = lora_lib.count(state.params)
     batch = {k: jnp.asarray(v[None], jnp.int32 if v.dtype.kind == "i" else jnp.float32)
              for k, v in make_batch().items()}
     times, losses = [], []
@@ -137,19 +184,24 @@ def run_jax(steps: int, frozen_vision: bool, remat: str) -> dict:
         losses.append(float(metrics["loss"]))
         times.append(time.perf_counter() - t)
     return {"step_times_s": times, "compile_s": compile_s, "losses": losses, "peak_rss_gb": peak_rss_gb(),
-            "matmul_peak_flops": flops.measure_matmul_peak(), "devices": len(jax.devices())}
+            "matmul_peak_flops": flops.measure_matmul_peak(), "devices": len(jax.devices()),
+            "trainable_params": trainable_params, "optimizer_state_bytes": opt_bytes, "param_bytes": param_bytes}
 
 
 def child(args) -> None:
     if args.framework == "torch":
-        out = run_torch(args.steps, args.frozen_vision)
+        out = run_torch(args.steps, args.frozen_vision, args.lora_mode)
     else:
-        out = run_jax(args.steps, args.frozen_vision, args.remat)
+        out = run_jax(args.steps, args.frozen_vision, args.remat, args.lora_mode)
     print("RESULT " + json.dumps(out), flush=True)
 
 
-def spawn(framework: str, steps: int, frozen_vision: bool, remat: str = "none") -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--steps", str(steps), "--remat", remat]
+SHAPE = "0.45b"
+
+
+def spawn(framework: str, steps: int, frozen_vision: bool, remat: str = "none", lora: str = "none") -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--steps", str(steps), "--remat", remat,
+           "--lora-mode", lora, "--shape", SHAPE]
     if frozen_vision:
         cmd.append("--frozen-vision")
     env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
@@ -170,18 +222,27 @@ def summarize(r: dict, flops_per_step: float, tokens: int) -> dict:
     return {"step_time_s": step, "tokens_per_s": tokens / step, "model_gflops_per_s": achieved / 1e9,
             "mfu_vs_own_matmul_peak": achieved / r["matmul_peak_flops"],
             "matmul_peak_gflops_per_s": r["matmul_peak_flops"] / 1e9, "peak_rss_gb": r["peak_rss_gb"],
-            "losses": r["losses"], "raw": r}
+            "losses": r["losses"], "trainable_params": r.get("trainable_params"),
+            "optimizer_state_bytes": r.get("optimizer_state_bytes"), "raw": r}
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "train.json"))
+    p.add_argument("--out", default=None, help="default: benchmarks/results/train.json (train_small.json)")
+    p.add_argument("--shape", choices=("0.45b", "small"), default="0.45b")
     p.add_argument("--child", choices=("torch", "jax"))
     p.add_argument("--frozen-vision", action="store_true")
     p.add_argument("--remat", default="none")
     p.add_argument("--with-torch-frozen", action="store_true", help="also time torch with SigLIP frozen (+~4 min)")
+    p.add_argument("--lora", action="store_true", help="also LoRA r16 / QLoRA int4 / transformers + peft LoRA")
+    p.add_argument("--lora-mode", choices=("none", "lora", "qlora"), default="none", help=argparse.SUPPRESS)
     args = p.parse_args()
+    global SHAPE
+    SHAPE = args.shape
+    use_shape(args.shape)
+    args.out = args.out or os.path.join(REPO, "benchmarks", "results",
+                                        "train.json" if args.shape == "0.45b" else "train_small.json")
     if args.child:
         args.framework = args.child
         child(args)
@@ -193,15 +254,29 @@ def main() -> None:
                "jax_frozen_vision": spawn("jax", args.steps, True)}
     if args.with_torch_frozen:
         results["torch_frozen_vision"] = spawn("torch", args.steps, True)
-    s = {k: summarize(v, frozen if "frozen" in k else full, tokens) for k, v in results.items()}
+    if args.lora:
+        results["jax_lora_r16"] = spawn("jax", args.steps, False, lora="lora")
+        results["jax_qlora_int4_r16"] = spawn("jax", args.steps, False, lora="qlora")
+        results["torch_peft_lora_r16"] = spawn("torch", args.steps, False, lora="lora")
+    lora_flops = model_flops(True, lora=True)
+    s = {k: summarize(v, lora_flops if "lora" in k else frozen if "frozen" in k else full, tokens)
+         for k, v in results.items()}
     report = {
-        "benchmark": "train step, DeepSeek-VL ~0.45B (LLaMA 12x1024, vocab 102400; SigLIP 12x768 @ 384px), "
-                     f"batch {ROWS} x {tokens // ROWS} tokens (1 image + {TEXT_TOKENS} text each), float32, CPU",
+        "benchmark": f"train step, DeepSeek-VL shape {SHAPE} (LLaMA {TEXT['num_hidden_layers']}x{TEXT['hidden_size']}, "
+                     f"vocab {TEXT['vocab_size']}; SigLIP {VISION['num_hidden_layers']}x{VISION['hidden_size']} @ "
+                     f"{VISION['image_size']}px), batch {ROWS} x {tokens // ROWS} tokens (1 image + {TEXT_TOKENS} text each), float32, CPU",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
         "model_flops_per_step": {"all_trainable": full, "vision_frozen": frozen},
         "speedup_tokens_per_s_vs_transformers": s["jax"]["tokens_per_s"] / s["torch"]["tokens_per_s"],
         "jax_mfu_vs_torch_matmul_peak": s["jax"]["model_gflops_per_s"] * 1e9 / results["torch"]["matmul_peak_flops"],
         "results": s,
+        **({"lora_vs_transformers_peft": {
+            "tokens_per_s_ratio": s["jax_lora_r16"]["tokens_per_s"] / s["torch_peft_lora_r16"]["tokens_per_s"],
+            "peak_memory_ratio": s["jax_lora_r16"]["peak_rss_gb"] / s["torch_peft_lora_r16"]["peak_rss_gb"],
+            "qlora_tokens_per_s_ratio": s["jax_qlora_int4_r16"]["tokens_per_s"]
+            / s["torch_peft_lora_r16"]["tokens_per_s"],
+            "qlora_peak_memory_ratio": s["jax_qlora_int4_r16"]["peak_rss_gb"] / s["torch_peft_lora_r16"]["peak_rss_gb"],
+        }} if args.lora else {}),
         "runtime_s": time.perf_counter() - t0,
     }
     os.makedirs(os.path.dirname(args.out), exist_ok=True)

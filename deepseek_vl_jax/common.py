@@ -33,6 +33,7 @@ CONV_OUT = "conv_out"
 POSITIONS = "positions"  # learned position tables
 REL_POS = "rel_pos"  # SAM relative position tables
 SCALAR = "scalar"  # e.g. the hybrid model's learned alpha
+LORA_RANK = "lora_rank"  # the rank axis of LoRA adapters
 
 IGNORE_INDEX = -100
 

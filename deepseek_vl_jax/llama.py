@@ -160,7 +160,7 @@ class LlamaForCausalLM(nn.Module):
         block = layers.remat(LlamaBlock, self.remat_policy)
         self.layers = nn.scan(
             block, variable_axes={"params": 0, common.HIDDEN_STATES: 0, common.ATTENTIONS: 0},
-            split_rngs={"params": True}, length=c.num_hidden_layers,
+            split_rngs={"params": True, "dropout": True}, length=c.num_hidden_layers,
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
             metadata_params={nn.PARTITION_NAME: common.LAYERS},
         )(c, self.dtype, self.param_dtype)

@@ -230,6 +230,7 @@ def _release_pages(reader: CheckpointReader) -> None:
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None,
                     param_dtype: str | None = None, progress: bool = True, quantize: Any = None,
+                    adapter: str | os.PathLike | None = None,
                     **runtime: Any) -> Model:
     """Load an HF DeepSeek-VL / -Hybrid checkpoint directory (`model.safetensors` or shards with an index).
 
@@ -245,7 +246,21 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh 
     `quantization.QuantizeConfig` (group size, LM head, embeddings, vision towers): each selected tensor is
     quantized as it is loaded (scales in `dtype`), so host memory stays near the quantized size. A quantized Flax
     checkpoint restores as stored (a conflicting `quantize` is an error).
+
+    `adapter`: a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`, e.g. from
+    `export OUT DIR --adapter` or PEFT's `save_pretrained`), folded into the float weights (`lora.peft_io`) before
+    any `quantize`.
     """
+    if adapter is not None:
+        from deepseek_vl_jax.lora.peft_io import merge_adapter
+
+        model = load_pretrained(path, dtype, mesh, param_dtype, progress, **runtime)
+        model.params = merge_adapter(model.params, adapter)
+        if quantize is not None:
+            from deepseek_vl_jax.quantization import quantize_params
+
+            model.params = quantize_params(model.params, abstract_params(model.config), quantize, dtype, mesh)
+        return model
     param_dtype = param_dtype or dtype
     config = ModelConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, **runtime)
     from deepseek_vl_jax.conversion import flax_checkpoint  # imported here: conversion imports this module

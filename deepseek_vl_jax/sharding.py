@@ -33,6 +33,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     (c.POSITIONS, None),
     (c.REL_POS, None),
     (c.SCALAR, None),
+    (c.LORA_RANK, None),
 )
 
 

@@ -129,7 +129,8 @@ class SiglipVisionModel(nn.Module):
         x = x + pos.astype(x.dtype)[None]
         block = layers.remat(SiglipBlock, self.remat_policy)
         x, _ = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True}, length=c.num_hidden_layers,
+            block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+            length=c.num_hidden_layers,
             metadata_params={nn.PARTITION_NAME: common.LAYERS},
         )(c, self.dtype, self.param_dtype, name="layers")(x, None)
         x = layers.layer_norm(c.layer_norm_eps, self.param_dtype, "post_layernorm")(x).astype(self.dtype)

@@ -54,6 +54,9 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int |
     config_dict = flax_checkpoint.read_config_dict(source)
     config = ModelConfig.from_hf(config_dict)
     stored = orbax_io.leaf_metadata(source.params_dir)
+    if any(path[0] == "lora" for path in stored):
+        raise ValueError(f"{source.params_dir} holds LoRA adapters; export with --merge (a plain HF checkpoint) "
+                         "or --adapter (a PEFT adapter directory)")
     flax_checkpoint.check_tree(flax_checkpoint.template_shapes(config), {k: s for k, (s, _) in stored.items()},
                                f"checkpoint {source.params_dir}")
     target = np.dtype(common.to_dtype(dtype)) if dtype else None
@@ -122,12 +125,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="replace an existing DST (only after the new directory is complete)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    lora = parser.add_mutually_exclusive_group()
+    lora.add_argument("--merge", action="store_true", help="LoRA run: fold the adapters into the base (plain HF dir)")
+    lora.add_argument("--adapter", action="store_true",
+                      help="LoRA run: write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors)")
 
 
 def run(args: Any) -> int:
     handle_sigterm()
-    status = report_errors(export, args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
-                           force=args.force, step=args.step, progress=args.progress)
+    if getattr(args, "adapter", False):
+        from deepseek_vl_jax.lora.export import export_adapter
+        status = report_errors(export_adapter, args.src, args.dst, step=args.step, force=args.force)
+    elif getattr(args, "merge", False):
+        from deepseek_vl_jax.lora.export import export_merged
+        status = report_errors(export_merged, args.src, args.dst, step=args.step, force=args.force,
+                               max_shard_size=args.max_shard_size, dtype=args.dtype, progress=args.progress)
+    else:
+        status = report_errors(export, args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
+                               force=args.force, step=args.step, progress=args.progress)
     if status == 0:
         print(f"wrote {args.dst}")
     return status

@@ -28,6 +28,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model directory: HF (config.json, safetensors, tokenizer and processor files), a "
                              "converted Flax checkpoint, or a `train` output directory (its latest checkpoint)")
     parser.add_argument("--processor", metavar="DIR", help="processor directory if not the model directory")
+    parser.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory to fold into the model")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                         help="weights and compute dtype (default float32: XLA's CPU bfloat16 dots are slow; "
                              "float16 for GPUs)")
@@ -109,7 +110,7 @@ class Session:
             raise UserError(f"cannot load the processor: {e}") from e
         try:
             model = load_pretrained(args.model, dtype=args.dtype, progress=False,
-                                    quantize=quantize_cli.from_args(args))
+                                    quantize=quantize_cli.from_args(args), adapter=getattr(args, "adapter", None))
         except (ValueError, OSError) as e:
             raise UserError(f"cannot load the model {args.model!r}: {e}") from e
         if processor.image_token_id != model.config.image_token_id:

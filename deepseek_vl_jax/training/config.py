@@ -11,6 +11,7 @@
                              num_threads, prefetch)
       checkpoint: CheckpointConfig(every, keep, async_save)
       logging:    LoggingConfig(tensorboard, progress, peak_flops_per_device)
+      lora:       LoraConfig(rank, alpha, dropout, targets, quantize, group_size)   rank 0 = off
 
 Every key is checked: an unknown key (a typo) is an error naming the valid keys.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from deepseek_vl_jax.common import RematPolicy
+from deepseek_vl_jax.lora.config import LoraConfig
 
 
 class TrainConfigError(ValueError):
@@ -162,6 +164,7 @@ class TrainConfig:
     data: DataConfig = DataConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     logging: LoggingConfig = LoggingConfig()
+    lora: LoraConfig = LoraConfig()
 
     def __post_init__(self):
         check(self)
@@ -192,8 +195,8 @@ def check(c: TrainConfig) -> None:
     elif c.data.batch_size % c.optimizer.grad_accum_steps:
         problems.append(f"data.batch_size {c.data.batch_size} is not a multiple of optimizer.grad_accum_steps "
                         f"{c.optimizer.grad_accum_steps}")
-    if not any(dataclasses.astuple(c.trainable)):
-        problems.append("trainable: nothing trains; set at least one tower to true")
+    if not any(dataclasses.astuple(c.trainable)) and not c.lora.enabled:
+        problems.append("trainable: nothing trains; set at least one tower to true (or lora.rank > 0)")
     if c.data.max_images_per_row < 0 or c.data.max_length < 2:
         problems.append("data.max_images_per_row must be >= 0 and data.max_length >= 2")
     if c.checkpoint.every < 1 or c.checkpoint.keep < 1:

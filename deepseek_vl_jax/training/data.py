@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 from typing import Sequence
@@ -38,6 +37,7 @@ import numpy as np
 
 from deepseek_vl_jax.common import IGNORE_INDEX
 from deepseek_vl_jax.processing import ProcessorError
+from deepseek_vl_jax.training import formats
 from deepseek_vl_jax.training.config import BadRows, DataConfig
 
 log = logging.getLogger(__name__)
@@ -109,20 +109,16 @@ def read_rows(path: str | os.PathLike, max_images_per_row: int, bad_rows: BadRow
     path = os.fspath(path)
     directory = os.path.dirname(os.path.realpath(path))
     rows, bad = [], []
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"not valid JSON ({e})") from None
-                if not isinstance(record, dict) or "messages" not in record:
-                    raise ValueError('a row must be a JSON object with a "messages" list')
-                rows.append(Row(n, _check_messages(record["messages"], directory, max_images_per_row)))
-            except ValueError as e:
-                bad.append(BadRowError(path, n, str(e)))
+    for n, record in formats.records(path):  # JSONL, or a JSON array (LLaVA)
+        try:
+            if isinstance(record, ValueError):
+                raise record
+            record = formats.to_native(record)  # LLaVA / OpenAI-messages rows -> native rows
+            if not isinstance(record, dict) or "messages" not in record:
+                raise ValueError('a row must be a JSON object with a "messages" list (or LLaVA "conversations")')
+            rows.append(Row(n, _check_messages(record["messages"], directory, max_images_per_row)))
+        except ValueError as e:
+            bad.append(BadRowError(path, n, str(e)))
     for e in bad:
         log.warning("bad data row %s", e)
     if bad and BadRows(bad_rows) == BadRows.FAIL:

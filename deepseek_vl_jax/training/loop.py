@@ -158,7 +158,7 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
     module = DeepseekVL(model_config)
     tx = opt_lib.make_optimizer(config.optimizer, config.steps)
     schedule = opt_lib.learning_rate_schedule(config.optimizer, config.steps)
-    shardings = state_lib.shardings(model_config, tx, config.trainable, mesh)
+    shardings = state_lib.shardings(model_config, tx, config.trainable, mesh, config.lora)
     checkpointing.prepare_output(out_dir, model_dir, processor, config.to_dict())
     if changes:
         checkpointing.record_changes(out_dir, saved[0], changes)
@@ -170,7 +170,7 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
     latest = mgr.latest_step()
     iterator_state = None
     if latest is not None:
-        target = state_lib.abstract(model_config, tx, config.trainable, shardings)
+        target = state_lib.abstract(model_config, tx, config.trainable, shardings, config.lora)
         try:
             params, opt_state, iterator_state, _ = checkpointing.restore(mgr, latest, target)
         except (ValueError, KeyError) as e:
@@ -184,6 +184,8 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
         from deepseek_vl_jax.pretrained import load_pretrained
 
         params = load_pretrained(model_dir, mesh=mesh, progress=primary and config.logging.progress, **runtime).params
+        if config.lora.enabled:
+            params = state_lib.add_lora(params, config.lora, config.trainable, jax.random.key(config.seed), shardings)
         state = state_lib.create(params, tx, config.trainable, shardings)
     start = int(latest or 0)
 
@@ -200,7 +202,8 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
     keys = list(TOKEN_KEYS) + (["pixel_values"] if shapes.max_images else []) + (
         ["high_res_pixel_values"] if shapes.max_images and shapes.high_res_shape else [])
     batch_shardings = {k: batch_sharding(mesh, 3 if k in TOKEN_KEYS else 5) for k in keys}
-    train_step, eval_step = compile_steps(module, tx, config.trainable, schedule, mesh, shardings, batch_shardings)
+    train_step, eval_step = compile_steps(module, tx, config.trainable, schedule, mesh, shardings, batch_shardings,
+                                          config.lora)
     peak = flops.peak_flops(config.logging.peak_flops_per_device) if primary else 1.0
     logger = MetricsLogger(out_dir, primary, config.steps, start, config.logging.tensorboard, config.logging.progress)
     if primary and rows.bad:

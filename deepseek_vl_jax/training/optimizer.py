@@ -14,6 +14,7 @@ import optax
 from jax.sharding import Mesh
 
 from deepseek_vl_jax import sharding
+from deepseek_vl_jax.lora.adapters import ADAPTERS
 from deepseek_vl_jax.training.config import OptimizerConfig, TrainableConfig
 
 Params = Mapping[str, Any]
@@ -24,8 +25,8 @@ EMBEDDING_LEAF = "embedding"
 
 
 def split(params: Params, trainable: TrainableConfig) -> tuple[dict, dict]:
-    """(trainable, frozen) top-level parameter collections."""
-    names = set(trainable.collections())
+    """(trainable, frozen) top-level parameter collections; LoRA adapters (`params["lora"]`) always train."""
+    names = set(trainable.collections()) | {ADAPTERS}
     train = {k: v for k, v in params.items() if k in names}
     frozen = {k: v for k, v in params.items() if k not in names}
     if not train:

@@ -13,17 +13,26 @@ import optax
 from flax.core import meta
 from jax.sharding import Mesh
 
-from deepseek_vl_jax import pretrained, sharding
+from deepseek_vl_jax import lora as lora_lib
+from deepseek_vl_jax import common, pretrained, sharding
 from deepseek_vl_jax.config import ModelConfig
 from deepseek_vl_jax.training import optimizer as opt_lib
 from deepseek_vl_jax.training.config import TrainableConfig
 from deepseek_vl_jax.training.step import TrainState
 
 
-def shardings(config: ModelConfig, tx: optax.GradientTransformation, trainable: TrainableConfig,
-              mesh: Mesh) -> TrainState:
-    """A TrainState of NamedShardings."""
+def boxed_params(config: ModelConfig, lora: lora_lib.LoraConfig | None = None):
+    """The boxed abstract params, with LoRA adapters (and a quantized base) when `lora` is enabled."""
     boxed = pretrained.abstract_params(config)
+    if lora is not None and lora.enabled:
+        boxed = lora_lib.abstract(boxed, lora, common.to_dtype(config.param_dtype))
+    return boxed
+
+
+def shardings(config: ModelConfig, tx: optax.GradientTransformation, trainable: TrainableConfig,
+              mesh: Mesh, lora: lora_lib.LoraConfig | None = None) -> TrainState:
+    """A TrainState of NamedShardings."""
+    boxed = boxed_params(config, lora)
     param_shardings = sharding.param_shardings(boxed, mesh)
     train_abstract, _ = opt_lib.split(meta.unbox(boxed), trainable)
     train_shardings, _ = opt_lib.split(param_shardings, trainable)
@@ -32,9 +41,9 @@ def shardings(config: ModelConfig, tx: optax.GradientTransformation, trainable: 
 
 
 def abstract(config: ModelConfig, tx: optax.GradientTransformation, trainable: TrainableConfig,
-             state_shardings: TrainState) -> TrainState:
+             state_shardings: TrainState, lora: lora_lib.LoraConfig | None = None) -> TrainState:
     """The state as ShapeDtypeStructs with shardings (a restore target), allocating nothing."""
-    params = meta.unbox(pretrained.abstract_params(config))
+    params = meta.unbox(boxed_params(config, lora))
     train, _ = opt_lib.split(params, trainable)
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params, opt_state=jax.eval_shape(tx.init, train))
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, state_shardings)
@@ -56,3 +65,15 @@ def init_random(config: ModelConfig, rng: jax.Array, tx: optax.GradientTransform
     """A fresh state with random parameters (created already sharded when a mesh is given)."""
     params = pretrained.init_params(config, rng, mesh)
     return create(params, tx, trainable, shardings(config, tx, trainable, mesh) if mesh is not None else None)
+
+
+def add_lora(params, lora: lora_lib.LoraConfig, trainable: TrainableConfig, rng: jax.Array,
+             state_shardings: TrainState | None = None):
+    """A base model's params -> a LoRA model's (adapters initialised; the targeted kernels quantized under QLoRA),
+    created on the state's shardings. The adapted towers must be frozen: LoRA replaces their training."""
+    train = set(trainable.collections())
+    clash = sorted({p[0] for p in lora_lib.targets(params, lora) if p[0] in train})
+    if clash:
+        raise lora_lib.LoraError(f"lora targets modules of trainable tower(s) {clash}; freeze them "
+                                 "(trainable.<tower>: false) or drop those targets")
+    return lora_lib.add_adapters(params, lora, rng, None if state_shardings is None else state_shardings.params)

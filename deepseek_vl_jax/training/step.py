@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from deepseek_vl_jax import multimodal
+from deepseek_vl_jax import lora as lora_lib
 from deepseek_vl_jax.common import IGNORE_INDEX
 from deepseek_vl_jax.model import DeepseekVL
 from deepseek_vl_jax.training import optimizer as opt_lib
@@ -58,10 +59,15 @@ def _logits(module: DeepseekVL, input_ids, attention_mask, pixel_values=None, hi
     return module.logits(hidden)
 
 
-def logits(module: DeepseekVL, params, batch: Batch) -> jax.Array:
-    """One micro-batch (no leading A axis) -> logits [B, T, V] float32."""
-    return module.apply({"params": params}, batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"),
-                        batch.get("high_res_pixel_values"), method=_logits)
+def logits(module: DeepseekVL, params, batch: Batch, lora: lora_lib.LoraConfig | None = None,
+           dropout_rng: jax.Array | None = None) -> jax.Array:
+    """One micro-batch (no leading A axis) -> logits [B, T, V] float32. With `lora`, params may hold adapters and
+    a quantized base (`deepseek_vl_jax.lora`); `dropout_rng` turns LoRA dropout on."""
+    args = (batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("high_res_pixel_values"))
+    if lora is not None and lora.enabled:
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None and lora.dropout else None
+        return lora_lib.apply(module, params, *args, config=lora, method=_logits, rngs=rngs)
+    return module.apply({"params": params}, *args, method=_logits)
 
 
 def shifted_targets(labels: jax.Array) -> jax.Array:
@@ -74,18 +80,18 @@ def target_count(labels: jax.Array) -> jax.Array:
     return jnp.sum(shifted_targets(labels) != IGNORE_INDEX).astype(jnp.float32)
 
 
-def loss_sum(module: DeepseekVL, params, batch: Batch) -> jax.Array:
+def loss_sum(module: DeepseekVL, params, batch: Batch, lora=None, dropout_rng=None) -> jax.Array:
     """Summed float32 cross-entropy over the learned targets of one micro-batch."""
-    out = logits(module, params, batch)
+    out = logits(module, params, batch, lora, dropout_rng)
     targets = shifted_targets(batch["labels"])
     valid = targets != IGNORE_INDEX
     ce = optax.softmax_cross_entropy_with_integer_labels(out, jnp.where(valid, targets, 0))
     return jnp.sum(jnp.where(valid, ce, 0.0))
 
 
-def mean_loss(module: DeepseekVL, params, batch: Batch) -> jax.Array:
+def mean_loss(module: DeepseekVL, params, batch: Batch, lora=None) -> jax.Array:
     """transformers' loss for one micro-batch: mean over learned targets."""
-    return loss_sum(module, params, batch) / jnp.maximum(target_count(batch["labels"]), 1.0)
+    return loss_sum(module, params, batch, lora) / jnp.maximum(target_count(batch["labels"]), 1.0)
 
 
 def _micro(batch: Batch, i) -> Batch:
@@ -93,15 +99,20 @@ def _micro(batch: Batch, i) -> Batch:
 
 
 def train_step(state: TrainState, batch: Batch, *, module: DeepseekVL, tx: optax.GradientTransformation,
-               trainable: TrainableConfig, schedule: Callable, grad_shardings=None) -> tuple[TrainState, dict]:
-    """One optimizer step over A micro-batches. Returns the new state and scalar metrics."""
+               trainable: TrainableConfig, schedule: Callable, grad_shardings=None,
+               lora: lora_lib.LoraConfig | None = None) -> tuple[TrainState, dict]:
+    """One optimizer step over A micro-batches. Returns the new state and scalar metrics. With `lora`, only the
+    adapters (and the trainable towers) get gradients; dropout keys derive from the step (resumes exactly)."""
     train, frozen = opt_lib.split(state.params, trainable)
     total = jnp.maximum(target_count(batch["labels"]), 1.0)
     accum = batch["input_ids"].shape[0]
 
-    def grads_of(mb):
+    def grads_of(mb, i=0):
+        dropout = lora is not None and lora.enabled and lora.dropout > 0
+        rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), state.step), i) if dropout else None
+
         def f(p):
-            s = loss_sum(module, opt_lib.merge(p, frozen), mb)
+            s = loss_sum(module, opt_lib.merge(p, frozen), mb, lora, rng)
             return s / total, s
         (_, s), g = jax.value_and_grad(f, has_aux=True)(train)
         g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
@@ -113,14 +124,14 @@ def train_step(state: TrainState, batch: Batch, *, module: DeepseekVL, tx: optax
         grads, summed = grads_of(_micro(batch, 0))
     else:
         def body(carry, mb):
-            g_acc, s_acc = carry
-            g, s = grads_of(mb)
-            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s), None
+            g_acc, s_acc, i = carry
+            g, s = grads_of(mb, i)
+            return (jax.tree.map(jnp.add, g_acc, g), s_acc + s, i + 1), None
 
         zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), train)
         if grad_shardings is not None:
             zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
-        (grads, summed), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0)), batch)
+        (grads, summed, _), _ = jax.lax.scan(body, (zeros, jnp.float32(0.0), jnp.int32(0)), batch)
     grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, train)
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, train)
@@ -135,21 +146,22 @@ def train_step(state: TrainState, batch: Batch, *, module: DeepseekVL, tx: optax
     return TrainState(state.step + 1, opt_lib.merge(train, frozen), opt_state), metrics
 
 
-def eval_step(params, batch: Batch, *, module: DeepseekVL) -> dict:
+def eval_step(params, batch: Batch, *, module: DeepseekVL, lora=None) -> dict:
     """Summed loss and target count of a batch (all A micro-batches), to be averaged over the eval set."""
-    sums = [loss_sum(module, params, _micro(batch, i)) for i in range(batch["input_ids"].shape[0])]
+    sums = [loss_sum(module, params, _micro(batch, i), lora) for i in range(batch["input_ids"].shape[0])]
     return {"loss_sum": sum(sums), "count": target_count(batch["labels"])}
 
 
 def compile_steps(module: DeepseekVL, tx: optax.GradientTransformation, trainable: TrainableConfig,
-                  schedule: Callable, mesh: Mesh | None = None, state_shardings=None, batch_shardings=None):
+                  schedule: Callable, mesh: Mesh | None = None, state_shardings=None, batch_shardings=None,
+                  lora: lora_lib.LoraConfig | None = None):
     """(train_step, eval_step) jitted; with a mesh, state and batch shardings are pinned and the state donated."""
     grad_shardings = None
     if mesh is not None and state_shardings is not None:
         grad_shardings, _ = opt_lib.split(state_shardings.params, trainable)
     train = functools.partial(train_step, module=module, tx=tx, trainable=trainable, schedule=schedule,
-                              grad_shardings=grad_shardings)
-    evaluate = functools.partial(eval_step, module=module)
+                              grad_shardings=grad_shardings, lora=lora)
+    evaluate = functools.partial(eval_step, module=module, lora=lora)
     if mesh is None:
         return jax.jit(train, donate_argnums=(0,)), jax.jit(evaluate)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

@@ -1,0 +1,255 @@
+"""LoRA adapters over the unchanged model: found by name pattern in the Flax tree, applied by intercepting Dense
+calls, and folded into the base for export and inference.
+
+The adapters live in their own top-level collection, `params["lora"]`, mirroring the paths of the Dense modules
+they adapt (`params["lora"]["language_model"]["layers"]["self_attn"]["q_proj"] = {"lora_a": [L, I, r],
+"lora_b": [L, r, O]}`). So a trainable mask is a top-level split (the base gets no gradient and no optimizer state),
+and a scanned stack's adapters are stacked like its kernels and sliced by the same `nn.scan`.
+
+For the forward pass the adapters are put next to the kernels they adapt (`inject`) and an interceptor
+(`flax.linen.intercept_methods`) adds `scale * dropout(x) @ A @ B` to each adapted Dense's output; a QLoRA base
+(`quant.QUANT` / `quant.SCALE` instead of `kernel`) is dequantized there, one layer at a time inside the scan.
+The model code knows nothing of either (the shape qwix uses, see the package docstring).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from deepseek_vl_jax import common
+from deepseek_vl_jax.lora import quant
+from deepseek_vl_jax.lora.config import BaseQuant, LoraConfig
+
+ADAPTERS = "lora"  # the top-level parameter collection of the adapters
+LORA_A, LORA_B = "lora_a", "lora_b"
+KERNEL, STACKED = "kernel", "layers"
+
+Path = tuple[str, ...]
+
+
+class LoraError(ValueError):
+    """A LoRA setting that does not fit the model."""
+
+
+def _dense_modules(tree: Mapping, prefix: Path = ()):
+    """(path, kernel leaf or quantized leaf, stacked) of every Dense module in a param tree."""
+    for k, v in tree.items():
+        if not isinstance(v, Mapping):
+            continue
+        path = prefix + (str(k),)
+        leaf = v.get(KERNEL, v.get(quant.QUANT))
+        stacked = STACKED in path
+        if leaf is not None and not isinstance(leaf, Mapping) and len(_shape(leaf)) == 2 + int(stacked):
+            yield path, leaf, stacked
+        else:
+            yield from _dense_modules(v, path)
+
+
+def _shape(leaf) -> tuple[int, ...]:
+    return tuple(getattr(leaf, "value", leaf).shape)
+
+
+def targets(params: Mapping, config: LoraConfig) -> list[Path]:
+    """The Dense module paths the config's patterns select (each pattern must select something)."""
+    base = {k: v for k, v in params.items() if k != ADAPTERS}
+    paths = [p for p, _, _ in _dense_modules(base)]
+    chosen = []
+    for pattern in config.targets:
+        rx = re.compile(pattern)
+        hits = [p for p in paths if rx.fullmatch("/".join(p))]
+        if not hits:
+            sample = ", ".join("/".join(p) for p in paths[:6])
+            raise LoraError(f"lora target {pattern!r} matches no Dense module (module paths look like {sample}, ...)")
+        chosen += [p for p in hits if p not in chosen]
+    return chosen
+
+
+def get_path(tree: Mapping, path: Path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def set_path(tree: dict, path: Path, value) -> None:
+    for p in path[:-1]:
+        tree = tree.setdefault(p, {})
+    tree[path[-1]] = value
+
+
+def _copy(tree):
+    return {k: _copy(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
+
+
+# ------------------------------------------------------------------------------------------ abstract (boxed) form
+def abstract(boxed: Mapping, config: LoraConfig, dtype=jnp.float32) -> dict:
+    """The boxed abstract params (`pretrained.abstract_params`) of a LoRA model: targeted kernels replaced by their
+    quantized form under QLoRA, and the `lora` collection. Logical axes: A is [(layers,) in-axis, lora_rank], B is
+    [(layers,) lora_rank, out-axis], so `sharding.RULES` shards them like the kernel they adapt."""
+    out = _copy(boxed)
+    for path in targets(boxed, config):
+        module = get_path(out, path)
+        box = module[KERNEL]
+        names, shape = tuple(box.names), _shape(box)
+        lead, (i, o) = shape[:-2], shape[-2:]
+        a = jax.ShapeDtypeStruct((*lead, i, config.rank), dtype)
+        b = jax.ShapeDtypeStruct((*lead, config.rank, o), dtype)
+        set_path(out, (ADAPTERS, *path), {
+            LORA_A: nn.LogicallyPartitioned(a, (*names[:-1], common.LORA_RANK)),
+            LORA_B: nn.LogicallyPartitioned(b, (*names[:-2], common.LORA_RANK, names[-1]))})
+        if config.quantize is not BaseQuant.NONE:
+            del module[KERNEL]
+            for name, s in quant.shapes(shape, config.quantize, config.group_size).items():
+                module[name] = nn.LogicallyPartitioned(s, names)
+    return out
+
+
+# -------------------------------------------------------------------------------------------------- concrete
+def init_adapter(rng: jax.Array, kernel_shape: tuple[int, ...], rank: int, zero_b: bool = True,
+                 dtype=jnp.float32) -> dict[str, jax.Array]:
+    """PEFT's init: A ~ kaiming-uniform(a=sqrt(5)) = U(-1/sqrt(I), 1/sqrt(I)), B = 0 (random when not `zero_b`,
+    for tests that need a non-trivial adapter)."""
+    *lead, i, o = kernel_shape
+    ka, kb = jax.random.split(rng)
+    bound = 1.0 / i**0.5
+    a = jax.random.uniform(ka, (*lead, i, rank), dtype, -bound, bound)
+    b = jnp.zeros((*lead, rank, o), dtype) if zero_b else jax.random.uniform(kb, (*lead, rank, o), dtype, -bound,
+                                                                              bound)
+    return {LORA_A: a, LORA_B: b}
+
+
+def add_adapters(params: Mapping, config: LoraConfig, rng: jax.Array, shardings=None, zero_b: bool = True) -> dict:
+    """A LoRA model's params from a base model's: adapters initialised, targeted kernels quantized under QLoRA.
+    With `shardings` (of `abstract(...)`'s tree) every new array is created on its shards. The input params are
+    not modified (but under QLoRA their targeted kernels are donated)."""
+    paths = targets(params, config)
+
+    def build(params, rng):
+        out = _copy(params)
+        for n, path in enumerate(paths):
+            module = get_path(out, path)
+            kernel = module[KERNEL]
+            set_path(out, (ADAPTERS, *path), init_adapter(jax.random.fold_in(rng, n), kernel.shape, config.rank,
+                                                          zero_b))
+            if config.quantize is not BaseQuant.NONE:
+                del module[KERNEL]
+                module.update(quant.quantize(kernel, config.quantize, config.group_size))
+        return out
+
+    if shardings is None:
+        return jax.jit(build)(params, rng)
+    in_shardings = jax.tree.map(lambda x: x.sharding, params)
+    return jax.jit(build, in_shardings=(in_shardings, None), out_shardings=shardings)(params, rng)
+
+
+def inject(params: Mapping) -> dict:
+    """params with each adapter pair put into the Dense module it adapts (what the interceptor reads)."""
+    if ADAPTERS not in params:
+        return dict(params)
+    out = _copy({k: v for k, v in params.items() if k != ADAPTERS})
+
+    def walk(tree, path):
+        for k, v in tree.items():
+            if LORA_A in v:
+                get_path(out, path + (k,)).update(v)
+            else:
+                walk(v, path + (k,))
+
+    walk(params[ADAPTERS], ())
+    return out
+
+
+def _dense(module: nn.Dense, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """nn.Dense's computation with a given kernel (the dequantized base)."""
+    bias = module.get_variable("params", "bias") if module.use_bias else None
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
+    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
+    return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+
+
+def interceptor(config: LoraConfig, deterministic: bool = True):
+    """A `nn.intercept_methods` interceptor: Dense calls of adapted (or quantized) modules get the LoRA term
+    `(alpha / r) * dropout(x) @ A @ B` (computed in the module's dtype) added to their output."""
+
+    def intercept(next_fun, args, kwargs, context):
+        m = context.module
+        if context.method_name != "__call__" or not isinstance(m, nn.Dense):
+            return next_fun(*args, **kwargs)
+        quantized, adapted = m.has_variable("params", quant.QUANT), m.has_variable("params", LORA_A)
+        if not (quantized or adapted):
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        if quantized:
+            kernel = quant.dequantize(m.get_variable("params", quant.QUANT), m.get_variable("params", quant.SCALE),
+                                      m.param_dtype)
+            y = _dense(m, x, kernel)
+        else:
+            y = next_fun(*args, **kwargs)
+        if adapted:
+            a, b = m.get_variable("params", LORA_A), m.get_variable("params", LORA_B)
+            h = x
+            if config.dropout and not deterministic:
+                h = nn.Dropout(config.dropout, deterministic=False)(h, rng=m.make_rng("dropout"))
+            h, a, b = nn.dtypes.promote_dtype(h, a, b, dtype=m.dtype)
+            y = y + ((h @ a) @ b * config.scale).astype(y.dtype)
+        return y
+
+    return intercept
+
+
+def apply(module: nn.Module, params: Mapping, *args, config: LoraConfig, method=None, rngs=None, **kwargs) -> Any:
+    """`module.apply` of a LoRA model (params with a `lora` collection and/or a quantized base). With `rngs`
+    holding a "dropout" key, LoRA dropout is active."""
+    deterministic = not (rngs and "dropout" in rngs)
+    with nn.intercept_methods(interceptor(config, deterministic)):
+        return module.apply({"params": inject(params)}, *args, method=method, rngs=rngs, **kwargs)
+
+
+def is_lora(params: Mapping) -> bool:
+    return ADAPTERS in params
+
+
+def merge(params: Mapping, config: LoraConfig) -> dict:
+    """The plain model's params: each adapted kernel := base (dequantized) + (alpha / r) * A @ B, in float32 and
+    then the base's dtype (float32 for a quantized base); the `lora` collection removed."""
+    out = _copy({k: v for k, v in params.items() if k != ADAPTERS})
+    adapters = params.get(ADAPTERS, {})
+    for path, _, _ in list(_dense_modules(out)):
+        module = get_path(out, path)
+        if quant.QUANT in module:
+            module[KERNEL] = quant.dequantize(module.pop(quant.QUANT), module.pop(quant.SCALE))
+        try:
+            pair = get_path(adapters, path)
+        except KeyError:
+            continue
+        kernel = module[KERNEL]
+        delta = jnp.einsum("...ir,...ro->...io", pair[LORA_A].astype(jnp.float32), pair[LORA_B].astype(jnp.float32),
+                           precision=jax.lax.Precision.HIGHEST)
+        module[KERNEL] = (kernel.astype(jnp.float32) + config.scale * delta).astype(kernel.dtype)
+    return out
+
+
+def adapter_paths(params: Mapping) -> list[Path]:
+    """Paths (module paths, as in the base tree) of the adapters present in `params`."""
+    out = []
+
+    def walk(tree, path):
+        for k, v in tree.items():
+            if LORA_A in v:
+                out.append(path + (k,))
+            else:
+                walk(v, path + (k,))
+
+    walk(params.get(ADAPTERS, {}), ())
+    return out
+
+
+def count(tree) -> tuple[int, int]:
+    """(parameters, bytes) of a tree of arrays."""
+    leaves = jax.tree.leaves(tree)
+    return sum(int(x.size) for x in leaves), sum(int(x.size) * x.dtype.itemsize for x in leaves)
+

@@ -1,0 +1,164 @@
+"""LoRA training through the real loop (8 simulated devices, fsdp x tensor): the base stays bit-identical, the
+optimizer state holds only the adapters and the trainable aligner (bytes counted), export --merge / --adapter load
+in transformers / peft with the same logits, 8 devices = 1 device and an interrupted run resumes exactly; QLoRA
+from the shipped model: the loss goes down, the base stays int4."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from deepseek_vl_jax import lora
+from deepseek_vl_jax.pretrained import load_pretrained
+from deepseek_vl_jax.training import loop, train
+
+import test_training_helpers as H
+
+LORA = {"rank": 4, "alpha": 8.0}
+SECTIONS = dict(steps=4, trainable={"vision": False, "aligner": True, "language": False}, lora=LORA,
+                optimizer={"min_learning_rate_ratio": 1.0}, checkpoint={"every": 2, "keep": 5, "async_save": False})
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = H.scratch("lora_data")
+    return H.model_dir(), H.write_dataset(d, n=8)
+
+
+@pytest.fixture(scope="module")
+def straight(data):
+    model, path = data
+    out = H.scratch("lora_straight")
+    result = train(H.tiny_config(**SECTIONS), model, path, out)
+    result.out = out
+    return result
+
+
+def test_base_bit_identical_and_adapters_train(data, straight):
+    before = load_pretrained(data[0], progress=False).params
+    after = jax.device_get(straight.state.params)
+    for tower in ("vision_model", "language_model"):
+        for a, b in zip(jax.tree.leaves(before[tower]), jax.tree.leaves(after[tower])):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    assert all(np.abs(np.asarray(a) - b).max() > 0
+               for a, b in zip(jax.tree.leaves(before["aligner"]), jax.tree.leaves(after["aligner"])))
+    paths = lora.adapter_paths(after)
+    assert len(paths) == 7 and all(p[:2] == ("language_model", "layers") for p in paths)
+    for p in paths:  # B starts at zero; it moved
+        assert np.abs(lora.adapters.get_path(after["lora"], p)["lora_b"]).max() > 0
+    assert straight.losses[-1] < straight.losses[0]
+
+
+def test_optimizer_state_holds_only_adapters_and_aligner(straight):
+    params = straight.state.params
+    trained_n, trained_bytes = lora.count({"lora": params["lora"], "aligner": params["aligner"]})
+    total_n, _ = lora.count(params)
+    _, opt_bytes = lora.count(straight.state.opt_state)
+    moments = straight.state.opt_state[1][0]
+    assert set(moments.mu) == {"lora", "aligner"}
+    # mu and nu: one float32 per trained parameter each; the rest are the step counters (int32 scalars)
+    assert 2 * trained_bytes <= opt_bytes <= 2 * trained_bytes + 16, (opt_bytes, trained_bytes)
+    assert trained_n < total_n / 4
+
+
+def _inputs(model_dir):
+    import transformers
+
+    cfg = transformers.AutoConfig.from_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 100, size=(2, 12))
+    ids[0, 2:6] = cfg.image_token_id  # one image of 4 tokens in row 0
+    mask = np.ones_like(ids)
+    mask[1, 9:] = 0
+    pixels = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
+
+
+def test_export_merge_and_adapter_load_in_transformers_and_peft(data, straight):
+    import peft
+    import torch
+    import transformers
+    from deepseek_vl_jax.cli import main
+    from deepseek_vl_jax.model import DeepseekVL
+
+    model_dir = data[0]
+    merged, adapter = H.scratch("lora_merged") + "/hf", H.scratch("lora_adapter") + "/peft"
+    assert main(["export", straight.out, merged, "--merge", "--no-progress"]) == 0
+    assert main(["export", straight.out, adapter, "--adapter", "--no-progress"]) == 0
+    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors"]
+    x = _inputs(model_dir)
+    params = jax.device_get(straight.state.params)
+    config = load_pretrained(model_dir, progress=False).config
+    args = [jax.numpy.asarray(x[k]) for k in ("input_ids", "attention_mask", "pixel_values")]
+    ours = np.asarray(lora.apply(DeepseekVL(config), params, *args, config=H.tiny_config(**SECTIONS).lora))
+    tx = {k: torch.from_numpy(v) for k, v in x.items()}
+    with torch.no_grad():
+        hf = transformers.DeepseekVLForConditionalGeneration.from_pretrained(merged).eval()
+        got_merged = hf(**tx).logits.numpy()
+        base = transformers.DeepseekVLForConditionalGeneration.from_pretrained(model_dir).eval()
+        got_peft = peft.PeftModel.from_pretrained(base, adapter).eval()(**tx).logits.numpy()
+    for got in (got_merged, got_peft):
+        assert H.F.max_rel_err(got, ours, x["attention_mask"]) <= 1e-5
+    # and back: the adapter folded in by load_pretrained
+    back = np.asarray(load_pretrained(model_dir, progress=False, adapter=adapter)(**x))
+    assert H.F.max_rel_err(back, ours, x["attention_mask"]) <= 1e-5
+    assert main(["export", straight.out, H.scratch("lora_plain") + "/hf", "--no-progress"]) == 1  # names the flags
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_one_device_interrupted_and_resumed_equals_eight_devices(data, straight, monkeypatch):
+    """On one device: stopped after step 3 (checkpoint 2 written, step 3 lost), then resumed: the resumed step 3 is
+    bit-identical to the lost one, and every loss and adapter equals the 8-device (fsdp x tensor) run's."""
+    model, path = data
+    out = H.scratch("lora_resume")
+    cfg = H.tiny_config(**{**SECTIONS, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
+    real_log, seen = loop.MetricsLogger.log, {}
+
+    def log(self, step, record, kind="train"):
+        real_log(self, step, record, kind)
+        seen[step] = record["loss"]
+        if step == 3:
+            raise Interrupt
+
+    monkeypatch.setattr(loop.MetricsLogger, "log", log)
+    with pytest.raises(Interrupt):
+        train(cfg, model, path, out, devices=jax.devices()[:1])
+    monkeypatch.setattr(loop.MetricsLogger, "log", real_log)
+    resumed = train(cfg, model, path, out, devices=jax.devices()[:1])
+    assert resumed.start_step == 2 and resumed.steps == [3, 4]
+    assert resumed.losses[0] == seen[3]  # bit-identical
+    np.testing.assert_allclose([seen[1], seen[2], *resumed.losses], straight.losses, rtol=2e-5)
+    a = straight.state.params["lora"]["language_model"]["layers"]["self_attn"]["q_proj"]["lora_a"]
+    assert a.addressable_shards[0].data.shape != a.shape  # the adapters really are sharded (by the rules table)
+    for x, y in zip(jax.tree.leaves(jax.device_get(resumed.state.params["lora"])),
+                    jax.tree.leaves(jax.device_get(straight.state.params["lora"]))):
+        np.testing.assert_allclose(x, y, rtol=0, atol=2e-5 * np.abs(y).max())
+
+
+def test_qlora_trains_from_shipped_model_and_base_stays_int4():
+    from deepseek_vl_jax.lora import quant
+    from deepseek_vl_jax.synthetic.dataset import write_split
+
+    model = os.path.join(H.REPO, "models", "deepseek-vl-tiny")
+    rows = write_split(H.scratch("qlora_data"), "train", 16, seed=5)
+    cfg = H.tiny_config(steps=4, trainable={"vision": False, "aligner": False, "language": False},
+                        lora={"rank": 8, "alpha": 16.0, "quantize": "int4", "group_size": 32},
+                        optimizer={"learning_rate": 3e-3, "min_learning_rate_ratio": 1.0},
+                        data={"batch_size": 8, "max_length": 96, "length_buckets": [96]},
+                        checkpoint={"every": 4, "async_save": False})
+    result = train(cfg, model, rows, H.scratch("qlora_out"))
+    assert np.mean(result.losses[-2:]) < 0.8 * result.losses[0], result.losses
+    base = load_pretrained(model, progress=False).params
+    params = jax.device_get(result.state.params)
+    for path in lora.adapter_paths(params):
+        module = lora.adapters.get_path(params, path)
+        assert "kernel" not in module and module[quant.QUANT].dtype == np.uint8
+        want = quant.quantize(lora.adapters.get_path(base, path)["kernel"], lora.BaseQuant.INT4, 32)
+        np.testing.assert_array_equal(module[quant.QUANT], want[quant.QUANT])  # frozen: the same bytes
+        np.testing.assert_array_equal(module[quant.SCALE], want[quant.SCALE])
+    _, opt_bytes = lora.count(result.state.opt_state)
+    assert opt_bytes <= 2 * lora.count(params["lora"])[1] + 16
