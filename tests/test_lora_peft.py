@@ -96,6 +96,8 @@ def test_generate_with_a_missing_adapter_says_so_in_one_line(tmp_path, capsys):
 
     import test_training_helpers as H
 
-    assert main(["generate", "--model", H.model_dir(), "--adapter", str(tmp_path / "none"), "--prompt", "x"]) == 2
+    model_dir = H.model_dir()
+    capsys.readouterr()  # whatever building the model directory printed
+    assert main(["generate", "--model", model_dir, "--adapter", str(tmp_path / "none"), "--prompt", "x"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "no adapter_config.json" in err and "\n" not in err
