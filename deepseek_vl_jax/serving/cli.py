@@ -7,16 +7,21 @@ import os
 import sys
 
 from deepseek_vl_jax.generation.session import CliError
+from deepseek_vl_jax.quantization import cli as quantize_cli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="DIR", help="HF or converted Flax model directory")
+    parser.add_argument("--model", required=True, metavar="DIR",
+                        help="HF model directory, converted Flax checkpoint or `train` output directory")
+    parser.add_argument("--adapter", metavar="DIR", help="a PEFT LoRA adapter directory to fold into the model")
     parser.add_argument("--processor", metavar="DIR", help="processor directory if not the model directory")
     parser.add_argument("--served-model-name", metavar="NAME", help="the model name clients send (default: the "
                         "directory's name)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="weights and compute dtype (default float32)")
+    quantize_cli.add_arguments(parser)
     parser.add_argument("--max-batch", type=int, default=8, help="decode slots (requests decoded together)")
     parser.add_argument("--max-seq-len", type=int, help="positions per slot, prompt + answer (default: the model's)")
     parser.add_argument("--prefill-chunk", type=int, default=64,
@@ -69,7 +74,8 @@ def build(args: argparse.Namespace):
             raise CliError(f"--mesh {args.mesh!r}: {e}") from None
     try:
         processor = load_processor(args.processor or args.model)
-        model = load_pretrained(args.model, dtype=args.dtype, mesh=mesh, progress=sys.stderr.isatty())
+        model = load_pretrained(args.model, dtype=args.dtype, mesh=mesh, progress=sys.stderr.isatty(),
+                                quantize=quantize_cli.from_args(args), adapter=args.adapter)
     except (ValueError, OSError) as e:
         raise CliError(f"cannot load the model: {e}") from None
     engine = Engine(model, processor, EngineConfig(

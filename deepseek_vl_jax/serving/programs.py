@@ -30,6 +30,7 @@ from deepseek_vl_jax import multimodal
 from deepseek_vl_jax.config import ModelConfig
 from deepseek_vl_jax.generation import kv_cache, sampling
 from deepseek_vl_jax.model import DeepseekVL
+from deepseek_vl_jax.quantization import quantized_layers
 
 TOP_LOGPROBS = 20  # OpenAI's maximum top_logprobs; always computed, the host keeps what a request asked for
 _SAMPLER = sampling.Sampler(do_sample=True, temperature=True, top_k=True, top_p=True)
@@ -130,7 +131,8 @@ class Programs:
         @functools.wraps(fn)
         def wrapped(*args):
             self.traces[name] += 1
-            return fn(*args)
+            with quantized_layers():  # layers whose weights are QTensors compute from them (no-op for float ones)
+                return fn(*args)
         return wrapped
 
     def program_count(self) -> int:
