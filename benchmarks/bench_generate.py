@@ -26,6 +26,10 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import torchvision_ops  # noqa: E402  transformers imports torchvision: see tests/torchvision_ops.py
+
+torchvision_ops.ensure_importable()
 
 TEXT = dict(vocab_size=102400, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
             num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-6, bos_token_id=100000,

@@ -22,6 +22,10 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import torchvision_ops  # noqa: E402  transformers imports torchvision: see tests/torchvision_ops.py
+
+torchvision_ops.ensure_importable()
 
 from deepseek_vl_jax.processing import DeepseekVLImageProcessor, ImageProcessorConfig  # noqa: E402
 

@@ -26,6 +26,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+import torchvision_ops  # noqa: E402  transformers imports torchvision: see tests/torchvision_ops.py
+
+torchvision_ops.ensure_importable()
 
 MODES = ("float32", "float32_fused_copy", "int8", "int4")
 SHORT, LONG = 8, 40

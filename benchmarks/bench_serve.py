@@ -26,6 +26,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+import torchvision_ops  # noqa: E402  transformers imports torchvision: see tests/torchvision_ops.py
+
+torchvision_ops.ensure_importable()
 
 import numpy as np  # noqa: E402
 
