@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 import torch
 import transformers
 from flax.core import meta
@@ -30,9 +31,12 @@ def _pair(use_head: bool, seed=0, **extra):
     return ref, module, params
 
 
-def test_siglip_matches_transformers_with_head():
-    ref, module, params = _pair(use_head=True)
-    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+@pytest.mark.parametrize("seed,eps", [(0, None), (2, 0.3)], ids=["default-eps", "large-eps"])
+def test_siglip_matches_transformers_with_head(seed, eps):
+    """With the head; a large eps (0.3) changes every LayerNorm visibly, so the config's value must be the one
+    used."""
+    ref, module, params = _pair(use_head=True, seed=seed, **({} if eps is None else {"layer_norm_eps": eps}))
+    pixels = np.random.default_rng(seed).standard_normal((3, 3, 32, 32)).astype(np.float32)
     with torch.no_grad():
         out = ref(torch.from_numpy(pixels))
     last, pooled = module.apply({"params": params}, pixels)
@@ -50,14 +54,3 @@ def test_siglip_without_head_has_no_head_params():
     last, pooled = module.apply({"params": params}, pixels)
     assert pooled is None
     assert F.max_rel_err(last, out) <= TOL
-
-
-def test_siglip_reads_layer_norm_eps():
-    """A large eps (0.3) changes every LayerNorm visibly: the config's value must be the one used."""
-    ref, module, params = _pair(use_head=True, seed=2, layer_norm_eps=0.3)
-    pixels = np.random.default_rng(2).standard_normal((2, 3, 32, 32)).astype(np.float32)
-    with torch.no_grad():
-        out = ref(torch.from_numpy(pixels))
-    last, pooled = module.apply({"params": params}, pixels)
-    assert F.max_rel_err(last, out.last_hidden_state.numpy()) <= TOL
-    assert F.max_rel_err(pooled, out.pooler_output.numpy()) <= TOL
