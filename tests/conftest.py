@@ -121,3 +121,19 @@ def chat_checkpoints(tmp_path_factory):
         return cache[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def original_dirs(tmp_path_factory):
+    """Reduced-size original deepseek-ai directories saved from the independent reference, built once per session:
+    `get("1.3b" | "7b")` -> path (read-only: tests that change files work on a copy)."""
+    from original_reference import checkpoints as C
+
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            cache[kind] = C.make_original_dir(tmp_path_factory.mktemp(f"orig{kind}") / "orig", kind)
+        return cache[kind]
+
+    return get

@@ -61,14 +61,14 @@ CHATS = [([PICTURES[0]], "Describe the picture.", None, None),
 
 
 @pytest.fixture(scope="module")
-def originals(tmp_path_factory):
+def originals(tmp_path_factory, original_dirs):
     """kind -> (original dir, converted Flax dir, reference model, reference processor)."""
     cache = {}
 
     def get(kind):
         if kind not in cache:
-            root = tmp_path_factory.mktemp(f"orig{kind}")
-            src = C.make_original_dir(root / "orig", kind)
+            root = tmp_path_factory.mktemp(f"conv{kind}")
+            src = original_dirs(kind)
             convert(src, root / "flax", progress=False)
             cache[kind] = (src, str(root / "flax"), C.load_reference(src), P.VLChatProcessor(src))
         return cache[kind]

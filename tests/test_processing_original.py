@@ -73,14 +73,14 @@ def test_system_message_replaces_the_system_prompt():
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory):
+def converted(tmp_path_factory, original_dirs):
     """kind -> (original dir, converted dir): the processor files only (weights are not needed here)."""
     cache = {}
 
     def get(kind):
         if kind not in cache:
             root = tmp_path_factory.mktemp(f"proc{kind}")
-            src = C.make_original_dir(root / "orig", kind)
+            src = original_dirs(kind)
             D.load_processor(src).save_pretrained(str(root / "converted"))  # what convert writes
             cache[kind] = (src, str(root / "converted"))
         return cache[kind]
