@@ -40,17 +40,23 @@ def after(qt: QTensor, x: jax.Array) -> QTensor:
     return qt.replace(values=jnp.asarray(qt.values) + zero)
 
 
+def _dot(x: jax.Array, q: QTensor, contract: int, dtype) -> jax.Array:
+    """x [..., K] contracted with axis `contract` of a 2-D QTensor; int8 scales (one per output) applied after the
+    dot, int4 dequantized (per group) before it."""
+    q = after(q, x)
+    x = x.astype(dtype)
+    dims = (((x.ndim - 1,), (contract,)), ((), ()))
+    if q.scheme == Scheme.INT8:
+        y = jax.lax.dot_general(x, jnp.asarray(q.values).astype(dtype), dims, preferred_element_type=dtype)
+        return y * jnp.asarray(q.scales).reshape(-1).astype(dtype)
+    return jax.lax.dot_general(x, dequantize(q, dtype), dims, preferred_element_type=dtype)
+
+
 def dense(x: jax.Array, kernel: QTensor, dtype) -> jax.Array:
     """x [..., in] @ kernel [in, out] (a QTensor with axis -2) -> [..., out] in `dtype`."""
     if kernel.ndim != 2 or kernel.axis != -2:
         raise ValueError(f"a quantized Dense kernel must be 2-D quantized along its input axis, got {kernel.shape}")
-    kernel = after(kernel, x)
-    x = x.astype(dtype)
-    dims = (((x.ndim - 1,), (0,)), ((), ()))
-    if kernel.scheme == Scheme.INT8:
-        y = jax.lax.dot_general(x, jnp.asarray(kernel.values).astype(dtype), dims, preferred_element_type=dtype)
-        return y * jnp.asarray(kernel.scales).reshape(-1).astype(dtype)
-    return jax.lax.dot_general(x, dequantize(kernel, dtype), dims, preferred_element_type=dtype)
+    return _dot(x, kernel, 0, dtype)
 
 
 def embed_lookup(ids: jax.Array, table: QTensor, dtype) -> jax.Array:
@@ -64,13 +70,7 @@ def embed_lookup(ids: jax.Array, table: QTensor, dtype) -> jax.Array:
 
 def embed_attend(h: jax.Array, table: QTensor, dtype) -> jax.Array:
     """h [..., D] against every row of a QTensor table [V, D] -> [..., V] (the tied LM head)."""
-    table = after(table, h)
-    h = h.astype(dtype)
-    dims = (((h.ndim - 1,), (1,)), ((), ()))
-    if table.scheme == Scheme.INT8:
-        y = jax.lax.dot_general(h, jnp.asarray(table.values).astype(dtype), dims, preferred_element_type=dtype)
-        return y * jnp.asarray(table.scales).reshape(-1).astype(dtype)
-    return jax.lax.dot_general(h, dequantize(table, dtype), dims, preferred_element_type=dtype)
+    return _dot(h, table, 1, dtype)
 
 
 def _variable(module: nn.Module, name: str):
