@@ -2,8 +2,10 @@
 
 The cache is on by default for the CLI, in `$DEEPSEEK_VL_JAX_CACHE_DIR`, else `$XDG_CACHE_HOME/deepseek-vl-jax/jax`,
 else `~/.cache/deepseek-vl-jax/jax`; `--no-compile-cache` or DEEPSEEK_VL_JAX_COMPILE_CACHE=0 turns it off. A repeat
-run then loads its programs from disk instead of compiling them (tracing still runs). Library users opt in with
-`enable_compile_cache()`; the library itself never turns it on.
+run then loads its programs from disk instead of compiling them. Under the same switch, `program_store()` keeps
+the model's parameter shapes and the exported generation programs in its `programs` subdirectory
+(`program_cache`), so a repeat run does not trace the model either. Library users opt in with
+`enable_compile_cache()` and `program_cache.ProgramStore`; the library itself never turns them on.
 """
 
 from __future__ import annotations
@@ -26,6 +28,15 @@ def default_cache_dir() -> str:
 
 def cache_wanted(flag_off: bool = False) -> bool:
     return not flag_off and os.environ.get(CACHE_SWITCH_ENV, "1").lower() not in ("0", "false", "no", "off")
+
+
+def program_store(flag_off: bool = False):
+    """The CLI's `program_cache.ProgramStore` (in `default_cache_dir()/programs`), or None when the cache is off."""
+    if not cache_wanted(flag_off):
+        return None
+    from deepseek_vl_jax.program_cache import ProgramStore
+
+    return ProgramStore(os.path.join(default_cache_dir(), "programs"))
 
 
 def enable_compile_cache(directory: str | None = None) -> str | None:

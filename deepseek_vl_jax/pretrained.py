@@ -14,7 +14,7 @@ import numpy as np
 from flax.core import meta
 from jax.sharding import Mesh
 
-from deepseek_vl_jax import common, hf_mapping, multimodal, sharding
+from deepseek_vl_jax import checkpoint_kinds, common, hf_mapping, multimodal, sharding
 from deepseek_vl_jax.config import ModelConfig
 from deepseek_vl_jax.model import DeepseekVL
 from deepseek_vl_jax.safetensors_io import CheckpointReader
@@ -230,7 +230,7 @@ def _release_pages(reader: CheckpointReader) -> None:
 
 def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh | None = None,
                     param_dtype: str | None = None, progress: bool = True, quantize: Any = None,
-                    adapter: str | os.PathLike | None = None,
+                    adapter: str | os.PathLike | None = None, abstract_fn: Any = None,
                     **runtime: Any) -> Model:
     """Load an HF DeepSeek-VL / -Hybrid checkpoint directory (`model.safetensors` or shards with an index).
 
@@ -250,26 +250,30 @@ def load_pretrained(path: str | os.PathLike, dtype: str = "float32", mesh: Mesh 
     `adapter`: a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`, e.g. from
     `export OUT DIR --adapter` or PEFT's `save_pretrained`), folded into the float weights (`lora.peft_io`) before
     any `quantize`.
+
+    `abstract_fn`: config -> the boxed abstract params, default `abstract_params` (traces the model's init); the CLI
+    passes `program_cache.ProgramStore.abstract_params`, which keeps them on disk for the next process.
     """
     if adapter is not None:
         from deepseek_vl_jax.lora.peft_io import merge_adapter
 
-        model = load_pretrained(path, dtype, mesh, param_dtype, progress, **runtime)
+        model = load_pretrained(path, dtype, mesh, param_dtype, progress, abstract_fn=abstract_fn, **runtime)
         model.params = merge_adapter(model.params, adapter)
         if quantize is not None:
             from deepseek_vl_jax.quantization import quantize_params
 
-            model.params = quantize_params(model.params, abstract_params(model.config), quantize, dtype, mesh)
+            model.params = quantize_params(model.params, (abstract_fn or abstract_params)(model.config), quantize,
+                                           dtype, mesh)
         return model
     param_dtype = param_dtype or dtype
     config = ModelConfig.from_pretrained(path, dtype=dtype, param_dtype=param_dtype, **runtime)
-    from deepseek_vl_jax.conversion import flax_checkpoint  # imported here: conversion imports this module
+    if checkpoint_kinds.is_flax_checkpoint(path) or checkpoint_kinds.is_training_output(path):
+        from deepseek_vl_jax.conversion import flax_checkpoint  # imported here: conversion imports this module
 
-    if flax_checkpoint.is_flax_checkpoint(path) or flax_checkpoint.is_training_output(path):
         return Model(config, flax_checkpoint.restore_params(path, config, param_dtype, mesh, quantize=quantize,
                                                             scale_dtype=dtype), mesh)
     reader = CheckpointReader(path)
-    abstract = abstract_params(config)
+    abstract = (abstract_fn or abstract_params)(config)
     shapes = meta.unbox(abstract)
     qplan = {}
     if quantize is not None:

@@ -1,6 +1,8 @@
-"""The CLI's persistent compilation cache: a second `generate` in a fresh process loads every program from the
-cache (counted with JAX's cache-hit / cache-miss monitoring events, and by the cache directory's entries, not
-timed), gives the same answer, and the cache can be turned off."""
+"""The CLI's caches: a second `generate` in a fresh process traces nothing (the parameter shapes and the compiled
+generation programs come from `program_cache`, the other programs from JAX's persistent compilation cache),
+counted with the program cache's counters, the generation trace counter, JAX's cache-hit / cache-miss monitoring
+events and the cache directories' entries, not timed; it gives the same answer as a run without caches, and the
+caches can be turned off."""
 
 import json
 import os
@@ -17,7 +19,10 @@ from deepseek_vl_jax.cli_runtime import CacheCounter
 counter = CacheCounter().register()
 from deepseek_vl_jax import cli
 rc = cli.main(sys.argv[1:])
-print(json.dumps({"rc": rc, "hits": counter.hits, "misses": counter.misses}), file=sys.stderr)
+from deepseek_vl_jax import program_cache
+from deepseek_vl_jax.generation import loop
+print(json.dumps({"rc": rc, "hits": counter.hits, "misses": counter.misses, "traces": loop.compile_count(),
+                  **program_cache.counts()}), file=sys.stderr)
 """
 ARGS = ["generate", "--model", TINY, "--image", os.path.join(REPO, "examples", "shapes.png"), "--prompt",
         "What color is the circle?", "--max-new-tokens", "4"]
@@ -40,17 +45,23 @@ def entries(d):
 def test_second_generate_hits_the_persistent_cache(tmp_path):
     cache = tmp_path / "cache"
     out1, first = run(cache)
-    assert first["hits"] == 0 and first["misses"] > 0
-    written = entries(cache)
-    assert len(written) >= first["misses"] > 0
+    # the shapes and the prefill and step programs are made and stored; everything else compiles into JAX's cache
+    assert first["hits"] == 0 and first["misses"] > 2 and first["traces"] == 2
+    assert first["shapes_saved"] == 1 and first["programs_saved"] == 2
+    written, stored = entries(cache), entries(cache / "programs")
+    assert len(written) >= first["misses"] - 2 > 0 and len(stored) == 3
     out2, second = run(cache)
-    assert second["misses"] == 0 and second["hits"] == first["misses"]
-    assert entries(cache) == written  # nothing new compiled
+    assert second["traces"] == 0 and second["shapes_loaded"] == 1 and second["programs_loaded"] == 2
+    assert "shapes_saved" not in second and "programs_saved" not in second and "rejected" not in second
+    # JAX's cache: no miss, and a hit for each program the first run compiled but did not store
+    assert second["misses"] == 0 and second["hits"] == first["misses"] - 2
+    assert entries(cache) == written and entries(cache / "programs") == stored  # nothing new
     assert out2 == out1 and out1.strip()
-    # off by flag: nothing read or written
+    # off by flag: nothing read or written, every program traced; the same answer
     off = tmp_path / "off"
     out3, third = run(off, "--no-compile-cache")
-    assert third["hits"] == third["misses"] == 0 and not off.exists() and out3 == out1
+    assert third["hits"] == third["misses"] == 0 and third["traces"] == 2 and not off.exists() and out3 == out1
+    assert not {"shapes_loaded", "programs_loaded", "shapes_saved", "programs_saved"} & set(third)
 
 
 def test_cache_switch(monkeypatch):

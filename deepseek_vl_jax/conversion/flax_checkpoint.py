@@ -32,15 +32,15 @@ import numpy as np
 from flax.core import meta
 
 from deepseek_vl_jax import hf_mapping, sharding
+from deepseek_vl_jax.checkpoint_kinds import (  # noqa: F401 — re-exported
+    MARKER, TRAINING_CHECKPOINTS, is_flax_checkpoint, is_training_output)
 from deepseek_vl_jax.config import ModelConfig
 from deepseek_vl_jax.conversion import atomic, orbax_io
 
-MARKER = "deepseek_vl_jax_checkpoint.json"
 FORMAT = "deepseek-vl-jax/flax"
 FORMAT_VERSION = 1
 PARAMS = "params"
 CONFIG = "config.json"
-TRAINING_CHECKPOINTS = "checkpoints"
 
 # Files that hold weights (never copied as "processor files").
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|msgpack|h5|gguf|npz)$|.*\.index\.json$")
@@ -48,10 +48,6 @@ _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|msgpack|h5|gguf|npz
 
 def dtype_name(dtype) -> str:
     return np.dtype(dtype).name
-
-
-def is_flax_checkpoint(path: str | os.PathLike) -> bool:
-    return os.path.isfile(os.path.join(os.fspath(path), MARKER))
 
 
 def read_marker(path: str | os.PathLike) -> dict:
@@ -67,13 +63,6 @@ def read_marker(path: str | os.PathLike) -> dict:
         raise ValueError(f"{file}: format_version {marker['format_version']} is newer than this library reads "
                          f"({FORMAT_VERSION})")
     return marker
-
-
-def is_training_output(path: str | os.PathLike) -> bool:
-    """A `train` output directory (OUT/config.json and OUT/checkpoints/), not a Flax checkpoint or HF directory."""
-    path = os.fspath(path)
-    return (not is_flax_checkpoint(path) and os.path.isdir(os.path.join(path, TRAINING_CHECKPOINTS))
-            and not any(n.endswith(".safetensors") for n in os.listdir(path)))
 
 
 def training_steps(out: str | os.PathLike) -> list[int]:

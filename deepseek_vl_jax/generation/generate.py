@@ -103,7 +103,7 @@ def generate(model, batch: Mapping[str, Any], max_new_tokens: int = 32, do_sampl
              streamer: Any = None, min_new_tokens: int = 0, stop_strings: str | Sequence[str] | None = None,
              stop_sequences: Sequence[Sequence[int]] | None = None, tokenizer: Any = None,
              num_return_sequences: int = 1, return_dict: bool = False,
-             top_logprobs: int = 0) -> np.ndarray | GenerateOutput:
+             top_logprobs: int = 0, programs: Callable | None = None) -> np.ndarray | GenerateOutput:
     """Generate up to `max_new_tokens` tokens for each row of a processor batch.
 
     model: a `Model` from `load_pretrained` (params possibly sharded over `model.mesh`).
@@ -119,6 +119,8 @@ def generate(model, batch: Mapping[str, Any], max_new_tokens: int = 32, do_sampl
     num_return_sequences: sampled continuations per prompt (rows r * n ... r * n + n - 1; needs do_sample).
     Returns new token ids [B * n, max_new_tokens] (int32), `pad_token_id` after each row's end; with return_dict a
     `GenerateOutput` (log-probabilities, `top_logprobs` alternatives, finish reasons), all computed in the loop.
+    programs: `(config, sampler, mesh, extras) -> loop.Programs`, default `loop.programs` (the CLI passes
+      `program_cache.ProgramStore.programs`: the same programs, kept compiled on disk for the next process).
     """
     check_sampling(temperature, top_k, top_p, repetition_penalty, max_new_tokens)
     c = model.config
@@ -143,7 +145,7 @@ def generate(model, batch: Mapping[str, Any], max_new_tokens: int = 32, do_sampl
         batch = expand_rows(batch, num_return_sequences, c.image_token_id, c.num_image_tokens)
     inputs, _ = prepare_inputs(model, batch, max_new_tokens)
     gen_len = kv_cache.gen_buffer_length(max_new_tokens)
-    progs = loop.programs(c, sampler, model.mesh, extras)
+    progs = (programs or loop.programs)(c, sampler, model.mesh, extras)
     rng = jax.random.key(seed)
     params = weights.generation_params(model)
     with _mesh_context(model.mesh):

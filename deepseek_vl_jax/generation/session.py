@@ -94,23 +94,26 @@ class Session:
     eos: tuple[int, ...]
     max_new_tokens: int | None = None  # None: what is left of the positions, at most DEFAULT_MAX_NEW_TOKENS
     status: Status = dataclasses.field(default_factory=Status)
+    store: Any = None  # a program_cache.ProgramStore (the CLI's cache on), or None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "Session":
-        from deepseek_vl_jax import load_pretrained
+        from deepseek_vl_jax import cli_runtime, load_pretrained
         from deepseek_vl_jax.processing import ProcessorError, load_processor
 
         check_model_dir(args.model)
         check_sampling_flags(args)
         status = Status()
         status(f"loading {args.model} ...")
+        store = cli_runtime.program_store(getattr(args, "no_compile_cache", False))
         try:
             processor = load_processor(args.processor or args.model)
         except ProcessorError as e:
             raise UserError(f"cannot load the processor: {e}") from e
         try:
             model = load_pretrained(args.model, dtype=args.dtype, progress=False,
-                                    quantize=quantize_cli.from_args(args), adapter=getattr(args, "adapter", None))
+                                    quantize=quantize_cli.from_args(args), adapter=getattr(args, "adapter", None),
+                                    abstract_fn=store and store.abstract_params)
         except (ValueError, OSError) as e:
             raise UserError(f"cannot load the model {args.model!r}: {e}") from e
         if processor.image_token_id != model.config.image_token_id:
@@ -125,7 +128,7 @@ class Session:
         if processor.eos_token_id is not None:
             eos.add(processor.eos_token_id)  # the chat format ends an answer with the tokenizer's eos
         status.clear()
-        return cls(model, processor, sampling, tuple(sorted(eos)), args.max_new_tokens, status)
+        return cls(model, processor, sampling, tuple(sorted(eos)), args.max_new_tokens, status, store)
 
     @property
     def positions(self) -> int:
@@ -171,7 +174,7 @@ class Session:
 
         try:
             tokens = generate(self.model, batch, eos_token_id=self.eos, streamer=_Clearing(), max_new_tokens=budget,
-                              **self.sampling)[0]
+                              programs=self.store and self.store.programs, **self.sampling)[0]
         finally:
             status.clear()
         ends = np.flatnonzero(np.isin(tokens, self.eos))

@@ -1,0 +1,192 @@
+"""Generation programs (`generation.loop.programs`) compiled once and kept on disk, so that a fresh process runs
+them without tracing, lowering or compiling the model again.
+
+Each program (generate, prefill, step) is compiled per argument signature (tree structure, shapes, dtypes, the
+static generated-buffer length) on its first use and stored as a serialized executable
+(`jax.experimental.serialize_executable`): loading one costs ~0.1 s. XLA:CPU cannot serialize every executable
+(a sort's comparator, as top-k / top-p sampling uses, is not serializable); such a program is stored with
+`jax.export` instead, as StableHLO that each process still lowers and compiles (JAX's compilation cache then
+saves the compilation), ~0.5 s more on the shipped model. From the first run on, a run with the cache on
+executes what the store holds, so a repeat run computes exactly what the first did.
+
+An executable holds machine code for this CPU and jaxlib: the key names both (`store.fingerprint`), and as with
+JAX's own compilation cache the directory must be the user's own (loading a file runs code from it). Anything
+that keeps an entry from being made, read or called (an unsupported tree, a stale, truncated or corrupt file)
+falls back, silently, to the jitted program.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from typing import Any, Callable
+
+from deepseek_vl_jax.program_cache.store import COUNTS, Store
+
+EXECUTABLE, EXPORTED = ".executable", ".jaxexport"
+_MISSING = object()
+_REGISTERED: list = []
+
+
+def _register_nodes() -> None:
+    """Teach jax.export the pytree nodes of the generation programs' arguments and results (once)."""
+    if _REGISTERED:
+        return
+    from jax import export
+
+    from deepseek_vl_jax.generation import loop, sampling, stopping
+    from deepseek_vl_jax.quantization.qtensor import QTensor, Scheme
+
+    plain = (lambda aux: json.dumps(list(aux)).encode(), lambda data: tuple(json.loads(data)))
+    qtensor = (lambda aux: json.dumps([aux[0].value, *aux[1:]]).encode(),
+               lambda data: (lambda a: (Scheme(a[0]), *a[1:]))(json.loads(data)))
+    for cls, (encode, decode) in ((sampling.SamplingParams, plain), (loop.StopParams, plain),
+                                  (loop.DecodeState, plain), (stopping.StopTables, plain), (QTensor, qtensor)):
+        try:
+            export.register_pytree_node_serialization(cls, serialized_name=f"{cls.__module__}.{cls.__qualname__}",
+                                                      serialize_auxdata=encode, deserialize_auxdata=decode)
+        except ValueError:  # registered already (by another user of the same classes)
+            pass
+    _REGISTERED.append(True)
+
+
+_HITS: list = []  # [count] of JAX compilation-cache hits, once the listener is registered
+
+
+def _cache_hits() -> int:
+    if not _HITS:
+        from jax import monitoring
+
+        _HITS.append(0)
+
+        def listen(event: str, **_) -> None:
+            if event == "/jax/compilation_cache/cache_hits":
+                _HITS[0] += 1
+
+        monitoring.register_event_listener(listen)
+    return _HITS[0]
+
+
+def _signature(leaves) -> tuple:
+    import jax
+
+    out = []
+    for x in leaves:
+        aval = jax.typeof(x)
+        out.append((tuple(aval.shape), str(aval.dtype), bool(getattr(aval, "weak_type", False))))
+    return tuple(out)
+
+
+class Program:
+    """A `loop.Programs` field called as a stored program. `traced(*args)` is the jitted original (its last
+    argument static when `static`; `donate`: the argument numbers it donates)."""
+
+    def __init__(self, store: Store, kind: str, ident: str, traced: Callable, static: bool = False,
+                 donate: tuple[int, ...] = ()):
+        self.store, self.kind, self.ident, self.traced = store, kind, ident, traced
+        self.static, self.donate = static, donate
+        self.memo: dict = {}  # signature -> [compiled, checked] or None (use `traced`)
+
+    def __call__(self, *args):
+        import jax
+
+        dynamic, static = (args[:-1], args[-1]) if self.static else (args, None)
+        leaves, treedef = jax.tree.flatten(dynamic)
+        sig = (treedef, static, _signature(leaves))
+        entry = self.memo.get(sig, _MISSING)
+        if entry is _MISSING:
+            entry = self.memo[sig] = self._entry(dynamic, static, treedef, sig[2])
+        if entry is None:
+            return self.traced(*args)
+        if entry[1]:
+            return entry[0](*dynamic)
+        try:  # the first call checks the arguments against the executable's and runs it: a failure falls back
+            out = jax.block_until_ready(entry[0](*dynamic))
+        except Exception:  # noqa: BLE001
+            COUNTS["rejected"] += 1
+            self.memo[sig] = None
+            return self.traced(*args)
+        entry[1] = True
+        return out
+
+    def _entry(self, dynamic, static, treedef, signature) -> list | None:
+        import jax
+        from jax import export
+        from jax.experimental import serialize_executable
+
+        key = self.store.key(f"program:{self.kind}", ident=self.ident, static=static, tree=str(treedef),
+                             avals=signature)
+        data = self.store.read(key, EXECUTABLE)
+        if data is not None:
+            try:
+                devices = sorted({d for x in jax.tree.leaves(dynamic) for d in x.devices()}, key=lambda d: d.id)
+                compiled = serialize_executable.deserialize_and_load(*pickle.loads(data), execution_devices=devices)
+                COUNTS["programs_loaded"] += 1
+                return [compiled, False]
+            except Exception:  # noqa: BLE001 — a corrupt or foreign file: compile again
+                COUNTS["rejected"] += 1
+        data = self.store.read(key, EXPORTED)
+        if data is not None:
+            try:
+                _register_nodes()
+                call = self._exported_call(export.deserialize(bytearray(data)))
+                COUNTS["programs_loaded"] += 1
+                return [call, False]
+            except Exception:  # noqa: BLE001
+                COUNTS["rejected"] += 1
+        hits = _cache_hits()
+        try:
+            compiled = self._named(key, static).lower(*dynamic).compile()
+        except Exception:  # noqa: BLE001 — the jitted program reports its own errors
+            COUNTS["programs_traced"] += 1
+            return None
+        try:
+            if _cache_hits() != hits:  # XLA:CPU re-serializes a cache-loaded executable incompletely
+                raise ValueError("loaded from JAX's compilation cache")
+            payload = pickle.dumps(serialize_executable.serialize(compiled))
+        except Exception:  # noqa: BLE001 — not serializable: keep it as StableHLO
+            return self._export(key, dynamic, static) or [compiled, False]
+        if self.store.write(key, EXECUTABLE, payload):
+            COUNTS["programs_saved"] += 1
+        return [compiled, False]
+
+    def _named(self, key: str, static):
+        """The program jitted under a name unique to its key: JAX's compilation cache holds no other program's
+        executable under it, so the compilation is this program's own (see `_cache_hits`)."""
+        import hashlib
+
+        import jax
+
+        def program(*args):
+            return self.traced(*args, *(() if static is None else (static,)))
+
+        program.__name__ = program.__qualname__ = f"{self.kind}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+        return jax.jit(program, donate_argnums=self.donate)
+
+    def _export(self, key, dynamic, static) -> list | None:
+        """Store the program as jax.export StableHLO and call it so; None when it cannot be exported."""
+        from jax import export
+
+        _register_nodes()
+        try:
+            exp = export.export(self._named(key, static))(*dynamic)
+            payload = bytes(exp.serialize())
+        except Exception:  # noqa: BLE001 — e.g. a tree node jax.export cannot serialize
+            return None
+        if self.store.write(key, EXPORTED, payload):
+            COUNTS["programs_saved"] += 1
+        return [self._exported_call(exp), False]
+
+    def _exported_call(self, exp) -> Callable:
+        import jax
+
+        return jax.jit(exp.call, donate_argnums=self.donate)
+
+
+def programs(store: Store, progs: Any, ident: str):
+    """`progs` (a `loop.Programs`) with each field called as a stored program."""
+    from deepseek_vl_jax.generation import loop
+
+    return loop.Programs(generate=Program(store, "generate", ident, progs.generate, static=True),
+                         prefill=Program(store, "prefill", ident, progs.prefill, static=True),
+                         step=Program(store, "step", ident, progs.step, donate=(1,)))
