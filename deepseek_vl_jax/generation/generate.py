@@ -138,8 +138,9 @@ def generate(model, batch: Mapping[str, Any], max_new_tokens: int = 32, do_sampl
                              top_logprobs)
     if pad_token_id is None:
         pad_token_id = c.text.pad_token_id if c.text.pad_token_id is not None else (eos[0] if eos else 0)
-    stop = loop.StopParams(eos=jnp.asarray(list(eos) + [-1] * (MAX_EOS - len(eos)), jnp.int32),
-                           pad=jnp.int32(pad_token_id), max_new_tokens=jnp.int32(max_new_tokens), **fields)
+    put = lambda x: jax.device_put(np.asarray(x, np.int32))  # a copy, not a compiled conversion (jnp.int32)
+    stop = loop.StopParams(eos=put(list(eos) + [-1] * (MAX_EOS - len(eos))), pad=put(pad_token_id),
+                           max_new_tokens=put(max_new_tokens), **fields)
     if num_return_sequences > 1:
         model.check_inputs(batch["input_ids"], batch.get("pixel_values"), batch.get("high_res_pixel_values"))
         batch = expand_rows(batch, num_return_sequences, c.image_token_id, c.num_image_tokens)
@@ -173,14 +174,14 @@ def _stream(progs, params, inputs, rng, sp, stop, gen_len, max_new_tokens, strea
     put: Callable = streamer.put if hasattr(streamer, "put") else streamer
     state = progs.prefill(params, inputs, rng, sp, stop, gen_len)
     done = np.asarray(state.done)
-    put(np.asarray(state.tokens[:, 0]))
+    put(np.asarray(state.tokens)[:, 0])  # sliced on host: no compiled slice
     try:
         for i in range(1, max_new_tokens):
             if done.all():
                 break
             state = progs.step(params, state, sp, stop)
             done = np.asarray(state.done)
-            put(np.asarray(state.tokens[:, i]))
+            put(np.asarray(state.tokens)[:, i])
     finally:
         if hasattr(streamer, "end"):
             streamer.end()

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -82,7 +81,7 @@ def prepare_inputs(model, batch: Mapping[str, Any], max_new_tokens: int) -> tupl
 def place(inputs: dict, mesh) -> dict:
     """Shard the token arrays' batch over (data, fsdp) when it divides; images replicated."""
     if mesh is None:
-        return {k: jnp.asarray(v) for k, v in inputs.items()}
+        return {k: jax.device_put(v) for k, v in inputs.items()}  # numpy arrays: a copy (jnp.asarray compiles one)
     out = {}
     for k, v in inputs.items():
         spec = PartitionSpec()

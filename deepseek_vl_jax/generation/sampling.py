@@ -19,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 NEG_INF = -jnp.inf
@@ -54,7 +55,9 @@ class SamplingParams:
 
     @classmethod
     def create(cls, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0) -> "SamplingParams":
-        return cls(jnp.float32(temperature), jnp.int32(top_k), jnp.float32(top_p), jnp.float32(repetition_penalty))
+        put = lambda x, dtype: jax.device_put(np.asarray(x, dtype))  # a copy, not a compiled conversion per dtype
+        return cls(put(temperature, np.float32), put(top_k, np.int32), put(top_p, np.float32),
+                   put(repetition_penalty, np.float32))
 
 
 def check_values(do_sample: bool, temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:

@@ -85,7 +85,7 @@ class Program:
                  donate: tuple[int, ...] = ()):
         self.store, self.kind, self.ident, self.traced = store, kind, ident, traced
         self.static, self.donate = static, donate
-        self.memo: dict = {}  # signature -> [compiled, checked] or None (use `traced`)
+        self.memo: dict = {}  # signature -> [callable, checked, key] or None (use `traced`)
 
     def __call__(self, *args):
         import jax
@@ -105,6 +105,8 @@ class Program:
         except Exception:  # noqa: BLE001
             COUNTS["rejected"] += 1
             self.memo[sig] = None
+            self.store.remove(entry[2], EXECUTABLE)
+            self.store.remove(entry[2], EXPORTED)
             return self.traced(*args)
         entry[1] = True
         return out
@@ -122,18 +124,20 @@ class Program:
                 devices = sorted({d for x in jax.tree.leaves(dynamic) for d in x.devices()}, key=lambda d: d.id)
                 compiled = serialize_executable.deserialize_and_load(*pickle.loads(data), execution_devices=devices)
                 COUNTS["programs_loaded"] += 1
-                return [compiled, False]
+                return [compiled, False, key]
             except Exception:  # noqa: BLE001 — a corrupt or foreign file: compile again
                 COUNTS["rejected"] += 1
+                self.store.remove(key, EXECUTABLE)
         data = self.store.read(key, EXPORTED)
         if data is not None:
             try:
                 _register_nodes()
                 call = self._exported_call(export.deserialize(bytearray(data)))
                 COUNTS["programs_loaded"] += 1
-                return [call, False]
+                return [call, False, key]
             except Exception:  # noqa: BLE001
                 COUNTS["rejected"] += 1
+                self.store.remove(key, EXPORTED)
         hits = _cache_hits()
         try:
             compiled = self._named(key, static).lower(*dynamic).compile()
@@ -145,10 +149,11 @@ class Program:
                 raise ValueError("loaded from JAX's compilation cache")
             payload = pickle.dumps(serialize_executable.serialize(compiled))
         except Exception:  # noqa: BLE001 — not serializable: keep it as StableHLO
-            return self._export(key, dynamic, static) or [compiled, False]
+            return self._export(key, dynamic, static) or [compiled, False, key]
         if self.store.write(key, EXECUTABLE, payload):
             COUNTS["programs_saved"] += 1
-        return [compiled, False]
+            self.store.remove(key, EXPORTED)
+        return [compiled, False, key]
 
     def _named(self, key: str, static):
         """The program jitted under a name unique to its key: JAX's compilation cache holds no other program's
@@ -175,7 +180,8 @@ class Program:
             return None
         if self.store.write(key, EXPORTED, payload):
             COUNTS["programs_saved"] += 1
-        return [self._exported_call(exp), False]
+            self.store.remove(key, EXECUTABLE)
+        return [self._exported_call(exp), False, key]
 
     def _exported_call(self, exp) -> Callable:
         import jax

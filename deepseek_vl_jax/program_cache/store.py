@@ -105,6 +105,13 @@ class Store:
             return None
         return data[len(head):]
 
+    def remove(self, key: str, suffix: str) -> None:
+        """Delete an entry (a rejected file, or one in the other format), if it exists."""
+        try:
+            os.unlink(self._path(key, suffix))
+        except OSError:
+            pass
+
     def write(self, key: str, suffix: str, payload: bytes) -> bool:
         tmp = None
         try:
