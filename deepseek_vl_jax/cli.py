@@ -3,8 +3,8 @@
 Each program lives in its own module with `add_arguments(parser)` and `run(args) -> int`; this file only wires
 them up, importing a program's module when that subcommand is used (so `--help` stays fast), and reports every
 error the same way (`cli_errors`: `error: ...` on stderr, exit 2 for user errors, 3 for the environment; the
-traceback only with --debug or DEEPSEEK_VL_JAX_DEBUG=1). JAX's persistent compilation cache is on (`cli_runtime`;
---no-compile-cache or DEEPSEEK_VL_JAX_COMPILE_CACHE=0 turns it off).
+traceback only with --debug or DEEPSEEK_VL_JAX_DEBUG=1). JAX's persistent compilation cache and the program cache
+are on (`cli_runtime`; --no-compile-cache or DEEPSEEK_VL_JAX_COMPILE_CACHE=0 turns them off).
 """
 
 from __future__ import annotations
@@ -58,8 +58,9 @@ def _global_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--debug", action="store_true",
                    help=f"show the Python traceback of an error (or set {cli_errors.DEBUG_ENV}=1)")
     g.add_argument("--no-compile-cache", action="store_true",
-                   help="do not use JAX's persistent compilation cache (default: on, in "
-                        f"{cli_runtime.default_cache_dir()}; or set {cli_runtime.CACHE_SWITCH_ENV}=0)")
+                   help="do not use JAX's persistent compilation cache nor the program cache (parameter shapes "
+                        f"and compiled generation programs) (default: on, in {cli_runtime.default_cache_dir()}; or "
+                        f"set {cli_runtime.CACHE_SWITCH_ENV}=0)")
 
 
 def main(argv: list[str] | None = None) -> int:
