@@ -119,14 +119,25 @@ class ResumeError(ValueError):
 
 
 def file_fingerprint(path: str) -> dict:
-    """Size and SHA-256 of a data file (what decides whether a resumed run reads the same rows)."""
+    """Size and SHA-256 of a data file (what decides whether a resumed run reads the same rows). Hashed by
+    process 0 alone and sent to the others (a collective: every process calls it), so a start on many hosts reads
+    the file for its hash once."""
     import hashlib
 
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"bytes": os.path.getsize(path), "sha256": h.hexdigest()}
+    import numpy as np
+
+    digest = np.zeros(32, np.uint8)
+    if jax.process_index() == 0:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = np.frombuffer(h.digest(), np.uint8)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        digest = np.asarray(multihost_utils.broadcast_one_to_all(digest), np.uint8)
+    return {"bytes": os.path.getsize(path), "sha256": bytes(digest).hex()}
 
 
 def run_fingerprint(model_dir: str, data_path: str, mesh_shape: dict) -> dict:
