@@ -174,14 +174,14 @@ def _stream(progs, params, inputs, rng, sp, stop, gen_len, max_new_tokens, strea
     put: Callable = streamer.put if hasattr(streamer, "put") else streamer
     state = progs.prefill(params, inputs, rng, sp, stop, gen_len)
     done = np.asarray(state.done)
-    put(np.asarray(state.tokens)[:, 0])  # sliced on host: no compiled slice
+    put(np.asarray(state.tokens)[:, 0].copy())  # sliced on host (no compiled slice), a copy the streamer may keep
     try:
         for i in range(1, max_new_tokens):
             if done.all():
                 break
             state = progs.step(params, state, sp, stop)
             done = np.asarray(state.done)
-            put(np.asarray(state.tokens)[:, i])
+            put(np.asarray(state.tokens)[:, i].copy())
     finally:
         if hasattr(streamer, "end"):
             streamer.end()

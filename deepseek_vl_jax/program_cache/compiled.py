@@ -6,7 +6,7 @@ static generated-buffer length) on its first use and stored as a serialized exec
 (`jax.experimental.serialize_executable`): loading one costs ~0.1 s. XLA:CPU cannot serialize every executable
 (a sort's comparator, as top-k / top-p sampling uses, is not serializable); such a program is stored with
 `jax.export` instead, as StableHLO that each process still lowers and compiles (JAX's compilation cache then
-saves the compilation), ~0.5 s more on the shipped model. From the first run on, a run with the cache on
+saves the compilation), ~0.4 CPU-s more per run on the shipped model. From the first run on, a run with the cache on
 executes what the store holds, so a repeat run computes exactly what the first did.
 
 An executable holds machine code for this CPU and jaxlib: the key names both (`store.fingerprint`), and as with
