@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from deepseek_vl_jax.serving import Options, Prompt
+from deepseek_vl_jax.serving import Options, Prompt, turns
 from deepseek_vl_jax.serving.caches import image_runs
 from deepseek_vl_jax.serving.metrics import read
 
@@ -122,6 +122,42 @@ def test_prefix_cache_second_turn_and_other_image(serving_engine, serving_models
     engine.prefix_cache.entries.clear()
     engine.prefix_cache.bytes = 0
     same(got, engine.generate(other, Options(max_tokens=8, temperature=0.0, logprobs=True))[0])
+
+
+def test_next_turn_reuses_the_answer(serving_engine, serving_models):
+    """A request built with `Prompt.from_chat` caches its answer's KV at its end: the next turn (the answer rendered
+    by the chat template, then a new message) prefills only what follows the last complete block of the answer,
+    counted by /metrics, and answers exactly as with the caches emptied."""
+    engine = serving_engine("vl", 16)
+    _, _, proc = serving_models("vl")
+    c = engine.shapes.chunk
+    user = {"role": "user", "content": [{"type": "image", "image": S.pil_image(3)},
+                                        {"type": "text", "text": "Describe the picture."}]}
+    first = Prompt.from_chat(proc, [user])
+    metric = lambda name: read(engine.metrics.render().decode(), f"dsvl_{name}")
+    blocks = metric("answer_blocks_cached")
+    answer = engine.generate(first, Options(max_tokens=40, temperature=0.0))[0]
+    deadline = time.monotonic() + 30
+    while engine.state()["finishing"] and time.monotonic() < deadline:  # the answer's KV is cached after its end
+        time.sleep(0.01)
+    assert engine.state()["finishing"] == 0 and engine.state()["running"] == 0
+    assert metric("answer_blocks_cached") > blocks
+    history = [user, {"role": "assistant", "content": [{"type": "text", "text": answer["text"]}]}]
+    second = Prompt.from_chat(proc, [*history, {"role": "user", "content": [{"type": "text", "text": "And else?"}]}])
+    turn = turns.next_turn_ids(proc, [user], answer["text"])
+    np.testing.assert_array_equal(second.ids[:len(turn)], turn)  # the next prompt starts as predicted
+    assert len(turn) >= len(first.ids) + c  # the answer fills at least one more block
+    before = (metric("prefix_cache_hit_tokens"), metric("prefill_tokens"))
+    got = engine.generate(second, Options(max_tokens=8, temperature=0.0, logprobs=True))[0]
+    reused = metric("prefix_cache_hit_tokens") - before[0]
+    assert reused > len(first.ids)  # past the first prompt: the answer's blocks were hit
+    assert reused >= len(turn) - c  # everything but the answer's last partial block
+    assert metric("prefill_tokens") - before[1] == len(second.ids) - reused
+    engine.prefix_cache.entries.clear()
+    engine.prefix_cache.bytes = 0
+    engine.image_cache.entries.clear()
+    engine.image_cache.bytes = 0
+    same(got, engine.generate(second, Options(max_tokens=8, temperature=0.0, logprobs=True))[0])
 
 
 def test_bad_lengths_name_both_numbers(serving_engine, serving_models):

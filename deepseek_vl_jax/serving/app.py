@@ -83,10 +83,9 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
                     content.append({"type": "image", "image": load_image(item["url"], config.media, param)})
             messages.append({"role": m["role"], "content": content})
         try:
-            batch = processor(messages, add_generation_prompt=True)
+            return Prompt.from_chat(processor, messages)  # also: how the next turn starts (answer KV caching)
         except ProcessorError as e:
             raise ApiError(400, f"cannot process the messages: {e}", "messages", "invalid_value") from None
-        return Prompt.from_batch(batch)
 
     async def chat_completions(request: Request) -> Response:
         try:
