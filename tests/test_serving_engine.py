@@ -3,13 +3,15 @@ others, joining mid-way, and through the prefix cache; seeded sampling too), the
 turn of a chat reuses the first turn's blocks, the same text with another image reuses nothing past the text before
 the image), a bounded program count, and tensor-parallel serving on the 8-device mesh equal to one device."""
 
+import dataclasses
+import queue
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from deepseek_vl_jax.serving import Options, Prompt, turns
+from deepseek_vl_jax.serving import Options, Prompt, caches, turns
 from deepseek_vl_jax.serving.caches import image_runs
 from deepseek_vl_jax.serving.metrics import read
 
@@ -158,6 +160,48 @@ def test_next_turn_reuses_the_answer(serving_engine, serving_models):
     engine.image_cache.entries.clear()
     engine.image_cache.bytes = 0
     same(got, engine.generate(second, Options(max_tokens=8, temperature=0.0, logprobs=True))[0])
+
+
+def test_a_long_prefill_runs_between_decode_steps(serving_engine, serving_models):
+    """With a budget of one chunk per decode step, a request joining with a long prompt is prefilled chunk by chunk
+    while the running request keeps emitting tokens, and both answer exactly as alone."""
+    engine = serving_engine("vl", 16)
+    _, _, proc = serving_models("vl")
+    short = (prompt(proc, [], "Hi"), Options(max_tokens=40, temperature=0.0, logprobs=True))
+    long = (prompt(proc, [0, 1, 2], "Count the objects, then name each one of them in order."),
+            Options(max_tokens=4, temperature=0.0, logprobs=True))
+    alone = [engine.generate(*short)[0], engine.generate(*long)[0]]
+    chunks = len(caches.boundaries(len(long[0].ids), image_runs(long[0].ids, engine.model.config.image_token_id,
+                                                                 engine.tokens_per_image), engine.shapes.chunk)) - 1
+    assert chunks >= 4
+    config = engine.config
+    engine.config = dataclasses.replace(config, prefill_budget=1, prefix_cache=False)
+    try:
+        log, out = [], [queue.Queue(), queue.Queue()]
+        sink = lambda i: lambda e: (log.append(i), out[i].put(e))
+        engine.submit(*short, sink(0))
+        while not log:
+            time.sleep(0.001)
+        engine.submit(*long, sink(1))
+        got = [collect(out[0]), collect(out[1])]
+    finally:
+        engine.config = config
+    between = log[:log.index(1)].count(0) - 1  # the short request's tokens while the long one was prefilled
+    assert between >= chunks - 1
+    same(alone[0], got[0])
+    same(alone[1], got[1])
+
+
+def collect(events):
+    """One choice's events -> {"text", "tokens", "logprobs", "finish_reason"}."""
+    o = {"text": "", "tokens": [], "logprobs": [], "finish_reason": None}
+    while o["finish_reason"] is None:
+        e = events.get(timeout=60)
+        o["text"] += e.text
+        o["tokens"] += e.tokens
+        o["logprobs"] += e.logprobs or []
+        o["finish_reason"] = e.finish_reason
+    return o
 
 
 def test_bad_lengths_name_both_numbers(serving_engine, serving_models):

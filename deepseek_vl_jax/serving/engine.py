@@ -2,9 +2,11 @@
 `programs.py`. It knows nothing of HTTP: the app (and the tests) submit `Prompt`s with `Options` and receive `Event`s.
 
 One engine thread loops: drop cancelled requests (their slots are free at once), admit waiting requests into free
-slots (images encoded or taken from the feature cache, the prompt's prefix restored from the prefix cache, the rest
-prefilled chunk by chunk, the first token picked), then run one decode step over all slots and hand each running
-sequence its token. Stop conditions (eos, stop strings, max_tokens, the cache's end) are checked on the host.
+slots (images encoded or taken from the feature cache), run up to `prefill_budget` tokens of queued prefill chunks
+(a prompt's first chunk restores its prefix from the prefix cache, its last picks the first token), then run one
+decode step over all slots and hand each running sequence its token, and finally put finished answers into the
+prefix cache for the chat's next turn. Stop conditions (eos, stop strings, max_tokens, the cache's end) are checked
+on the host.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class EngineConfig:
     image_cache_bytes: int = 256 << 20
     prefix_cache_bytes: int = 1 << 30
     prefix_cache: bool = True
-    prefill_budget: int = 512  # prompt tokens admitted between two decode steps (at least one request)
+    prefill_budget: int = 512  # prompt tokens admitted, and prefilled (in chunks), between two decode steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +114,8 @@ class _Sequence:
     tokens: list = dataclasses.field(default_factory=list)
     emitted: str = ""
     position: int = 0  # the cache slot the last token will be fed at
+    next_block: int = -1  # prefill: the next chunk to run (-1: not started)
+    hit: int = 0  # prefill: blocks restored from the prefix cache
     last_time: float = 0.0
     finish: str | None = None
 
@@ -128,6 +132,7 @@ class _Request:
     cancelled: bool = False
     sequences: list = dataclasses.field(default_factory=list)
     content: tuple = ()  # set at admission: (image hashes, image runs, features [n, D], is_image [n])
+    blocks: tuple = ()  # set at admission: (prefill chunk boundaries, prefix-cache keys of the complete blocks)
 
 
 class Engine:
@@ -157,6 +162,7 @@ class Engine:
             self.cache = self.programs.init_cache(stacked=self.params["layers"] is None)
         self.slots: list[_Sequence | None] = [None] * config.max_batch
         self._answers: list[_Sequence] = []  # finished, their slots held until their answer's KV is cached
+        self._prefilling: list[_Sequence] = []  # admitted, prompt not fully prefilled yet (first come first served)
         self.waiting: list[_Request] = []
         self._ids = itertools.count()
         self._lock = threading.Condition()
@@ -293,6 +299,7 @@ class Engine:
                         admit = self._take_admissible()
                     for request in admit:
                         self._admit(request)
+                    self._prefill(self.config.prefill_budget)
                     if any(s is not None and s.tokens and s.finish is None for s in self.slots):
                         self._step()
                     self._cache_answers()
@@ -306,6 +313,7 @@ class Engine:
 
     def _drop_cancelled(self) -> None:
         self.waiting = [r for r in self.waiting if not r.cancelled]
+        self._prefilling = [q for q in self._prefilling if not q.request.cancelled]
         for i, s in enumerate(self.slots):
             if s is not None and s.request.cancelled:
                 self.slots[i] = None
@@ -343,11 +351,11 @@ class Engine:
         return key, feats
 
     def _admit(self, request: _Request) -> None:
+        """Encode (or look up) the request's images and queue its sequences for prefill."""
         prompt, c = request.prompt, self.shapes.chunk
         hashes, feats = zip(*(self._features(im) for im in prompt.images)) if prompt.images else ((), ())
         runs = caches.image_runs(prompt.ids, self.model.config.image_token_id, self.tokens_per_image)
         n = len(prompt.ids)
-        put = lambda x: programs.replicated_put(self.model.mesh, x)
         bounds = caches.boundaries(n, runs, c)
         keys = caches.block_keys(prompt.ids, hashes, runs, bounds) if self.config.prefix_cache else []
         slab = np.zeros((n, self.model.config.text.hidden_size), np.float32)
@@ -357,30 +365,50 @@ class Engine:
         for s, e in runs:
             is_image[s:e] = True
         request.content = (hashes, runs, slab, is_image)
+        request.blocks = (bounds, keys)
         self.metrics.prompt_tokens.inc(n * len(request.sequences))
-        for seq in request.sequences:
-            if request.cancelled:
-                with self._lock:
-                    for other in request.sequences:
-                        if self.slots[other.slot] is other:
-                            self.slots[other.slot] = None
-                break
-            hit = self.prefix_cache.longest_hit(keys, bounds, n, runs) if keys else 0
-            for j in range(hit):  # in order: each block's C slots overwrite the previous one's unused tail
-                block = self.prefix_cache.get(keys[j])
-                self.cache = self.programs.load_block(self.cache, block, np.int32(seq.slot), np.int32(bounds[j]))
-            if hit:
-                self.metrics.prefix_hits.inc()
-                self.metrics.prefix_hit_tokens.inc(bounds[hit])
-            logits = self._chunks(seq.slot, prompt.ids, slab, is_image, bounds, range(hit, len(bounds) - 1))
-            self.metrics.prefill_tokens.inc(n - bounds[hit])
-            for j in range(hit, len(keys)):
+        self._prefilling.extend(request.sequences)
+
+    def _prefill(self, budget: int) -> None:
+        """Run queued prefill chunks, first come first served, until `budget` prompt tokens ran (then the decode
+        step runs, so a long prompt does not stall the running sequences). A sequence's first chunk restores the
+        longest cached prefix (which the sequences before it may just have saved); its last picks its first
+        token."""
+        while self._prefilling and budget > 0:
+            seq = self._prefilling[0]
+            req = seq.request
+            if req.cancelled:  # its slots were freed by `_drop_cancelled`
+                self._prefilling.pop(0)
+                continue
+            ids = req.prompt.ids
+            n = len(ids)
+            hashes, runs, slab, is_image = req.content
+            bounds, keys = req.blocks
+            if seq.next_block < 0:
+                hit = self.prefix_cache.longest_hit(keys, bounds, n, runs) if keys else 0
+                for j in range(hit):  # in order: each block's C slots overwrite the previous one's unused tail
+                    block = self.prefix_cache.get(keys[j])
+                    self.cache = self.programs.load_block(self.cache, block, np.int32(seq.slot), np.int32(bounds[j]))
+                if hit:
+                    self.metrics.prefix_hits.inc()
+                    self.metrics.prefix_hit_tokens.inc(bounds[hit])
+                self.metrics.prefill_tokens.inc(n - bounds[hit])
+                seq.hit = seq.next_block = hit
+            j = seq.next_block
+            logits = self._chunks(seq.slot, ids, slab, is_image, bounds, [j])
+            budget -= min(bounds[j + 1], n) - bounds[j]
+            seq.next_block += 1
+            if seq.next_block < len(bounds) - 1:
+                continue
+            self._prefilling.pop(0)
+            for j in range(seq.hit, len(keys)):
                 if keys[j] not in self.prefix_cache:
                     self.prefix_cache.put(keys[j], self.programs.save_block(self.cache, np.int32(seq.slot),
                                                                             np.int32(bounds[j])))
             picked = self.programs.pick(logits[None], self._slot_params([seq]))
             seq.position = n
-            self._emit([seq], jax.device_get(picked))
+            with self._lock:
+                self._emit([seq], jax.device_get(picked))
 
     def _chunks(self, slot: int, ids: np.ndarray, slab: np.ndarray, is_image: np.ndarray, bounds, blocks):
         """Prefill blocks [bounds[j], bounds[j + 1]) (j in `blocks`, in order) of ids [n] into row `slot`, each as
