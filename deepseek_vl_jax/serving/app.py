@@ -26,6 +26,8 @@ from deepseek_vl_jax.serving.engine import Engine, Prompt, QueueFull, TooLong
 from deepseek_vl_jax.serving.media import MediaLimits, load_image
 from deepseek_vl_jax.serving.protocol import ApiError
 
+DISCONNECT_POLL_S = 0.05  # how often a non-streaming request checks that its client is still there
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -116,7 +118,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
             return StreamingResponse(_stream(engine, rid, name, chat, len(prompt.ids), events),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            return await _collect(rid, name, chat, len(prompt.ids), events)
+            return await _collect(request, rid, name, chat, len(prompt.ids), events)
         finally:
             engine.cancel(rid)  # a no-op once finished; frees the slots if the client went away
 
@@ -157,11 +159,17 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, 500: server_error})
 
 
-async def _collect(rid, name, chat, prompt_tokens, events) -> Response:
+async def _collect(request, rid, name, chat, prompt_tokens, events) -> Response:
+    """Wait for every choice's end; a client that goes away meanwhile gets nothing (the caller then cancels)."""
     n = chat.options.n
     out = [{"text": "", "logprobs": [], "finish_reason": None, "tokens": 0} for _ in range(n)]
     while any(o["finish_reason"] is None for o in out):
-        e = await events.get()
+        try:
+            e = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            if await request.is_disconnected():
+                return Response(status_code=499)
+            continue
         if e.finish_reason == "error":
             return _error(ApiError(500, "the engine failed while generating", None, "internal_error", "server_error"))
         o = out[e.choice]
