@@ -163,12 +163,17 @@ async def _collect(request, rid, name, chat, prompt_tokens, events) -> Response:
     """Wait for every choice's end; a client that goes away meanwhile gets nothing (the caller then cancels)."""
     n = chat.options.n
     out = [{"text": "", "logprobs": [], "finish_reason": None, "tokens": 0} for _ in range(n)]
+    checked = time.monotonic()
     while any(o["finish_reason"] is None for o in out):
         try:
             e = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
         except asyncio.TimeoutError:
+            e = None
+        if time.monotonic() - checked >= DISCONNECT_POLL_S:  # also while tokens keep coming
+            checked = time.monotonic()
             if await request.is_disconnected():
                 return Response(status_code=499)
+        if e is None:
             continue
         if e.finish_reason == "error":
             return _error(ApiError(500, "the engine failed while generating", None, "internal_error", "server_error"))

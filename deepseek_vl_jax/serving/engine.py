@@ -48,6 +48,7 @@ class EngineConfig:
     image_cache_bytes: int = 256 << 20
     prefix_cache_bytes: int = 1 << 30
     prefix_cache: bool = True
+    cache_answers: bool = True  # at a request's end, prefill its answer as the next turn's prompt holds it (if known)
     prefill_budget: int = 512  # prompt tokens admitted, and prefilled (in chunks), between two decode steps
 
 
@@ -302,7 +303,8 @@ class Engine:
                     self._prefill(self.config.prefill_budget)
                     if any(s is not None and s.tokens and s.finish is None for s in self.slots):
                         self._step()
-                    self._cache_answers()
+                    if self._answers and self._answers_due():
+                        self._cache_answers()
         except BaseException as e:  # noqa: BLE001 - reported to every waiting client, then re-raised in the thread
             self.error = e
             with self._lock:
@@ -428,6 +430,14 @@ class Engine:
                                                      put(im), np.int32(start), np.int32(m))
         return logits
 
+    def _answers_due(self) -> bool:
+        """Answer caching is background work: it runs when nothing is being decoded or prefilled, or when a waiting
+        request needs a slot that only a finished answer holds."""
+        with self._lock:
+            busy = self._prefilling or any(s is not None and s.finish is None for s in self.slots)
+            starved = self.waiting and self.waiting[0].options.n > sum(s is None for s in self.slots)
+            return not busy or bool(starved)
+
     def _cache_answers(self) -> None:
         """Put each finished sequence's answer into the prefix cache as the next turn's prompt will hold it, then
         free its slot. The blocks from the one holding the prompt's end are prefilled again as the next turn's
@@ -518,7 +528,7 @@ class Engine:
             req.sink(Event(s.choice, text, [token], lp, finish))
             if finish is not None:
                 self.metrics.requests.labels(finish).inc()
-                if self.config.prefix_cache and req.prompt.next_turn is not None:
+                if self.config.prefix_cache and self.config.cache_answers and req.prompt.next_turn is not None:
                     self._answers.append(s)  # the slot is freed once the answer's KV is cached
                 elif self.slots[s.slot] is s:
                     self.slots[s.slot] = None
