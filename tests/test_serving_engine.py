@@ -162,6 +162,34 @@ def test_next_turn_reuses_the_answer(serving_engine, serving_models):
     same(got, engine.generate(second, Options(max_tokens=8, temperature=0.0, logprobs=True))[0])
 
 
+def test_a_waiting_request_takes_a_slot_held_by_a_finished_answer(serving_engine, serving_models):
+    """Answer caching waits while others decode, unless a waiting request needs the slot it holds: with 2 slots, one
+    held by a finished answer and one decoding, a third request is admitted (the answer cached first) before the
+    decoding one ends."""
+    engine = serving_engine("vl", 2)
+    _, _, proc = serving_models("vl")
+    chat = lambda text: [{"role": "user", "content": [{"type": "text", "text": text}]}]
+    metric = lambda name: read(engine.metrics.render().decode(), f"dsvl_{name}")
+    reqs = [(Prompt.from_chat(proc, chat("Hi")), Options(max_tokens=20, temperature=0.0)),
+            (Prompt.from_chat(proc, chat("Tell me a long story.")), Options(max_tokens=150, temperature=0.0)),
+            (Prompt.from_chat(proc, chat("What is in it?")), Options(max_tokens=4, temperature=0.0))]
+    alone = engine.generate(*reqs[2])[0]
+    while engine.state()["finishing"]:
+        time.sleep(0.01)
+    blocks = metric("answer_blocks_cached")
+    log, out = [], [queue.Queue() for _ in reqs]
+    sink = lambda i: lambda e: (log.append((i, e.finish_reason)), out[i].put(e))
+    engine.submit(*reqs[0], sink(0))
+    engine.submit(*reqs[1], sink(1))
+    got0 = collect(out[0])
+    assert engine.state()["finishing"] == 1 and engine.state()["running"] == 1  # held while the other decodes
+    engine.submit(*reqs[2], sink(2))
+    got2, got1 = collect(out[2]), collect(out[1])
+    assert log.index((2, got2["finish_reason"])) < log.index((1, got1["finish_reason"]))
+    assert metric("answer_blocks_cached") > blocks and got0["finish_reason"] == "length"
+    same(alone, got2)
+
+
 def test_a_long_prefill_runs_between_decode_steps(serving_engine, serving_models):
     """With a budget of one chunk per decode step, a request joining with a long prompt is prefilled chunk by chunk
     while the running request keeps emitting tokens, and both answer exactly as alone."""
