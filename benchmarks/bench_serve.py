@@ -61,7 +61,8 @@ def build_checkpoint(path: str, layers: int, hidden: int, heads: int, ffn: int) 
     proc = load_processor(path)
     vocab = -(-proc.tokenizer.get_vocab_size() // 64) * 64
     text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=proc.bos_token_id,
+                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                bos_token_id=proc.bos_token_id,
                 eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id)
     vision = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
                   image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False)
