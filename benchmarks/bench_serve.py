@@ -2,11 +2,14 @@
 sending chats with one image; side by side in the same run, this project's offline `generate` on the same requests
 batched, and transformers' `generate` one request at a time (what its `pipeline` does).
 
-    python benchmarks/bench_serve.py [--checkpoint DIR] [--max-tokens 32]
+    flock /work/wt/bench.lock python benchmarks/bench_serve.py [--checkpoint DIR] [--max-tokens 64]
 
-Model: a smaller shape than bench_generate's 0.45B (this 2-core shared machine would take too long): LLaMA 6 layers,
-hidden 512, 8 heads, intermediate 1408; SigLIP 6 layers, hidden 384, 224 px, patch 16 -> 196 image tokens; the tiny
-byte-level BPE tokenizer of tests/processing_fixtures (vocabulary ~600). Random weights, float32.
+Model (default): LLaMA 8 layers, hidden 1024, 16 heads, intermediate 2816 (~104M parameters), SigLIP 6 layers,
+hidden 384, 224 px, patch 16 -> 196 image tokens; the tiny byte-level BPE tokenizer of tests/processing_fixtures
+(vocabulary ~600). Random weights, float32. Smaller than bench_generate's 0.45B so that a run takes a few minutes on
+this 2-core machine, but large enough that a decode step is dominated by reading the weights, as it is for the real
+models (`--layers 6 --hidden 512 --heads 8 --ffn 1408 --max-tokens 32` is the ~20M shape of the first runs, where
+per-step overhead dominates). The engine's --max-seq-len is what the workload needs (prompt + max tokens).
 
 Measures per concurrency: output tokens/s, requests/s, time to first token p50/p99, inter-token latency p50/p99
 (from the SSE stream on the client side, one chunk per token as log-probabilities are asked for); and a two-turn
@@ -35,11 +38,19 @@ import numpy as np  # noqa: E402
 IMAGE_SIZE, PATCH = 224, 16
 NUM_IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2
 QUESTION = "Describe the picture in detail."
+THINK_S = 1.0  # between a first turn's answer and the second turn
+SECOND_TURN_TOKENS = 4  # the second turn measures only its time to first token
 
 
-def build_checkpoint(path: str) -> str:
+def build_checkpoint(path: str, layers: int, hidden: int, heads: int, ffn: int) -> str:
     if os.path.isfile(os.path.join(path, "config.json")):
-        return path
+        with open(os.path.join(path, "config.json")) as f:
+            t = json.load(f)["text_config"]
+        if (t["num_hidden_layers"], t["hidden_size"], t["num_attention_heads"], t["intermediate_size"]) == (
+                layers, hidden, heads, ffn):
+            return path
+        import shutil
+        shutil.rmtree(path)
     import processing_fixtures as PF
     import torch
     import transformers
@@ -49,8 +60,9 @@ def build_checkpoint(path: str) -> str:
     PF.make_processor_dir(path, num_image_tokens=NUM_IMAGE_TOKENS, image_size=IMAGE_SIZE)
     proc = load_processor(path)
     vocab = -(-proc.tokenizer.get_vocab_size() // 64) * 64
-    text = dict(vocab_size=vocab, hidden_size=512, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8,
-                num_key_value_heads=8, max_position_embeddings=1024, rms_norm_eps=1e-6, bos_token_id=proc.bos_token_id,
+    text = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                bos_token_id=proc.bos_token_id,
                 eos_token_id=proc.eos_token_id, pad_token_id=proc.pad_token_id)
     vision = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
                   image_size=IMAGE_SIZE, patch_size=PATCH, vision_use_head=False)
@@ -133,11 +145,12 @@ async def second_turn(url, engine, max_tokens, seed):
         first = [user(seed)]
         _, _, _, answer = await one_request(client, first, max_tokens)
         turn2 = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the colours?"}]
-        warm = (await one_request(client, turn2, max_tokens))[0]
+        await asyncio.sleep(THINK_S)  # the user reads the answer; meanwhile the engine caches its KV
+        warm = (await one_request(client, turn2, SECOND_TURN_TOKENS))[0]
         for cache in (engine.prefix_cache, engine.image_cache):
             cache.entries.clear()
             cache.bytes = 0
-        cold = (await one_request(client, turn2, max_tokens))[0]
+        cold = (await one_request(client, turn2, SECOND_TURN_TOKENS))[0]
     return {"second_turn_ttft_with_cache_s": warm, "second_turn_ttft_without_cache_s": cold, "ratio": warm / cold}
 
 
@@ -180,7 +193,12 @@ def transformers_one_at_a_time(path, chats, max_tokens):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="/tmp/dsvl_bench_serve")
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--ffn", type=int, default=2816)
+    parser.add_argument("--chunk", type=int, default=64, help="the engine's prefill chunk (prefix-cache block)")
     parser.add_argument("--hf-requests", type=int, default=4, help="transformers requests (one at a time)")
     args = parser.parse_args()
 
@@ -191,20 +209,27 @@ def main() -> None:
     from deepseek_vl_jax.serving import Engine, EngineConfig, ServerConfig, create_app
     from deepseek_vl_jax.serving.server import BackgroundServer
 
-    path = build_checkpoint(args.checkpoint)
+    path = build_checkpoint(args.checkpoint, args.layers, args.hidden, args.heads, args.ffn)
     model, proc = D.load_pretrained(path, progress=False), load_processor(path)
-    engine = Engine(model, proc, EngineConfig(max_batch=16, prefill_chunk=64, max_seq_len=512, max_queue=256))
+    # the positions the workload needs: a one-image prompt (~250 tokens) + max tokens + a short second turn
+    seq = -(-(256 + args.max_tokens + 32 + SECOND_TURN_TOKENS) // args.chunk) * args.chunk
+    engine = Engine(model, proc, EngineConfig(max_batch=16, prefill_chunk=args.chunk, max_seq_len=seq, max_queue=256))
+    load_before = os.getloadavg()
     t0 = time.perf_counter()
     programs = engine.warmup()
     warmup_s = time.perf_counter() - t0
-    result = {"shape": "LLaMA 6x512 (8 heads, ffn 1408), SigLIP 6x384 224px/16 -> 196 image tokens, vocab "
-                       f"{model.config.text.vocab_size}, float32", "max_tokens": args.max_tokens,
-              "engine": {"slots": 16, "prefill_chunk": 64, "programs": programs, "warmup_s": warmup_s},
+    params = sum(x.size for x in jax.tree.leaves(model.params))
+    result = {"shape": f"LLaMA {args.layers}x{args.hidden} ({args.heads} heads, ffn {args.ffn}), SigLIP 6x384 "
+                       f"224px/16 -> 196 image tokens, vocab {model.config.text.vocab_size}, {params / 1e6:.0f}M "
+                       "parameters, float32", "max_tokens": args.max_tokens,
+              "engine": {"slots": 16, "prefill_chunk": args.chunk, "max_seq_len": seq, "programs": programs,
+                         "warmup_s": warmup_s},
+              "second_turn_think_s": THINK_S,
               "platform": platform.platform(), "devices": str(jax.devices()[0]), "cpus": os.cpu_count()}
     app = create_app(engine, ServerConfig(model_names=("bench",)))
     with BackgroundServer(app) as srv:
         result["server"] = []
-        for clients, per in ((1, 4), (4, 2), (16, 1)):
+        for clients, per in ((1, 2), (4, 1), (16, 1)):
             r = asyncio.run(load_test(srv.url, clients, per, args.max_tokens, seed0=1000 * clients))
             print(json.dumps(r), flush=True)
             result["server"].append(r)
@@ -221,6 +246,7 @@ def main() -> None:
         "server16_vs_transformers": at16 / result["transformers_one_at_a_time"]["output_tokens_per_s"],
         "second_turn_ttft_cache_vs_none": result["prefix_cache"]["ratio"]}
     print(json.dumps(result["ratios"]), flush=True)
+    result["load_average_1_5_15"] = {"start": load_before, "end": os.getloadavg()}
     out = os.path.join(ROOT, "benchmarks", "results", "serve.json")
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

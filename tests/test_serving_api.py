@@ -172,3 +172,34 @@ def test_disconnect_frees_the_slot(server):
     while engine.state()["running"] and time.monotonic() < deadline:
         time.sleep(0.01)
     assert engine.state()["running"] == 0
+
+
+def test_non_streaming_disconnect_frees_the_slot(server):
+    """A non-streaming client that closes its connection mid-answer: the request is cancelled (its slot freed, no
+    finish counted) long before it could have reached max_tokens."""
+    import json
+    import socket
+    from urllib.parse import urlparse
+
+    from deepseek_vl_jax.serving.metrics import read
+
+    srv, engine = server("vl")
+    finished = lambda: sum(read(engine.metrics.render().decode(), f'dsvl_requests_total{{finish_reason="{r}"}}')
+                           for r in ("stop", "length"))
+    before, tokens_before = finished(), read(engine.metrics.render().decode(), "dsvl_output_tokens")
+    limit = 180
+    body = json.dumps({"model": NAME, "messages": chat([1]), "max_tokens": limit, "temperature": 0}).encode()
+    url = urlparse(srv.url)
+    sock = socket.create_connection((url.hostname, url.port))
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    deadline = time.monotonic() + 30
+    while not engine.state()["running"] and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert engine.state()["running"] == 1
+    sock.close()
+    while engine.state()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.state()["running"] == 0
+    assert finished() == before  # cancelled, not finished
+    assert read(engine.metrics.render().decode(), "dsvl_output_tokens") - tokens_before < limit

@@ -3,13 +3,15 @@ others, joining mid-way, and through the prefix cache; seeded sampling too), the
 turn of a chat reuses the first turn's blocks, the same text with another image reuses nothing past the text before
 the image), a bounded program count, and tensor-parallel serving on the 8-device mesh equal to one device."""
 
+import dataclasses
+import queue
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from deepseek_vl_jax.serving import Options, Prompt
+from deepseek_vl_jax.serving import Options, Prompt, caches, turns
 from deepseek_vl_jax.serving.caches import image_runs
 from deepseek_vl_jax.serving.metrics import read
 
@@ -122,6 +124,112 @@ def test_prefix_cache_second_turn_and_other_image(serving_engine, serving_models
     engine.prefix_cache.entries.clear()
     engine.prefix_cache.bytes = 0
     same(got, engine.generate(other, Options(max_tokens=8, temperature=0.0, logprobs=True))[0])
+
+
+def test_next_turn_reuses_the_answer(serving_engine, serving_models):
+    """A request built with `Prompt.from_chat` caches its answer's KV at its end: the next turn (the answer rendered
+    by the chat template, then a new message) prefills only what follows the last complete block of the answer,
+    counted by /metrics, and answers exactly as with the caches emptied."""
+    engine = serving_engine("vl", 16)
+    _, _, proc = serving_models("vl")
+    c = engine.shapes.chunk
+    user = {"role": "user", "content": [{"type": "image", "image": S.pil_image(3)},
+                                        {"type": "text", "text": "Describe the picture."}]}
+    first = Prompt.from_chat(proc, [user])
+    metric = lambda name: read(engine.metrics.render().decode(), f"dsvl_{name}")
+    blocks = metric("answer_blocks_cached")
+    answer = engine.generate(first, Options(max_tokens=40, temperature=0.0))[0]
+    deadline = time.monotonic() + 30
+    while engine.state()["finishing"] and time.monotonic() < deadline:  # the answer's KV is cached after its end
+        time.sleep(0.01)
+    assert engine.state()["finishing"] == 0 and engine.state()["running"] == 0
+    assert metric("answer_blocks_cached") > blocks
+    history = [user, {"role": "assistant", "content": [{"type": "text", "text": answer["text"]}]}]
+    second = Prompt.from_chat(proc, [*history, {"role": "user", "content": [{"type": "text", "text": "And else?"}]}])
+    turn = turns.next_turn_ids(proc, [user], answer["text"])
+    np.testing.assert_array_equal(second.ids[:len(turn)], turn)  # the next prompt starts as predicted
+    assert len(turn) >= len(first.ids) + c  # the answer fills at least one more block
+    before = (metric("prefix_cache_hit_tokens"), metric("prefill_tokens"))
+    got = engine.generate(second, Options(max_tokens=8, temperature=0.0, logprobs=True))[0]
+    reused = metric("prefix_cache_hit_tokens") - before[0]
+    assert reused > len(first.ids)  # past the first prompt: the answer's blocks were hit
+    assert reused >= len(turn) - c  # everything but the answer's last partial block
+    assert metric("prefill_tokens") - before[1] == len(second.ids) - reused
+    engine.prefix_cache.entries.clear()
+    engine.prefix_cache.bytes = 0
+    engine.image_cache.entries.clear()
+    engine.image_cache.bytes = 0
+    same(got, engine.generate(second, Options(max_tokens=8, temperature=0.0, logprobs=True))[0])
+
+
+def test_a_waiting_request_takes_a_slot_held_by_a_finished_answer(serving_engine, serving_models):
+    """Answer caching waits while others decode, unless a waiting request needs the slot it holds: with 2 slots, one
+    held by a finished answer and one decoding, a third request is admitted (the answer cached first) before the
+    decoding one ends."""
+    engine = serving_engine("vl", 2)
+    _, _, proc = serving_models("vl")
+    chat = lambda text: [{"role": "user", "content": [{"type": "text", "text": text}]}]
+    metric = lambda name: read(engine.metrics.render().decode(), f"dsvl_{name}")
+    reqs = [(Prompt.from_chat(proc, chat("Hi")), Options(max_tokens=20, temperature=0.0)),
+            (Prompt.from_chat(proc, chat("Tell me a long story.")), Options(max_tokens=150, temperature=0.0)),
+            (Prompt.from_chat(proc, chat("What is in it?")), Options(max_tokens=4, temperature=0.0))]
+    alone = engine.generate(*reqs[2])[0]
+    while engine.state()["finishing"]:
+        time.sleep(0.01)
+    blocks = metric("answer_blocks_cached")
+    log, out = [], [queue.Queue() for _ in reqs]
+    sink = lambda i: lambda e: (log.append((i, e.finish_reason)), out[i].put(e))
+    engine.submit(*reqs[0], sink(0))
+    engine.submit(*reqs[1], sink(1))
+    got0 = collect(out[0])
+    assert engine.state()["finishing"] == 1 and engine.state()["running"] == 1  # held while the other decodes
+    engine.submit(*reqs[2], sink(2))
+    got2, got1 = collect(out[2]), collect(out[1])
+    assert log.index((2, got2["finish_reason"])) < log.index((1, got1["finish_reason"]))
+    assert metric("answer_blocks_cached") > blocks and got0["finish_reason"] == "length"
+    same(alone, got2)
+
+
+def test_a_long_prefill_runs_between_decode_steps(serving_engine, serving_models):
+    """With a budget of one chunk per decode step, a request joining with a long prompt is prefilled chunk by chunk
+    while the running request keeps emitting tokens, and both answer exactly as alone."""
+    engine = serving_engine("vl", 16)
+    _, _, proc = serving_models("vl")
+    short = (prompt(proc, [], "Hi"), Options(max_tokens=40, temperature=0.0, logprobs=True))
+    long = (prompt(proc, [0, 1, 2], "Count the objects, then name each one of them in order."),
+            Options(max_tokens=4, temperature=0.0, logprobs=True))
+    alone = [engine.generate(*short)[0], engine.generate(*long)[0]]
+    chunks = len(caches.boundaries(len(long[0].ids), image_runs(long[0].ids, engine.model.config.image_token_id,
+                                                                 engine.tokens_per_image), engine.shapes.chunk)) - 1
+    assert chunks >= 4
+    config = engine.config
+    engine.config = dataclasses.replace(config, prefill_budget=1, prefix_cache=False)
+    try:
+        log, out = [], [queue.Queue(), queue.Queue()]
+        sink = lambda i: lambda e: (log.append(i), out[i].put(e))
+        engine.submit(*short, sink(0))
+        while not log:
+            time.sleep(0.001)
+        engine.submit(*long, sink(1))
+        got = [collect(out[0]), collect(out[1])]
+    finally:
+        engine.config = config
+    between = log[:log.index(1)].count(0) - 1  # the short request's tokens while the long one was prefilled
+    assert between >= chunks - 1
+    same(alone[0], got[0])
+    same(alone[1], got[1])
+
+
+def collect(events):
+    """One choice's events -> {"text", "tokens", "logprobs", "finish_reason"}."""
+    o = {"text": "", "tokens": [], "logprobs": [], "finish_reason": None}
+    while o["finish_reason"] is None:
+        e = events.get(timeout=60)
+        o["text"] += e.text
+        o["tokens"] += e.tokens
+        o["logprobs"] += e.logprobs or []
+        o["finish_reason"] = e.finish_reason
+    return o
 
 
 def test_bad_lengths_name_both_numbers(serving_engine, serving_models):

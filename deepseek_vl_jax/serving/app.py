@@ -26,6 +26,8 @@ from deepseek_vl_jax.serving.engine import Engine, Prompt, QueueFull, TooLong
 from deepseek_vl_jax.serving.media import MediaLimits, load_image
 from deepseek_vl_jax.serving.protocol import ApiError
 
+DISCONNECT_POLL_S = 0.05  # how often a non-streaming request checks that its client is still there
+
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
@@ -83,10 +85,9 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
                     content.append({"type": "image", "image": load_image(item["url"], config.media, param)})
             messages.append({"role": m["role"], "content": content})
         try:
-            batch = processor(messages, add_generation_prompt=True)
+            return Prompt.from_chat(processor, messages)  # also: how the next turn starts (answer KV caching)
         except ProcessorError as e:
             raise ApiError(400, f"cannot process the messages: {e}", "messages", "invalid_value") from None
-        return Prompt.from_batch(batch)
 
     async def chat_completions(request: Request) -> Response:
         try:
@@ -117,7 +118,7 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
             return StreamingResponse(_stream(engine, rid, name, chat, len(prompt.ids), events),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         try:
-            return await _collect(rid, name, chat, len(prompt.ids), events)
+            return await _collect(request, rid, name, chat, len(prompt.ids), events)
         finally:
             engine.cancel(rid)  # a no-op once finished; frees the slots if the client went away
 
@@ -158,11 +159,22 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
     return Starlette(routes=routes, exception_handlers={404: not_found, 405: not_found, 500: server_error})
 
 
-async def _collect(rid, name, chat, prompt_tokens, events) -> Response:
+async def _collect(request, rid, name, chat, prompt_tokens, events) -> Response:
+    """Wait for every choice's end; a client that goes away meanwhile gets nothing (the caller then cancels)."""
     n = chat.options.n
     out = [{"text": "", "logprobs": [], "finish_reason": None, "tokens": 0} for _ in range(n)]
+    checked = time.monotonic()
     while any(o["finish_reason"] is None for o in out):
-        e = await events.get()
+        try:
+            e = await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            e = None
+        if time.monotonic() - checked >= DISCONNECT_POLL_S:  # also while tokens keep coming
+            checked = time.monotonic()
+            if await request.is_disconnected():
+                return Response(status_code=499)
+        if e is None:
+            continue
         if e.finish_reason == "error":
             return _error(ApiError(500, "the engine failed while generating", None, "internal_error", "server_error"))
         o = out[e.choice]

@@ -2,15 +2,18 @@
 `programs.py`. It knows nothing of HTTP: the app (and the tests) submit `Prompt`s with `Options` and receive `Event`s.
 
 One engine thread loops: drop cancelled requests (their slots are free at once), admit waiting requests into free
-slots (images encoded or taken from the feature cache, the prompt's prefix restored from the prefix cache, the rest
-prefilled chunk by chunk, the first token picked), then run one decode step over all slots and hand each running
-sequence its token. Stop conditions (eos, stop strings, max_tokens, the cache's end) are checked on the host.
+slots (images encoded or taken from the feature cache), run up to `prefill_budget` tokens of queued prefill chunks
+(a prompt's first chunk restores its prefix from the prefix cache, its last picks the first token), then run one
+decode step over all slots and hand each running sequence its token, and finally put finished answers into the
+prefix cache for the chat's next turn. Stop conditions (eos, stop strings, max_tokens, the cache's end) are checked
+on the host.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import os
 import queue
@@ -24,7 +27,7 @@ import numpy as np
 from deepseek_vl_jax import sharding
 from deepseek_vl_jax.generation import weights
 from deepseek_vl_jax.generation.inputs import resolve_eos
-from deepseek_vl_jax.serving import caches, programs
+from deepseek_vl_jax.serving import caches, programs, turns
 from deepseek_vl_jax.serving.metrics import Metrics
 
 
@@ -45,7 +48,8 @@ class EngineConfig:
     image_cache_bytes: int = 256 << 20
     prefix_cache_bytes: int = 1 << 30
     prefix_cache: bool = True
-    prefill_budget: int = 512  # prompt tokens admitted between two decode steps (at least one request)
+    cache_answers: bool = True  # at a request's end, prefill its answer as the next turn's prompt holds it (if known)
+    prefill_budget: int = 512  # prompt tokens admitted, and prefilled (in chunks), between two decode steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,10 +70,20 @@ class Options:
 
 @dataclasses.dataclass
 class Prompt:
-    """A processed chat: ids [n] and per image (pixel_values [3, H, W], high_res [3, Hh, Wh] or None)."""
+    """A processed chat: ids [n] and per image (pixel_values [3, H, W], high_res [3, Hh, Wh] or None).
+    next_turn: answer text -> the ids the chat's next prompt starts with (`turns.next_turn_ids`); with it, a
+    request's end puts the answer's KV into the prefix cache."""
 
     ids: np.ndarray
     images: list[tuple[np.ndarray, np.ndarray | None]] = dataclasses.field(default_factory=list)
+    next_turn: Callable[[str], np.ndarray] | None = None
+
+    @classmethod
+    def from_chat(cls, processor, messages: list[dict]) -> "Prompt":
+        """Run the processor on a chat (with the generation prompt) and remember how its next turn begins."""
+        prompt = cls.from_batch(processor(messages, add_generation_prompt=True))
+        prompt.next_turn = functools.partial(turns.next_turn_ids, processor, messages)
+        return prompt
 
     @classmethod
     def from_batch(cls, batch: dict) -> "Prompt":
@@ -101,6 +115,8 @@ class _Sequence:
     tokens: list = dataclasses.field(default_factory=list)
     emitted: str = ""
     position: int = 0  # the cache slot the last token will be fed at
+    next_block: int = -1  # prefill: the next chunk to run (-1: not started)
+    hit: int = 0  # prefill: blocks restored from the prefix cache
     last_time: float = 0.0
     finish: str | None = None
 
@@ -116,6 +132,8 @@ class _Request:
     arrival: float
     cancelled: bool = False
     sequences: list = dataclasses.field(default_factory=list)
+    content: tuple = ()  # set at admission: (image hashes, image runs, features [n, D], is_image [n])
+    blocks: tuple = ()  # set at admission: (prefill chunk boundaries, prefix-cache keys of the complete blocks)
 
 
 class Engine:
@@ -144,6 +162,8 @@ class Engine:
         with self._mesh():
             self.cache = self.programs.init_cache(stacked=self.params["layers"] is None)
         self.slots: list[_Sequence | None] = [None] * config.max_batch
+        self._answers: list[_Sequence] = []  # finished, their slots held until their answer's KV is cached
+        self._prefilling: list[_Sequence] = []  # admitted, prompt not fully prefilled yet (first come first served)
         self.waiting: list[_Request] = []
         self._ids = itertools.count()
         self._lock = threading.Condition()
@@ -207,14 +227,16 @@ class Engine:
             for r in self.waiting:
                 if r.id == request_id:
                     r.cancelled = True
-            for s in self.slots:
-                if s is not None and s.request.id == request_id:
+            for s in self.slots:  # a request whose answers are all out is not cancelled (its KV is being cached)
+                if s is not None and s.request.id == request_id and s.finish is None:
                     s.request.cancelled = True
             self._lock.notify_all()
 
     def state(self) -> dict:
         with self._lock:
-            return {"running": sum(s is not None for s in self.slots), "waiting": len(self.waiting),
+            return {"running": sum(s is not None and s.finish is None for s in self.slots),
+                    "finishing": sum(s is not None and s.finish is not None for s in self.slots),
+                    "waiting": len(self.waiting),
                     "slots": self.config.max_batch, "programs": self.programs.program_count(),
                     "prefix_blocks": len(self.prefix_cache), "images_cached": len(self.image_cache)}
 
@@ -278,17 +300,22 @@ class Engine:
                         admit = self._take_admissible()
                     for request in admit:
                         self._admit(request)
-                    if any(s is not None for s in self.slots):
+                    self._prefill(self.config.prefill_budget)
+                    if any(s is not None and s.tokens and s.finish is None for s in self.slots):
                         self._step()
+                    if self._answers and self._answers_due():
+                        self._cache_answers()
         except BaseException as e:  # noqa: BLE001 - reported to every waiting client, then re-raised in the thread
             self.error = e
             with self._lock:
-                for s in [s for s in self.slots if s is not None] + [q for r in self.waiting for q in r.sequences]:
+                for s in [s for s in self.slots if s is not None and s.finish is None] + \
+                        [q for r in self.waiting for q in r.sequences]:
                     s.request.sink(Event(s.choice, "", [], None, "error"))
             raise
 
     def _drop_cancelled(self) -> None:
         self.waiting = [r for r in self.waiting if not r.cancelled]
+        self._prefilling = [q for q in self._prefilling if not q.request.cancelled]
         for i, s in enumerate(self.slots):
             if s is not None and s.request.cancelled:
                 self.slots[i] = None
@@ -310,7 +337,7 @@ class Engine:
 
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.waiting))
-        self.metrics.running_slots.set(sum(s is not None for s in self.slots))
+        self.metrics.running_slots.set(sum(s is not None and s.finish is None for s in self.slots))
 
     def _features(self, image: tuple[np.ndarray, np.ndarray | None]) -> tuple[str, np.ndarray]:
         key = caches.pixel_hash(*image)
@@ -326,11 +353,11 @@ class Engine:
         return key, feats
 
     def _admit(self, request: _Request) -> None:
+        """Encode (or look up) the request's images and queue its sequences for prefill."""
         prompt, c = request.prompt, self.shapes.chunk
         hashes, feats = zip(*(self._features(im) for im in prompt.images)) if prompt.images else ((), ())
         runs = caches.image_runs(prompt.ids, self.model.config.image_token_id, self.tokens_per_image)
         n = len(prompt.ids)
-        put = lambda x: programs.replicated_put(self.model.mesh, x)
         bounds = caches.boundaries(n, runs, c)
         keys = caches.block_keys(prompt.ids, hashes, runs, bounds) if self.config.prefix_cache else []
         slab = np.zeros((n, self.model.config.text.hidden_size), np.float32)
@@ -339,41 +366,107 @@ class Engine:
         is_image = np.zeros(n, bool)
         for s, e in runs:
             is_image[s:e] = True
+        request.content = (hashes, runs, slab, is_image)
+        request.blocks = (bounds, keys)
         self.metrics.prompt_tokens.inc(n * len(request.sequences))
-        for seq in request.sequences:
-            if request.cancelled:
-                with self._lock:
-                    for other in request.sequences:
-                        if self.slots[other.slot] is other:
-                            self.slots[other.slot] = None
-                break
-            hit = self.prefix_cache.longest_hit(keys, bounds, n, runs) if keys else 0
-            for j in range(hit):  # in order: each block's C slots overwrite the previous one's unused tail
-                block = self.prefix_cache.get(keys[j])
-                self.cache = self.programs.load_block(self.cache, block, np.int32(seq.slot), np.int32(bounds[j]))
-            if hit:
-                self.metrics.prefix_hits.inc()
-                self.metrics.prefix_hit_tokens.inc(bounds[hit])
-            logits = None
-            for j in range(hit, len(bounds) - 1):
-                start = bounds[j]
-                m = min(bounds[j + 1], n) - start
-                ids = np.zeros(c, np.int32)
-                ids[:m] = prompt.ids[start:start + m]
-                f = np.zeros((c, slab.shape[1]), np.float32)
-                f[:m] = slab[start:start + m]
-                im = np.zeros(c, bool)
-                im[:m] = is_image[start:start + m]
-                self.cache, logits = self.programs.chunk(self.params, self.cache, np.int32(seq.slot), put(ids),
-                                                         put(f), put(im), np.int32(start), np.int32(m))
-            self.metrics.prefill_tokens.inc(n - bounds[hit])
-            for j in range(hit, len(keys)):
+        self._prefilling.extend(request.sequences)
+
+    def _prefill(self, budget: int) -> None:
+        """Run queued prefill chunks, first come first served, until `budget` prompt tokens ran (then the decode
+        step runs, so a long prompt does not stall the running sequences). A sequence's first chunk restores the
+        longest cached prefix (which the sequences before it may just have saved); its last picks its first
+        token."""
+        while self._prefilling and budget > 0:
+            seq = self._prefilling[0]
+            req = seq.request
+            if req.cancelled:  # its slots were freed by `_drop_cancelled`
+                self._prefilling.pop(0)
+                continue
+            ids = req.prompt.ids
+            n = len(ids)
+            hashes, runs, slab, is_image = req.content
+            bounds, keys = req.blocks
+            if seq.next_block < 0:
+                hit = self.prefix_cache.longest_hit(keys, bounds, n, runs) if keys else 0
+                for j in range(hit):  # in order: each block's C slots overwrite the previous one's unused tail
+                    block = self.prefix_cache.get(keys[j])
+                    self.cache = self.programs.load_block(self.cache, block, np.int32(seq.slot), np.int32(bounds[j]))
+                if hit:
+                    self.metrics.prefix_hits.inc()
+                    self.metrics.prefix_hit_tokens.inc(bounds[hit])
+                self.metrics.prefill_tokens.inc(n - bounds[hit])
+                seq.hit = seq.next_block = hit
+            j = seq.next_block
+            logits = self._chunks(seq.slot, ids, slab, is_image, bounds, [j])
+            budget -= min(bounds[j + 1], n) - bounds[j]
+            seq.next_block += 1
+            if seq.next_block < len(bounds) - 1:
+                continue
+            self._prefilling.pop(0)
+            for j in range(seq.hit, len(keys)):
                 if keys[j] not in self.prefix_cache:
                     self.prefix_cache.put(keys[j], self.programs.save_block(self.cache, np.int32(seq.slot),
                                                                             np.int32(bounds[j])))
             picked = self.programs.pick(logits[None], self._slot_params([seq]))
             seq.position = n
-            self._emit([seq], jax.device_get(picked))
+            with self._lock:
+                self._emit([seq], jax.device_get(picked))
+
+    def _chunks(self, slot: int, ids: np.ndarray, slab: np.ndarray, is_image: np.ndarray, bounds, blocks):
+        """Prefill blocks [bounds[j], bounds[j + 1]) (j in `blocks`, in order) of ids [n] into row `slot`, each as
+        one chunk of C slots. Returns the logits [V] at the last real token of the last block."""
+        c, n, logits = self.shapes.chunk, len(ids), None
+        put = lambda x: programs.replicated_put(self.model.mesh, x)
+        for j in blocks:
+            start = bounds[j]
+            m = min(bounds[j + 1], n) - start
+            chunk_ids = np.zeros(c, np.int32)
+            chunk_ids[:m] = ids[start:start + m]
+            f = np.zeros((c, slab.shape[1]), np.float32)
+            f[:m] = slab[start:start + m]
+            im = np.zeros(c, bool)
+            im[:m] = is_image[start:start + m]
+            self.cache, logits = self.programs.chunk(self.params, self.cache, np.int32(slot), put(chunk_ids), put(f),
+                                                     put(im), np.int32(start), np.int32(m))
+        return logits
+
+    def _answers_due(self) -> bool:
+        """Answer caching is background work: it runs when nothing is being decoded or prefilled, or when a waiting
+        request needs a slot that only a finished answer holds."""
+        with self._lock:
+            busy = self._prefilling or any(s is not None and s.finish is None for s in self.slots)
+            starved = self.waiting and self.waiting[0].options.n > sum(s is None for s in self.slots)
+            return not busy or bool(starved)
+
+    def _cache_answers(self) -> None:
+        """Put each finished sequence's answer into the prefix cache as the next turn's prompt will hold it, then
+        free its slot. The blocks from the one holding the prompt's end are prefilled again as the next turn's
+        prompt (not the decode steps' entries: a chunk rounds differently), so a hit equals a cold prefill."""
+        while self._answers:
+            s = self._answers.pop(0)
+            req, c = s.request, self.shapes.chunk
+            if not req.cancelled:
+                try:
+                    ids = np.asarray(req.prompt.next_turn(s.emitted), np.int32)[:self.max_positions]
+                except Exception:  # noqa: BLE001 - a processor that cannot render the turn: nothing to cache
+                    ids = req.prompt.ids
+                hashes, runs, slab, is_image = req.content
+                bounds = caches.boundaries(len(ids), runs, c)
+                blocks = turns.answer_blocks(req.prompt.ids, ids, bounds, self.model.config.image_token_id)
+                if blocks:
+                    extra = len(ids) - len(slab)
+                    slab = np.concatenate([slab, np.zeros((extra, slab.shape[1]), slab.dtype)])
+                    self._chunks(s.slot, ids, slab, np.concatenate([is_image, np.zeros(extra, bool)]), bounds, blocks)
+                    keys = caches.block_keys(ids, hashes, runs, bounds)
+                    for j in blocks:
+                        if keys[j] not in self.prefix_cache:
+                            self.prefix_cache.put(keys[j], self.programs.save_block(self.cache, np.int32(s.slot),
+                                                                                    np.int32(bounds[j])))
+                            self.metrics.answer_blocks.inc()
+            with self._lock:
+                if self.slots[s.slot] is s:
+                    self.slots[s.slot] = None
+                self._update_gauges()
 
     def _slot_params(self, seqs: Sequence[_Sequence | None]) -> programs.SlotParams:
         vocab = self.model.config.text.vocab_size
@@ -393,9 +486,10 @@ class Engine:
                                    counter=np.array(cnt, np.int32))
 
     def _step(self) -> None:
-        seqs = [s if s is not None and s.tokens else None for s in self.slots]
+        seqs = [s if s is not None and s.tokens and s.finish is None else None for s in self.slots]
         tokens = np.array([s.tokens[-1] if s is not None else 0 for s in seqs], np.int32)
-        positions = np.array([s.position if s is not None else 0 for s in seqs], np.int32)
+        # an idle row (free, or holding a finished answer's KV) writes only the last slot, which no position reads
+        positions = np.array([s.position if s is not None else self.shapes.seq_len - 1 for s in seqs], np.int32)
         self.cache, picked = self.programs.step(self.params, self.cache, tokens, positions, self._slot_params(seqs))
         picked = jax.device_get(picked)
         live = [s for s in seqs if s is not None]
@@ -434,7 +528,9 @@ class Engine:
             req.sink(Event(s.choice, text, [token], lp, finish))
             if finish is not None:
                 self.metrics.requests.labels(finish).inc()
-                if self.slots[s.slot] is s:
+                if self.config.prefix_cache and self.config.cache_answers and req.prompt.next_turn is not None:
+                    self._answers.append(s)  # the slot is freed once the answer's KV is cached
+                elif self.slots[s.slot] is s:
                     self.slots[s.slot] = None
         self.metrics.tokens(len(seqs))
         self._update_gauges()

@@ -25,6 +25,8 @@ class Metrics:
                                          "cache", registry=r)
         self.image_hits = Counter("dsvl_image_cache_hits", "images whose features came from the cache", registry=r)
         self.images_encoded = Counter("dsvl_images_encoded", "images run through the vision tower(s)", registry=r)
+        self.answer_blocks = Counter("dsvl_answer_blocks_cached", "prefix-cache blocks holding generated tokens, "
+                                     "saved at a request's end for the next turn", registry=r)
         self.requests = Counter("dsvl_requests", "finished requests", ["finish_reason"], registry=r)
         self.ttft = Histogram("dsvl_time_to_first_token_seconds", "arrival to first token", buckets=_LATENCY,
                               registry=r)
