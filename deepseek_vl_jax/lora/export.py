@@ -2,7 +2,8 @@
 checkpoint that transformers loads), or a PEFT adapter directory (adapters + fully trained towers).
 
 The run's LoRA setting and trainable towers come from `OUT/train_config.json`. The params are restored whole
-(host memory about the size of the model: fine up to the 7B in float32 on a training host).
+(host memory about the size of the model: fine up to the 7B in float32 on a training host); a QLoRA base is
+restored as its QTensors and dequantized (float32) by `--merge`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import tempfile
 import jax
 import numpy as np
 
-from deepseek_vl_jax import hf_mapping
+from deepseek_vl_jax import hf_mapping, quantization
 from deepseek_vl_jax.conversion import atomic, flax_checkpoint, orbax_io
 from deepseek_vl_jax.lora import adapters as A
 from deepseek_vl_jax.lora import peft_io
@@ -40,10 +41,28 @@ def _restore(src, step):
 
     config = from_dict(TrainConfig, train_config)
     leaves = orbax_io.restore_leaves_numpy(source.params_dir, list(orbax_io.leaf_metadata(source.params_dir)))
-    params: dict = {}
+    tree: dict = {}
     for p, x in leaves.items():
-        hf_mapping.set_path(params, p, x)
-    return source, params, config
+        hf_mapping.set_path(tree, p, x)
+    return source, quantization.from_checkpoint_tree(tree, _stored_plan(leaves)), config
+
+
+def _stored_plan(leaves: dict) -> dict:
+    """{path: LeafPlan} of a QLoRA base's quantized leaves, read off the stored arrays (`q_values` uint8: int4,
+    its group size = inputs / scales; int8 per channel; embeddings are quantized along their last axis)."""
+    out = {}
+    for path, values in leaves.items():
+        if path[-1] != quantization.params.VALUES:
+            continue
+        path = path[:-1]
+        axis = -1 if path[-1] == "embedding" else -2
+        scales = leaves[path + (quantization.params.SCALES,)]
+        if values.dtype == np.uint8:
+            out[path] = quantization.LeafPlan(quantization.Scheme.INT4, 2 * values.shape[axis] // scales.shape[axis],
+                                              axis)
+        else:
+            out[path] = quantization.LeafPlan(quantization.Scheme.INT8, 0, axis)
+    return out
 
 
 def export_adapter(src: str | os.PathLike, dst: str | os.PathLike, step: int | None = None,
