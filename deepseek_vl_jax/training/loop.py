@@ -222,7 +222,7 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
                 iterator_state = iterator.get_state()
                 skipped = host.pop("skipped_lines")
                 step_flops = flops.batch_flops(model_config, config.trainable, host["attention_mask"],
-                                               host["input_ids"])
+                                               host["input_ids"], config.lora)
                 length, (total_flops,) = agree(host["input_ids"].shape[-1], [step_flops])
                 host = data.pad_length(host, length, pad_id)
                 batch = to_global(host, mesh, micro)
