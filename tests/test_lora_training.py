@@ -242,3 +242,27 @@ def test_qlora_from_a_quantized_converted_checkpoint_equals_it_and_resumes_exact
     wrong = H.tiny_config(**{**QLORA, "lora": {**QLORA["lora"], "quantize": "int8"}})
     with pytest.raises(lora.LoraError, match="quantized checkpoint .*lora.quantize=int4 lora.group_size=32"):
         train(wrong, converted, qlora.rows, H.scratch("qlora_wrong"))
+
+
+def test_qlora_step_keeps_no_float_copy_of_the_base_for_backward(qlora):
+    """The compiled QLoRA step's temporaries are those of LoRA on the float base: the input gradient dequantizes
+    each frozen kernel again instead of keeping it (stacked over the scan, a float copy of the decoder)."""
+    import jax.numpy as jnp
+    from deepseek_vl_jax.model import DeepseekVL
+    from deepseek_vl_jax.training import optimizer as opt_lib
+    from deepseek_vl_jax.training import state as state_lib
+    from deepseek_vl_jax.training import step as step_lib
+
+    cfg = H.tiny_config(**QLORA)
+    tx, schedule = opt_lib.make_optimizer(cfg.optimizer, cfg.steps), opt_lib.learning_rate_schedule(cfg.optimizer, 4)
+    batch = {k: jnp.ones((1, 8, 96), jnp.int32) for k in ("input_ids", "attention_mask", "labels")}
+    temps = {}
+    for quantize in (None, QUANTIZE):
+        model = load_pretrained(qlora.model, progress=False, quantize=quantize)
+        state = state_lib.create(state_lib.add_lora(model.params, cfg.lora, cfg.trainable, jax.random.key(0)), tx,
+                                 cfg.trainable)
+        step, _ = step_lib.compile_steps(DeepseekVL(model.config), tx, cfg.trainable, schedule, lora=cfg.lora)
+        temps[quantize is None] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    float_model = load_pretrained(qlora.model, progress=False).params
+    decoder = sum(lora.adapters.get_path(float_model, p)["kernel"].nbytes for p in lora.adapter_paths(qlora.state.params))
+    assert temps[False] - temps[True] < decoder / 4, (temps, decoder)

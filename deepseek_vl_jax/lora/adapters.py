@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from deepseek_vl_jax import common
 from deepseek_vl_jax.lora.config import LoraConfig
+from deepseek_vl_jax import quantization
 from deepseek_vl_jax.quantization import QTensor, dequantize, quantized_layers
 
 ADAPTERS = "lora"  # the top-level parameter collection of the adapters
@@ -154,17 +155,41 @@ def inject(params: Mapping) -> dict:
     return out
 
 
+def _frozen_quantized_dense(module: nn.Dense, x: jax.Array, kernel: QTensor) -> jax.Array:
+    """nn.Dense from a frozen QTensor kernel, rematerialised: the backward pass dequantizes the kernel again for the
+    input gradient instead of keeping it as a residual (in a scanned decoder that would stack a float copy of
+    every layer's kernel, the very copy QLoRA avoids)."""
+    dtype = module.dtype or x.dtype
+
+    @jax.checkpoint
+    def dense(x, values, scales):
+        return quantization.dense(x, kernel.replace(values=values, scales=scales), dtype)
+
+    y = dense(x, kernel.values, kernel.scales)
+    if module.use_bias:
+        y = y + module.get_variable("params", "bias").astype(y.dtype)
+    return y
+
+
 def interceptor(config: LoraConfig, deterministic: bool = True):
     """A `nn.intercept_methods` interceptor: Dense calls of adapted modules get the LoRA term
-    `(alpha / r) * dropout(x) @ A @ B` (computed in the module's dtype) added to their output. The base's own
-    output is the next interceptor's (`quantization.quantized_layers` for a QTensor kernel) or nn.Dense's."""
+    `(alpha / r) * dropout(x) @ A @ B` (computed in the module's dtype) added to their output. A QTensor kernel's
+    output is `_frozen_quantized_dense`'s; other Dense calls go on to the next interceptor
+    (`quantization.quantized_layers`, for QTensor embeddings) or nn.Dense."""
 
     def intercept(next_fun, args, kwargs, context):
         m = context.module
-        if context.method_name != "__call__" or not isinstance(m, nn.Dense) or not m.has_variable("params", LORA_A):
+        if context.method_name != "__call__" or not isinstance(m, nn.Dense):
             return next_fun(*args, **kwargs)
+        kernel = m.get_variable("params", KERNEL) if m.has_variable("params", KERNEL) else None
+        adapted = m.has_variable("params", LORA_A)
         x = args[0]
-        y = next_fun(*args, **kwargs)
+        if isinstance(kernel, QTensor) and kernel.ndim == 2:
+            y = _frozen_quantized_dense(m, x, kernel)
+        else:
+            y = next_fun(*args, **kwargs)
+        if not adapted:
+            return y
         a, b = m.get_variable("params", LORA_A), m.get_variable("params", LORA_B)
         h = x
         if config.dropout and not deterministic:

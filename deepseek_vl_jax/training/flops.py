@@ -70,7 +70,9 @@ def _adapter_widths(config: ModelConfig, lora: LoraConfig) -> dict[str, float]:
     return widths
 
 
-def _widths(config: ModelConfig, lora: LoraConfig | None) -> dict[str, float]:
+def adapter_widths(config: ModelConfig, lora: LoraConfig | None) -> dict[str, float]:
+    """{tower collection: sum of r (I + O) of its adapters}; traces the model's abstract params the first time, so
+    call it once outside a mesh context (the training loop does) and it is cached."""
     return {} if lora is None or not lora.enabled else _adapter_widths(config, lora)
 
 
@@ -80,7 +82,7 @@ def adapter_flops(config: ModelConfig, lora: LoraConfig | None, lengths: Sequenc
             "aligner": float(num_images * config.num_image_tokens)}
     if config.is_hybrid:
         uses["high_res_vision_model"] = float(num_images * (config.high_res.image_size // config.high_res.patch_size) ** 2)
-    return sum(6.0 * w * uses[tower] for tower, w in _widths(config, lora).items())
+    return sum(6.0 * w * uses[tower] for tower, w in adapter_widths(config, lora).items())
 
 
 def language_flops_forward(config: ModelConfig, lengths: Sequence[int]) -> float:
@@ -134,7 +136,7 @@ def step_flops(config: ModelConfig, trainable: TrainableConfig, lengths: Sequenc
                lora: LoraConfig | None = None) -> float:
     """Model FLOPs of one training step: `lengths` are the real (unpadded) token counts of every row, `num_images`
     the real images (padding slots are not counted); `lora`: the run's adapters (their towers back-propagate)."""
-    m = _multipliers(trainable, frozenset(TOWERS[c] for c in _widths(config, lora)))
+    m = _multipliers(trainable, frozenset(TOWERS[c] for c in adapter_widths(config, lora)))
     total = m["language"] / 2 * language_flops_forward(config, lengths)
     total += num_images * m["vision"] / 2 * siglip_flops_forward(config)
     total += num_images * m["aligner"] / 2 * aligner_flops_forward(config)

@@ -214,6 +214,7 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
 
     steps, losses = [], []
     stopped_by = None
+    flops.adapter_widths(model_config, config.lora)  # traced here, outside the mesh context (cached)
     try:
         with _mesh_context(mesh):
             for step in range(start, config.steps):
