@@ -164,6 +164,8 @@ def qlora():
 def test_qlora_trains_from_shipped_model_and_base_stays_int4(qlora):
     assert np.mean(qlora.losses[-2:]) < 0.8 * qlora.losses[0], qlora.losses
     base = load_pretrained(qlora.model, progress=False, quantize=QUANTIZE).params
+    up = qlora.state.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert up.values.addressable_shards[0].data.shape != up.values.shape  # sharded by the rules table
     params = jax.device_get(qlora.state.params)
     assert len(lora.adapter_paths(params)) == 7
     for path in lora.adapter_paths(params):
@@ -216,9 +218,10 @@ def test_qlora_merge_export_loads_in_transformers(qlora):
 
 
 def test_qlora_from_a_quantized_converted_checkpoint_equals_it_and_resumes_exactly(qlora, monkeypatch):
-    """`convert --quantize int4` then QLoRA on it: the same int4 base, so the same losses as quantizing on load;
-    stopped after step 3 and resumed (from checkpoint 2, QTensors in the quantization layout): bit-identical.
-    Settings that do not name the checkpoint's quantization are refused in one line."""
+    """`convert --quantize int4` then QLoRA on it, on one device: the same int4 base, so the losses of the 8-device
+    (fsdp x tensor, sharded QTensors) run that quantized on load; stopped after step 3 and resumed (from checkpoint
+    2, QTensors in the quantization layout): bit-identical. Settings that do not name the checkpoint's quantization
+    are refused in one line."""
     from deepseek_vl_jax.cli import main
 
     converted = H.scratch("qlora_converted") + "/int4"
@@ -232,13 +235,15 @@ def test_qlora_from_a_quantized_converted_checkpoint_equals_it_and_resumes_exact
         if step == 3:
             raise Interrupt
 
+    one = H.tiny_config(**{**QLORA, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
     monkeypatch.setattr(loop.MetricsLogger, "log", log)
     with pytest.raises(Interrupt):
-        train(H.tiny_config(**QLORA), converted, qlora.rows, out)
+        train(one, converted, qlora.rows, out, devices=jax.devices()[:1])
     monkeypatch.setattr(loop.MetricsLogger, "log", real_log)
-    resumed = train(H.tiny_config(**QLORA), converted, qlora.rows, out)
-    assert resumed.start_step == 2 and resumed.losses[0] == seen[3]
-    assert [seen[1], seen[2], *resumed.losses] == qlora.losses
+    resumed = train(one, converted, qlora.rows, out, devices=jax.devices()[:1])
+    assert resumed.start_step == 2 and resumed.losses[0] == seen[3]  # bit-identical
+    np.testing.assert_allclose([seen[1], seen[2], *resumed.losses], qlora.losses, rtol=0,
+                               atol=2e-5 * max(qlora.losses))  # the last loss is ~1e-3: relative to the scale
     wrong = H.tiny_config(**{**QLORA, "lora": {**QLORA["lora"], "quantize": "int8"}})
     with pytest.raises(lora.LoraError, match="quantized checkpoint .*lora.quantize=int4 lora.group_size=32"):
         train(wrong, converted, qlora.rows, H.scratch("qlora_wrong"))
