@@ -5,11 +5,18 @@ Shape (~0.45B): LLaMA 12 layers, hidden 1024, 16 heads, MLP 2816, vocab 102400 (
 hidden 768 at 384 px / 16 (576 image tokens); MLP aligner. Batch: 2 rows x 630 tokens (one image + 54 text tokens),
 labels on the text after the image. float32 everywhere.
 
-    python benchmarks/bench_train.py [--steps 3] [--with-torch-frozen] [--lora] [--out benchmarks/results/train.json]
+    python benchmarks/bench_train.py [--steps 3] [--with-torch-frozen] [--lora | --lora-only]
+                                     [--out benchmarks/results/train.json]
 
 --lora adds, in the same run: LoRA rank 16 (alpha 32) on the language model's q/k/v/o/gate/up/down with every
-tower frozen, QLoRA (the same with an int4 base), and transformers + peft with the same LoRA + torch AdamW; each
-with its trainable parameters and optimizer-state bytes.
+tower frozen, QLoRA (the same with an int4 base, group 128), and transformers + peft with the same LoRA + torch
+AdamW; each with its trainable parameters and optimizer-state bytes. --lora-only runs the full fine-tune, LoRA,
+QLoRA and peft (not torch's full fine-tune nor the frozen-vision step).
+
+Every run starts from the same random weights, written once as an HF checkpoint (`--weights`, default under
+/tmp): torch loads it with `from_pretrained`, this package with `load_pretrained` (QLoRA: `quantize=`, the base
+quantized tensor by tensor as it loads), as training does. The JAX children import neither torch nor
+transformers, so their peak RSS is this package's own.
 
 Reports tokens/s, step time, model FLOP/s (formula of `deepseek_vl_jax.training.flops`, the same count for both
 frameworks), MFU against the float32 matmul peak measured in the same run (both torch's and XLA's), peak RSS, and
@@ -30,9 +37,16 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
-import torchvision_ops  # noqa: E402  transformers imports torchvision: see tests/torchvision_ops.py
 
-torchvision_ops.ensure_importable()
+
+def import_transformers():
+    """transformers (and torch), imported beside torchvision (see tests/torchvision_ops.py); torch runs only."""
+    import torchvision_ops
+
+    torchvision_ops.ensure_importable()
+    import transformers
+
+    return transformers
 
 TEXT = dict(vocab_size=102400, hidden_size=1024, intermediate_size=2816, num_hidden_layers=12, num_attention_heads=16,
             num_key_value_heads=16, max_position_embeddings=4096, rms_norm_eps=1e-6)
@@ -55,8 +69,7 @@ def use_shape(shape: str) -> None:
 
 
 def hf_config():
-    import transformers
-
+    transformers = import_transformers()
     return transformers.DeepseekVLConfig(text_config=TEXT, vision_config=VISION, image_token_id=IMAGE_TOKEN,
                                          tie_word_embeddings=False)
 
@@ -92,14 +105,29 @@ def matmul_peak_torch(n=2048, repeats=5) -> float:
     return 2 * n**3 / best
 
 
+def write_weights(path: str) -> None:
+    """The shared random weights (seed 0), as an HF checkpoint directory (once per shape)."""
+    import torch
+
+    torch.manual_seed(0)
+    model = import_transformers().DeepseekVLForConditionalGeneration(hf_config())
+    model.save_pretrained(path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def model_flops(frozen_vision: bool, lora: bool = False) -> float:
-    """Model FLOPs of a step; LoRA counts as the frozen-vision step (its own small dots left out: < 1%)."""
+    """Model FLOPs of a step (`training.flops`); LoRA: every tower frozen, the language model back-propagated
+    (4W per token) plus the adapters' own 6 r (I + O) per token."""
     from deepseek_vl_jax.config import ModelConfig
+    from deepseek_vl_jax.lora import LoraConfig
     from deepseek_vl_jax.training import flops
     from deepseek_vl_jax.training.config import TrainableConfig
 
-    config = ModelConfig.from_hf(hf_config().to_dict())
+    config = ModelConfig.from_pretrained(WEIGHTS)
     t = 2 + config.num_image_tokens + TEXT_TOKENS
+    if lora:
+        frozen = TrainableConfig(vision=False, aligner=False, language=False)
+        return flops.step_flops(config, frozen, [t] * ROWS, ROWS, LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA))
     return flops.step_flops(config, TrainableConfig(vision=not frozen_vision), [t] * ROWS, ROWS)
 
 
@@ -108,11 +136,11 @@ PEFT_TARGETS = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|
 
 
 def run_torch(steps: int, frozen_vision: bool, lora: str = "none") -> dict:
+    transformers = import_transformers()
     import torch
-    import transformers
 
     torch.manual_seed(0)
-    model = transformers.DeepseekVLForConditionalGeneration(hf_config()).train()
+    model = transformers.DeepseekVLForConditionalGeneration.from_pretrained(WEIGHTS, dtype=torch.float32).train()
     if frozen_vision:
         model.model.vision_model.requires_grad_(False)
     if lora != "none":
@@ -152,25 +180,26 @@ def run_jax(steps: int, frozen_vision: bool, remat: str, lora: str = "none") -> 
     from deepseek_vl_jax.training import step as step_lib
     from deepseek_vl_jax.training.config import OptimizerConfig, TrainableConfig
 
-    config = ModelConfig.from_hf(hf_config().to_dict(), remat_policy=remat)
     from deepseek_vl_jax import lora as lora_lib
+    from deepseek_vl_jax.pretrained import load_pretrained
+
+    config = ModelConfig.from_pretrained(WEIGHTS, remat_policy=remat)
 
     trainable = TrainableConfig(vision=not frozen_vision)
     lora_config = None
     if lora != "none":  # every tower frozen, adapters on the language model (an int4 base for qlora)
         trainable = TrainableConfig(vision=False, aligner=False, language=False)
-        lora_config = lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA,
+        lora_config = lora_lib.LoraConfig(rank=LORA_RANK, alpha=LORA_ALPHA, group_size=128,
                                           quantize="int4" if lora == "qlora" else "none")
     opt = OptimizerConfig(learning_rate=1e-5, clip_grad_norm=1.0)
     tx, schedule = opt_lib.make_optimizer(opt, 1000), opt_lib.learning_rate_schedule(opt, 1000)
-    if lora_config is None:
-        state = state_lib.init_random(config, jax.random.key(0), tx, trainable)
-    else:
-        from deepseek_vl_jax.pretrained import init_params
-
-        params = state_lib.add_lora(init_params(config, jax.random.key(0)), lora_config, trainable,
-                                    jax.random.key(1))
-        state = state_lib.create(params, tx, trainable)
+    t = time.perf_counter()
+    qconfig = None if lora_config is None else lora_config.quantize_config()
+    params = load_pretrained(WEIGHTS, progress=False, quantize=qconfig, remat_policy=remat).params
+    load_s, load_peak = time.perf_counter() - t, peak_rss_gb()
+    if lora_config is not None:
+        params = state_lib.add_lora(params, lora_config, trainable, jax.random.key(1))
+    state = state_lib.create(params, tx, trainable)
     step, _ = step_lib.compile_steps(DeepseekVL(config), tx, trainable, schedule, lora=lora_config)
     train_part, _ = opt_lib.split(state.params, trainable)
     trainable_params, _ = lora_lib.count(train_part)
@@ -182,6 +211,8 @@ def run_jax(steps: int, frozen_vision: bool, remat: str, lora: str = "none") -> 
     t = time.perf_counter()
     compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t
+    memory = compiled.memory_analysis()
+    memory = {k: getattr(memory, k + "_in_bytes") for k in ("argument_size", "output_size", "alias_size", "temp_size")}
     for _ in range(steps):
         t = time.perf_counter()
         state, metrics = compiled(state, batch)
@@ -189,7 +220,8 @@ def run_jax(steps: int, frozen_vision: bool, remat: str, lora: str = "none") -> 
         times.append(time.perf_counter() - t)
     return {"step_times_s": times, "compile_s": compile_s, "losses": losses, "peak_rss_gb": peak_rss_gb(),
             "matmul_peak_flops": flops.measure_matmul_peak(), "devices": len(jax.devices()),
-            "trainable_params": trainable_params, "optimizer_state_bytes": opt_bytes, "param_bytes": param_bytes}
+            "trainable_params": trainable_params, "optimizer_state_bytes": opt_bytes, "param_bytes": param_bytes,
+            "load_s": load_s, "peak_rss_after_load_gb": load_peak, "step_memory_analysis_bytes": memory}
 
 
 def child(args) -> None:
@@ -201,11 +233,12 @@ def child(args) -> None:
 
 
 SHAPE = "0.45b"
+WEIGHTS = ""  # the shared HF checkpoint directory (set in main)
 
 
 def spawn(framework: str, steps: int, frozen_vision: bool, remat: str = "none", lora: str = "none") -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", framework, "--steps", str(steps), "--remat", remat,
-           "--lora-mode", lora, "--shape", SHAPE]
+           "--lora-mode", lora, "--shape", SHAPE, "--weights", WEIGHTS]
     if frozen_vision:
         cmd.append("--frozen-vision")
     env = dict(os.environ, JAX_PLATFORMS="cpu", TOKENIZERS_PARALLELISM="false")
@@ -214,7 +247,8 @@ def spawn(framework: str, steps: int, frozen_vision: bool, remat: str = "none", 
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
-        raise RuntimeError(f"{framework} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{framework} run failed (exit {proc.returncode}; -9: killed, e.g. out of memory):\n"
+                           f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     out = json.loads(lines[-1][len("RESULT "):])
     out["wall_s"] = time.perf_counter() - t
     return out
@@ -240,40 +274,67 @@ def main() -> None:
     p.add_argument("--remat", default="none")
     p.add_argument("--with-torch-frozen", action="store_true", help="also time torch with SigLIP frozen (+~4 min)")
     p.add_argument("--lora", action="store_true", help="also LoRA r16 / QLoRA int4 / transformers + peft LoRA")
+    p.add_argument("--lora-only", action="store_true",
+                   help="full fine-tune, LoRA r16, QLoRA int4 and transformers + peft LoRA only")
+    p.add_argument("--weights", default=None, help="the shared random HF checkpoint (made if missing)")
     p.add_argument("--lora-mode", choices=("none", "lora", "qlora"), default="none", help=argparse.SUPPRESS)
+    p.add_argument("--write-weights", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
-    global SHAPE
+    global SHAPE, WEIGHTS
     SHAPE = args.shape
     use_shape(args.shape)
+    WEIGHTS = args.weights or os.path.join("/tmp", f"deepseek-vl-jax-bench-train-{args.shape}")
     args.out = args.out or os.path.join(REPO, "benchmarks", "results",
                                         "train.json" if args.shape == "0.45b" else "train_small.json")
+    if args.write_weights:
+        write_weights(WEIGHTS)
+        return
     if args.child:
         args.framework = args.child
         child(args)
         return
     tokens = ROWS * (2 + (VISION["image_size"] // VISION["patch_size"]) ** 2 + TEXT_TOKENS)
-    full, frozen = model_flops(False), model_flops(True)
     t0 = time.perf_counter()
-    results = {"torch": spawn("torch", args.steps, False), "jax": spawn("jax", args.steps, False),
-               "jax_frozen_vision": spawn("jax", args.steps, True)}
+    uptime_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    if not os.path.isdir(WEIGHTS):
+        subprocess.run([sys.executable, os.path.abspath(__file__), "--write-weights", "--shape", SHAPE, "--weights",
+                        WEIGHTS], check=True)
+    full, frozen, lora_flops = model_flops(False), model_flops(True), model_flops(True, lora=True)
+    args.lora = args.lora or args.lora_only
+    failed = {}
+    if args.lora_only:  # the adapters first; the full fine-tune (the largest) last, and allowed to fail
+        results = {"jax_lora_r16": spawn("jax", args.steps, False, lora="lora"),
+                   "jax_qlora_int4_r16": spawn("jax", args.steps, False, lora="qlora"),
+                   "torch_peft_lora_r16": spawn("torch", args.steps, False, lora="lora")}
+        try:
+            results["jax"] = spawn("jax", args.steps, False)
+        except RuntimeError as e:
+            failed["jax"] = str(e).splitlines()[0]
+    else:
+        results = {"torch": spawn("torch", args.steps, False), "jax": spawn("jax", args.steps, False),
+                   "jax_frozen_vision": spawn("jax", args.steps, True)}
     if args.with_torch_frozen:
         results["torch_frozen_vision"] = spawn("torch", args.steps, True)
-    if args.lora:
+    if args.lora and not args.lora_only:
         results["jax_lora_r16"] = spawn("jax", args.steps, False, lora="lora")
         results["jax_qlora_int4_r16"] = spawn("jax", args.steps, False, lora="qlora")
         results["torch_peft_lora_r16"] = spawn("torch", args.steps, False, lora="lora")
-    lora_flops = model_flops(True, lora=True)
     s = {k: summarize(v, lora_flops if "lora" in k else frozen if "frozen" in k else full, tokens)
          for k, v in results.items()}
     report = {
         "benchmark": f"train step, DeepSeek-VL shape {SHAPE} (LLaMA {TEXT['num_hidden_layers']}x{TEXT['hidden_size']}, "
                      f"vocab {TEXT['vocab_size']}; SigLIP {VISION['num_hidden_layers']}x{VISION['hidden_size']} @ "
                      f"{VISION['image_size']}px), batch {ROWS} x {tokens // ROWS} tokens (1 image + {TEXT_TOKENS} text each), float32, CPU",
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg()},
-        "model_flops_per_step": {"all_trainable": full, "vision_frozen": frozen},
-        "speedup_tokens_per_s_vs_transformers": s["jax"]["tokens_per_s"] / s["torch"]["tokens_per_s"],
-        "jax_mfu_vs_torch_matmul_peak": s["jax"]["model_gflops_per_s"] * 1e9 / results["torch"]["matmul_peak_flops"],
+        "command": "python " + " ".join(sys.argv),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg(),
+                    "uptime_at_start": uptime_start,
+                    "uptime_at_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()},
+        "model_flops_per_step": {"all_trainable": full, "vision_frozen": frozen, "lora_r16": lora_flops},
+        **({"speedup_tokens_per_s_vs_transformers": s["jax"]["tokens_per_s"] / s["torch"]["tokens_per_s"],
+            "jax_mfu_vs_torch_matmul_peak": s["jax"]["model_gflops_per_s"] * 1e9
+            / results["torch"]["matmul_peak_flops"]} if "torch" in s else {}),
         "results": s,
+        **({"failed_runs": failed} if failed else {}),
         **({"lora_vs_transformers_peft": {
             "tokens_per_s_ratio": s["jax_lora_r16"]["tokens_per_s"] / s["torch_peft_lora_r16"]["tokens_per_s"],
             "peak_memory_ratio": s["jax_lora_r16"]["peak_rss_gb"] / s["torch_peft_lora_r16"]["peak_rss_gb"],
@@ -288,7 +349,8 @@ def main() -> None:
         json.dump(report, f, indent=2)
     brief = {k: {m: round(v[m], 3) for m in ("step_time_s", "tokens_per_s", "model_gflops_per_s",
                                               "mfu_vs_own_matmul_peak", "peak_rss_gb")} for k, v in s.items()}
-    print(json.dumps({"speedup": report["speedup_tokens_per_s_vs_transformers"], **brief}, indent=1))
+    print(json.dumps({k: report.get(k) for k in ("speedup_tokens_per_s_vs_transformers", "lora_vs_transformers_peft")}
+                     | brief, indent=1))
 
 
 if __name__ == "__main__":

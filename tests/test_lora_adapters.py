@@ -1,6 +1,7 @@
 """LoRA over the unchanged model, both model types: zero-initialised adapters give the base logits exactly; a LoRA
 model's logits (adapters applied on the fly, inside the scanned decoder with remat) equal the merged model's; the
-QLoRA base (int8 / int4) is what it dequantizes to; LoRA dropout is keyed and reaches every tower; bad targets
+QLoRA base (`quantization`'s int8 / int4 QTensors, vision towers too) gives the merged (dequantized) model's
+logits; LoRA dropout is keyed and reaches every tower; bad targets
 are named."""
 
 import jax
@@ -8,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_vl_jax import lora
-from deepseek_vl_jax.lora import quant
+from deepseek_vl_jax import lora, quantization
 from deepseek_vl_jax.model import DeepseekVL
-from deepseek_vl_jax.pretrained import load_pretrained
+from deepseek_vl_jax.pretrained import abstract_params, load_pretrained
 
 import hf_fixtures as F
 
@@ -65,15 +65,15 @@ def test_lora_logits_equal_merged_logits(case):
 
 def test_quantized_base(case):
     model, inputs, config = case
-    kind = "int8" if model.config.is_hybrid else "int4"  # one compile each
-    config = lora.LoraConfig(rank=4, alpha=8.0, targets=config.targets, quantize=kind, group_size=16)
-    params = lora.adapters.add_adapters(model.params, config, jax.random.key(1), zero_b=False)
-    q = params["language_model"]["layers"]["mlp"]["up_proj"]
-    assert "kernel" not in q and q[quant.QUANT].dtype == (jnp.uint8 if kind == "int4" else jnp.int8)
-    kernel = model.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
-    back = quant.dequantize(q[quant.QUANT], q[quant.SCALE])
-    step = np.asarray(q[quant.SCALE]).max()  # rounding error at most half a step of the largest group
-    assert 0 < np.abs(np.asarray(back) - np.asarray(kernel)).max() <= 0.5 * step + 1e-7
+    hybrid = model.config.is_hybrid
+    qconfig = quantization.QuantizeConfig("int8", vision=True) if hybrid else quantization.QuantizeConfig("int4", 16)
+    base = quantization.quantize_params(model.params, abstract_params(model.config), qconfig, np.float32)
+    params = lora.adapters.add_adapters(base, config, jax.random.key(1), zero_b=False)
+    kernels = {"/".join(p): lora.adapters.get_path(params, p)["kernel"] for p in lora.adapter_paths(params)}
+    quantized = {k for k, v in kernels.items() if isinstance(v, quantization.QTensor)}
+    assert {k for k in kernels if k.startswith("language_model/")} <= quantized
+    assert hybrid == any(k.startswith(("vision_model/", "high_res_vision_model/", "aligner/")) for k in quantized)
+    assert all(kernels[k].values.dtype == (np.int8 if hybrid else np.uint8) for k in quantized)
     got = forward(model, params, inputs, config)
     assert F.max_rel_err(got, forward(model, lora.merge(params, config), inputs)) <= 1e-5
 

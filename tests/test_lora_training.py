@@ -1,7 +1,9 @@
 """LoRA training through the real loop (8 simulated devices, fsdp x tensor): the base stays bit-identical, the
 optimizer state holds only the adapters and the trainable aligner (bytes counted), export --merge / --adapter load
 in transformers / peft with the same logits, 8 devices = 1 device and an interrupted run resumes exactly; QLoRA
-from the shipped model: the loss goes down, the base stays int4."""
+from the shipped model on `quantization`'s int4 QTensors: the loss goes down, the base stays int4 (the same bytes
+as `load_pretrained(quantize=)`), the state holds no float copy of it (bytes counted by dtype), `--merge` loads in
+transformers with the same logits, and a run from a quantized converted checkpoint equals it and resumes exactly."""
 
 import os
 
@@ -9,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from deepseek_vl_jax import lora
+from deepseek_vl_jax import lora, quantization
 from deepseek_vl_jax.pretrained import load_pretrained
 from deepseek_vl_jax.training import loop, train
 
@@ -139,26 +141,133 @@ def test_one_device_interrupted_and_resumed_equals_eight_devices(data, straight,
         np.testing.assert_allclose(x, y, rtol=0, atol=2e-5 * np.abs(y).max())
 
 
-def test_qlora_trains_from_shipped_model_and_base_stays_int4():
-    from deepseek_vl_jax.lora import quant
+QLORA = dict(steps=4, trainable={"vision": False, "aligner": False, "language": False},
+             lora={"rank": 8, "alpha": 16.0, "quantize": "int4", "group_size": 32},
+             optimizer={"learning_rate": 3e-3, "min_learning_rate_ratio": 1.0},
+             data={"batch_size": 8, "max_length": 96, "length_buckets": [96]},
+             checkpoint={"every": 2, "keep": 5, "async_save": False})
+QUANTIZE = {"scheme": "int4", "group_size": 32}
+
+
+@pytest.fixture(scope="module")
+def qlora():
     from deepseek_vl_jax.synthetic.dataset import write_split
 
     model = os.path.join(H.REPO, "models", "deepseek-vl-tiny")
     rows = write_split(H.scratch("qlora_data"), "train", 16, seed=5)
-    cfg = H.tiny_config(steps=4, trainable={"vision": False, "aligner": False, "language": False},
-                        lora={"rank": 8, "alpha": 16.0, "quantize": "int4", "group_size": 32},
-                        optimizer={"learning_rate": 3e-3, "min_learning_rate_ratio": 1.0},
-                        data={"batch_size": 8, "max_length": 96, "length_buckets": [96]},
-                        checkpoint={"every": 4, "async_save": False})
-    result = train(cfg, model, rows, H.scratch("qlora_out"))
-    assert np.mean(result.losses[-2:]) < 0.8 * result.losses[0], result.losses
-    base = load_pretrained(model, progress=False).params
-    params = jax.device_get(result.state.params)
+    out = H.scratch("qlora_out")
+    result = train(H.tiny_config(**QLORA), model, rows, out)
+    result.model, result.rows, result.out = model, rows, out
+    return result
+
+
+def test_qlora_trains_from_shipped_model_and_base_stays_int4(qlora):
+    assert np.mean(qlora.losses[-2:]) < 0.8 * qlora.losses[0], qlora.losses
+    base = load_pretrained(qlora.model, progress=False, quantize=QUANTIZE).params
+    up = qlora.state.params["language_model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert up.values.addressable_shards[0].data.shape != up.values.shape  # sharded by the rules table
+    params = jax.device_get(qlora.state.params)
+    assert len(lora.adapter_paths(params)) == 7
     for path in lora.adapter_paths(params):
-        module = lora.adapters.get_path(params, path)
-        assert "kernel" not in module and module[quant.QUANT].dtype == np.uint8
-        want = quant.quantize(lora.adapters.get_path(base, path)["kernel"], lora.BaseQuant.INT4, 32)
-        np.testing.assert_array_equal(module[quant.QUANT], want[quant.QUANT])  # frozen: the same bytes
-        np.testing.assert_array_equal(module[quant.SCALE], want[quant.SCALE])
-    _, opt_bytes = lora.count(result.state.opt_state)
+        got, want = (lora.adapters.get_path(p, path)["kernel"] for p in (params, base))
+        assert isinstance(got, quantization.QTensor) and got.values.dtype == np.uint8 and got.group_size == 32
+        np.testing.assert_array_equal(got.values, want.values)  # frozen: the same bytes
+        np.testing.assert_array_equal(got.scales, want.scales)
+    _, opt_bytes = lora.count(qlora.state.opt_state)
     assert opt_bytes <= 2 * lora.count(params["lora"])[1] + 16
+
+
+def test_qlora_state_holds_no_float_copy_of_the_base(qlora):
+    """Every float byte of the train state is accounted for: the base's unquantized leaves (embeddings, norms,
+    vision towers, aligner), the int4 kernels' scales, and the adapters with their two Adam moments."""
+    float_model = load_pretrained(qlora.model, progress=False).params
+    kernels = [lora.adapters.get_path(float_model, p)["kernel"] for p in lora.adapter_paths(qlora.state.params)]
+    kernel_bytes = sum(k.nbytes for k in kernels)
+    by_dtype: dict = {}
+    for x in jax.tree.leaves((qlora.state.params, qlora.state.opt_state)):
+        by_dtype[np.dtype(x.dtype)] = by_dtype.get(np.dtype(x.dtype), 0) + x.nbytes
+    scales = [lora.adapters.get_path(qlora.state.params, p)["kernel"].scales for p in
+              lora.adapter_paths(qlora.state.params)]
+    adapters = lora.count(qlora.state.params["lora"])[1]
+    want = lora.count(float_model)[1] - kernel_bytes + sum(s.nbytes for s in scales) + 3 * adapters
+    assert by_dtype[np.dtype(np.float32)] == want, (by_dtype, want)
+    assert by_dtype[np.dtype(np.uint8)] == kernel_bytes // 8  # int4: two to a byte
+    assert set(by_dtype) <= {np.dtype(np.float32), np.dtype(np.uint8), np.dtype(np.int32)}
+    assert by_dtype.get(np.dtype(np.int32), 0) <= 16  # step counters
+
+
+def test_qlora_merge_export_loads_in_transformers(qlora):
+    import torch
+    import transformers
+    from deepseek_vl_jax.cli import main
+    from deepseek_vl_jax.model import DeepseekVL
+
+    merged = H.scratch("qlora_merged") + "/hf"
+    assert main(["export", qlora.out, merged, "--merge", "--no-progress"]) == 0
+    config = load_pretrained(qlora.model, progress=False).config
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 400, size=(2, 10))
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0
+    ours = np.asarray(lora.apply(DeepseekVL(config), jax.device_get(qlora.state.params), jax.numpy.asarray(ids),
+                                 jax.numpy.asarray(mask), config=H.tiny_config(**QLORA).lora))
+    with torch.no_grad():
+        hf = transformers.DeepseekVLForConditionalGeneration.from_pretrained(merged).eval()
+        got = hf(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask)).logits.numpy()
+    assert H.F.max_rel_err(got, ours, mask) <= 1e-5
+
+
+def test_qlora_from_a_quantized_converted_checkpoint_equals_it_and_resumes_exactly(qlora, monkeypatch):
+    """`convert --quantize int4` then QLoRA on it, on one device: the same int4 base, so the losses of the 8-device
+    (fsdp x tensor, sharded QTensors) run that quantized on load; stopped after step 3 and resumed (from checkpoint
+    2, QTensors in the quantization layout): bit-identical. Settings that do not name the checkpoint's quantization
+    are refused in one line."""
+    from deepseek_vl_jax.cli import main
+
+    converted = H.scratch("qlora_converted") + "/int4"
+    assert main(["convert", qlora.model, converted, "--quantize", "int4", "--group-size", "32", "--no-progress"]) == 0
+    out = H.scratch("qlora_resume")
+    real_log, seen = loop.MetricsLogger.log, {}
+
+    def log(self, step, record, kind="train"):
+        real_log(self, step, record, kind)
+        seen[step] = record["loss"]
+        if step == 3:
+            raise Interrupt
+
+    one = H.tiny_config(**{**QLORA, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
+    monkeypatch.setattr(loop.MetricsLogger, "log", log)
+    with pytest.raises(Interrupt):
+        train(one, converted, qlora.rows, out, devices=jax.devices()[:1])
+    monkeypatch.setattr(loop.MetricsLogger, "log", real_log)
+    resumed = train(one, converted, qlora.rows, out, devices=jax.devices()[:1])
+    assert resumed.start_step == 2 and resumed.losses[0] == seen[3]  # bit-identical
+    np.testing.assert_allclose([seen[1], seen[2], *resumed.losses], qlora.losses, rtol=0,
+                               atol=2e-5 * max(qlora.losses))  # the last loss is ~1e-3: relative to the scale
+    wrong = H.tiny_config(**{**QLORA, "lora": {**QLORA["lora"], "quantize": "int8"}})
+    with pytest.raises(lora.LoraError, match="quantized checkpoint .*lora.quantize=int4 lora.group_size=32"):
+        train(wrong, converted, qlora.rows, H.scratch("qlora_wrong"))
+
+
+def test_qlora_step_keeps_no_float_copy_of_the_base_for_backward(qlora):
+    """The compiled QLoRA step's temporaries are those of LoRA on the float base: the input gradient dequantizes
+    each frozen kernel again instead of keeping it (stacked over the scan, a float copy of the decoder)."""
+    import jax.numpy as jnp
+    from deepseek_vl_jax.model import DeepseekVL
+    from deepseek_vl_jax.training import optimizer as opt_lib
+    from deepseek_vl_jax.training import state as state_lib
+    from deepseek_vl_jax.training import step as step_lib
+
+    cfg = H.tiny_config(**QLORA)
+    tx, schedule = opt_lib.make_optimizer(cfg.optimizer, cfg.steps), opt_lib.learning_rate_schedule(cfg.optimizer, 4)
+    batch = {k: jnp.ones((1, 8, 96), jnp.int32) for k in ("input_ids", "attention_mask", "labels")}
+    temps = {}
+    for quantize in (None, QUANTIZE):
+        model = load_pretrained(qlora.model, progress=False, quantize=quantize)
+        state = state_lib.create(state_lib.add_lora(model.params, cfg.lora, cfg.trainable, jax.random.key(0)), tx,
+                                 cfg.trainable)
+        step, _ = step_lib.compile_steps(DeepseekVL(model.config), tx, cfg.trainable, schedule, lora=cfg.lora)
+        temps[quantize is None] = step.lower(state, batch).compile().memory_analysis().temp_size_in_bytes
+    float_model = load_pretrained(qlora.model, progress=False).params
+    decoder = sum(lora.adapters.get_path(float_model, p)["kernel"].nbytes for p in lora.adapter_paths(qlora.state.params))
+    assert temps[False] - temps[True] < decoder / 4, (temps, decoder)

@@ -90,6 +90,37 @@ def test_flops_formula_and_frozen_towers(hybrid_dir):
     assert stage1 == pytest.approx(2 * (2 * per_token * 40 + attention))  # frozen LM still back-propagates
 
 
+def test_lora_flops_count_the_frozen_language_model_backward(hybrid_dir):
+    """LoRA on the frozen language model: forward + input gradient of the whole decoder and head (4W per token),
+    plus 6 r (I + O) per token for each adapted projection of each layer; towers before it: forward only."""
+    from deepseek_vl_jax.lora import LoraConfig
+
+    config = ModelConfig.from_pretrained(hybrid_dir)
+    t = config.text
+    d, f, q, kv = t.hidden_size, t.intermediate_size, t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    per_token = t.num_hidden_layers * (2 * d * q + 2 * d * kv + 3 * d * f) + t.vocab_size * d
+    lengths = [10, 30]
+    attention = sum(t.num_hidden_layers * 4 * n * n * t.num_attention_heads * t.head_dim for n in lengths)
+    r = 8
+    widths = (d + q) + 2 * (d + kv) + (q + d) + 3 * (d + f)  # q, k, v, o, gate, up, down: I + O
+    adapters = 6 * r * widths * t.num_hidden_layers * 40
+    frozen = TrainableConfig(vision=False, high_res=False, aligner=False, language=False)
+    lora = flops.step_flops(config, frozen, lengths, 0, LoraConfig(rank=r))
+    assert lora == pytest.approx(4 / 2 * (2 * per_token * 40 + attention) + adapters)
+    # with two images: the vision towers and aligner only run forward
+    images = flops.step_flops(config, frozen, lengths, 2, LoraConfig(rank=r)) - lora
+    fwd = flops.siglip_flops_forward(config) + flops.sam_flops_forward(config) + flops.aligner_flops_forward(config)
+    assert images == pytest.approx(2 * fwd)
+    # adapters on the aligner only: the aligner and the language model back-propagate, the vision towers do not
+    aligner = LoraConfig(rank=r, targets=(r"aligner/.*",))
+    got = flops.step_flops(config, frozen, lengths, 2, aligner)
+    want = flops.step_flops(config, TrainableConfig(vision=False, high_res=False, aligner=True, language=False),
+                            lengths, 2)
+    aligner_w = flops.aligner_flops_forward(config) / 2 / config.num_image_tokens  # its weights
+    assert got - flops.adapter_flops(config, aligner, lengths, 2) == pytest.approx(
+        want - 2 * aligner_w * 2 * config.num_image_tokens)  # as training the aligner, less its weight gradient
+
+
 def test_tensorboard_events_round_trip(tmp_path):
     w = metrics.EventWriter(str(tmp_path))
     w.scalars(1, {"train/loss": 2.5, "train/mfu": 0.25})

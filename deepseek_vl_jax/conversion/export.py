@@ -39,9 +39,11 @@ def _groups(table: list[hf_mapping.Entry], nbytes: dict) -> Iterator[list[hf_map
 
 
 def export(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int | str = "5GB",
-           dtype: str | None = None, force: bool = False, step: int | None = None, progress: bool = True) -> list[str]:
+           dtype: str | None = None, force: bool = False, step: int | None = None, progress: bool = True,
+           merge=None) -> list[str]:
     """Export a Flax checkpoint directory / training output (latest step, or `step`) to an HF directory at `dst`.
-    Returns the weight files written."""
+    `merge`: a LoRA run's `lora.export.MergedView` (its adapters folded in, leaf by leaf). Returns the weight files
+    written."""
     source = flax_checkpoint.resolve(src, step)
     if source.kind == "flax":
         from deepseek_vl_jax.quantization import checkpoint as quantized
@@ -54,7 +56,10 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int |
     config_dict = flax_checkpoint.read_config_dict(source)
     config = ModelConfig.from_hf(config_dict)
     stored = orbax_io.leaf_metadata(source.params_dir)
-    if any(path[0] == "lora" for path in stored):
+    sources = {}  # merged leaf -> the stored leaves it is made from
+    if merge is not None:
+        stored, sources = merge.shapes, merge.sources
+    elif any(path[0] == "lora" for path in stored):
         raise ValueError(f"{source.params_dir} holds LoRA adapters; export with --merge (a plain HF checkpoint) "
                          "or --adapter (a PEFT adapter directory)")
     flax_checkpoint.check_tree(flax_checkpoint.template_shapes(config), {k: s for k, (s, _) in stored.items()},
@@ -74,9 +79,10 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int |
 
     def arrays():
         for group in _groups(table, nbytes):
-            leaves = orbax_io.restore_leaves_numpy(source.params_dir, [e.path for e in group])
+            leaves = orbax_io.restore_leaves_numpy(
+                source.params_dir, [p for e in group for p in sources.get(e.path, [e.path])])
             for e in group:
-                leaf = leaves.pop(e.path)
+                leaf = merge.build(e.path, leaves) if merge is not None else leaves.pop(e.path)
                 for key, x in fast_mapping.hf_from_leaf(e, leaf, leaf_dtype[e.path]):
                     if bar is not None:
                         bar.update(x.nbytes)

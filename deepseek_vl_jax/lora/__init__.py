@@ -13,7 +13,7 @@ The shape is qwix's, though: rules over module paths, and an interceptor on Dens
 
 from deepseek_vl_jax.lora.adapters import (ADAPTERS, LoraError, abstract, add_adapters, adapter_paths, apply,
                                            count, inject, is_lora, merge, targets)
-from deepseek_vl_jax.lora.config import LANGUAGE_TARGETS, BaseQuant, LoraConfig
+from deepseek_vl_jax.lora.config import LANGUAGE_TARGETS, LoraConfig
 
-__all__ = ["ADAPTERS", "LANGUAGE_TARGETS", "BaseQuant", "LoraConfig", "LoraError", "abstract", "add_adapters",
+__all__ = ["ADAPTERS", "LANGUAGE_TARGETS", "LoraConfig", "LoraError", "abstract", "add_adapters",
            "adapter_paths", "apply", "count", "inject", "is_lora", "merge", "targets"]

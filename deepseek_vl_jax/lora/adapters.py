@@ -7,9 +7,10 @@ they adapt (`params["lora"]["language_model"]["layers"]["self_attn"]["q_proj"] =
 and a scanned stack's adapters are stacked like its kernels and sliced by the same `nn.scan`.
 
 For the forward pass the adapters are put next to the kernels they adapt (`inject`) and an interceptor
-(`flax.linen.intercept_methods`) adds `scale * dropout(x) @ A @ B` to each adapted Dense's output; a QLoRA base
-(`quant.QUANT` / `quant.SCALE` instead of `kernel`) is dequantized there, one layer at a time inside the scan.
-The model code knows nothing of either (the shape qwix uses, see the package docstring).
+(`flax.linen.intercept_methods`) adds `scale * dropout(x) @ A @ B` to each adapted Dense's output. A QLoRA base is
+`deepseek_vl_jax.quantization`'s: a `kernel` that is a `QTensor`, computed from by `quantization.quantized_layers()`
+(active in `apply`), one layer at a time inside the scan. The model code knows nothing of either (the shape qwix
+uses, see the package docstring).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_vl_jax import common
-from deepseek_vl_jax.lora import quant
-from deepseek_vl_jax.lora.config import BaseQuant, LoraConfig
+from deepseek_vl_jax.lora.config import LoraConfig
+from deepseek_vl_jax import quantization
+from deepseek_vl_jax.quantization import QTensor, dequantize, quantized_layers
 
 ADAPTERS = "lora"  # the top-level parameter collection of the adapters
 LORA_A, LORA_B = "lora_a", "lora_b"
@@ -37,12 +39,12 @@ class LoraError(ValueError):
 
 
 def _dense_modules(tree: Mapping, prefix: Path = ()):
-    """(path, kernel leaf or quantized leaf, stacked) of every Dense module in a param tree."""
+    """(path, kernel leaf (an array or a QTensor), stacked) of every Dense module in a param tree."""
     for k, v in tree.items():
         if not isinstance(v, Mapping):
             continue
         path = prefix + (str(k),)
-        leaf = v.get(KERNEL, v.get(quant.QUANT))
+        leaf = v.get(KERNEL)
         stacked = STACKED in path
         if leaf is not None and not isinstance(leaf, Mapping) and len(_shape(leaf)) == 2 + int(stacked):
             yield path, leaf, stacked
@@ -87,9 +89,10 @@ def _copy(tree):
 
 # ------------------------------------------------------------------------------------------ abstract (boxed) form
 def abstract(boxed: Mapping, config: LoraConfig, dtype=jnp.float32) -> dict:
-    """The boxed abstract params (`pretrained.abstract_params`) of a LoRA model: targeted kernels replaced by their
-    quantized form under QLoRA, and the `lora` collection. Logical axes: A is [(layers,) in-axis, lora_rank], B is
-    [(layers,) lora_rank, out-axis], so `sharding.RULES` shards them like the kernel they adapt."""
+    """The boxed abstract params (`pretrained.abstract_params`) of a LoRA model: the base's (float; a QLoRA base's
+    quantized form is `quantization`'s, see `training.state`) and the `lora` collection. Logical axes: A is
+    [(layers,) in-axis, lora_rank], B is [(layers,) lora_rank, out-axis], so `sharding.RULES` shards them like the
+    kernel they adapt."""
     out = _copy(boxed)
     for path in targets(boxed, config):
         module = get_path(out, path)
@@ -101,10 +104,6 @@ def abstract(boxed: Mapping, config: LoraConfig, dtype=jnp.float32) -> dict:
         set_path(out, (ADAPTERS, *path), {
             LORA_A: nn.LogicallyPartitioned(a, (*names[:-1], common.LORA_RANK)),
             LORA_B: nn.LogicallyPartitioned(b, (*names[:-2], common.LORA_RANK, names[-1]))})
-        if config.quantize is not BaseQuant.NONE:
-            del module[KERNEL]
-            for name, s in quant.shapes(shape, config.quantize, config.group_size).items():
-                module[name] = nn.LogicallyPartitioned(s, names)
     return out
 
 
@@ -123,27 +122,20 @@ def init_adapter(rng: jax.Array, kernel_shape: tuple[int, ...], rank: int, zero_
 
 
 def add_adapters(params: Mapping, config: LoraConfig, rng: jax.Array, shardings=None, zero_b: bool = True) -> dict:
-    """A LoRA model's params from a base model's: adapters initialised, targeted kernels quantized under QLoRA.
-    With `shardings` (of `abstract(...)`'s tree) every new array is created on its shards. The input params are
-    not modified (but under QLoRA their targeted kernels are donated)."""
+    """A LoRA model's params from a base model's (float or quantized): the base's arrays as they are (not copied)
+    and the `lora` collection, initialised. With `shardings` (of the `lora` collection of `abstract(...)`'s tree)
+    the adapters are created on their shards."""
     paths = targets(params, config)
+    shapes = [tuple(get_path(params, p)[KERNEL].shape) for p in paths]
 
-    def build(params, rng):
-        out = _copy(params)
-        for n, path in enumerate(paths):
-            module = get_path(out, path)
-            kernel = module[KERNEL]
-            set_path(out, (ADAPTERS, *path), init_adapter(jax.random.fold_in(rng, n), kernel.shape, config.rank,
-                                                          zero_b))
-            if config.quantize is not BaseQuant.NONE:
-                del module[KERNEL]
-                module.update(quant.quantize(kernel, config.quantize, config.group_size))
+    def build(rng):
+        out: dict = {}
+        for n, (path, shape) in enumerate(zip(paths, shapes)):
+            set_path(out, path, init_adapter(jax.random.fold_in(rng, n), shape, config.rank, zero_b))
         return out
 
-    if shardings is None:
-        return jax.jit(build)(params, rng)
-    in_shardings = jax.tree.map(lambda x: x.sharding, params)
-    return jax.jit(build, in_shardings=(in_shardings, None), out_shardings=shardings)(params, rng)
+    adapters = jax.jit(build, out_shardings=shardings)(rng)
+    return {**{k: v for k, v in params.items() if k != ADAPTERS}, ADAPTERS: adapters}
 
 
 def inject(params: Mapping) -> dict:
@@ -163,49 +155,57 @@ def inject(params: Mapping) -> dict:
     return out
 
 
-def _dense(module: nn.Dense, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """nn.Dense's computation with a given kernel (the dequantized base)."""
-    bias = module.get_variable("params", "bias") if module.use_bias else None
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=module.dtype)
-    y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=module.precision)
-    return y if bias is None else y + jnp.reshape(bias, (1,) * (y.ndim - 1) + (-1,))
+def _frozen_quantized_dense(module: nn.Dense, x: jax.Array, kernel: QTensor) -> jax.Array:
+    """nn.Dense from a frozen QTensor kernel, rematerialised: the backward pass dequantizes the kernel again for the
+    input gradient instead of keeping it as a residual (in a scanned decoder that would stack a float copy of
+    every layer's kernel, the very copy QLoRA avoids)."""
+    dtype = module.dtype or x.dtype
+
+    @jax.checkpoint
+    def dense(x, values, scales):
+        return quantization.dense(x, kernel.replace(values=values, scales=scales), dtype)
+
+    y = dense(x, kernel.values, kernel.scales)
+    if module.use_bias:
+        y = y + module.get_variable("params", "bias").astype(y.dtype)
+    return y
 
 
 def interceptor(config: LoraConfig, deterministic: bool = True):
-    """A `nn.intercept_methods` interceptor: Dense calls of adapted (or quantized) modules get the LoRA term
-    `(alpha / r) * dropout(x) @ A @ B` (computed in the module's dtype) added to their output."""
+    """A `nn.intercept_methods` interceptor: Dense calls of adapted modules get the LoRA term
+    `(alpha / r) * dropout(x) @ A @ B` (computed in the module's dtype) added to their output. A QTensor kernel's
+    output is `_frozen_quantized_dense`'s; other Dense calls go on to the next interceptor
+    (`quantization.quantized_layers`, for QTensor embeddings) or nn.Dense."""
 
     def intercept(next_fun, args, kwargs, context):
         m = context.module
         if context.method_name != "__call__" or not isinstance(m, nn.Dense):
             return next_fun(*args, **kwargs)
-        quantized, adapted = m.has_variable("params", quant.QUANT), m.has_variable("params", LORA_A)
-        if not (quantized or adapted):
-            return next_fun(*args, **kwargs)
+        kernel = m.get_variable("params", KERNEL) if m.has_variable("params", KERNEL) else None
+        adapted = m.has_variable("params", LORA_A)
         x = args[0]
-        if quantized:
-            kernel = quant.dequantize(m.get_variable("params", quant.QUANT), m.get_variable("params", quant.SCALE),
-                                      m.param_dtype)
-            y = _dense(m, x, kernel)
+        if isinstance(kernel, QTensor) and kernel.ndim == 2:
+            y = _frozen_quantized_dense(m, x, kernel)
         else:
             y = next_fun(*args, **kwargs)
-        if adapted:
-            a, b = m.get_variable("params", LORA_A), m.get_variable("params", LORA_B)
-            h = x
-            if config.dropout and not deterministic:
-                h = nn.Dropout(config.dropout, deterministic=False)(h, rng=m.make_rng("dropout"))
-            h, a, b = nn.dtypes.promote_dtype(h, a, b, dtype=m.dtype)
-            y = y + ((h @ a) @ b * config.scale).astype(y.dtype)
-        return y
+        if not adapted:
+            return y
+        a, b = m.get_variable("params", LORA_A), m.get_variable("params", LORA_B)
+        h = x
+        if config.dropout and not deterministic:
+            h = nn.Dropout(config.dropout, deterministic=False)(h, rng=m.make_rng("dropout"))
+        h, a, b = nn.dtypes.promote_dtype(h, a, b, dtype=m.dtype)
+        return y + ((h @ a) @ b * config.scale).astype(y.dtype)
 
     return intercept
 
 
 def apply(module: nn.Module, params: Mapping, *args, config: LoraConfig, method=None, rngs=None, **kwargs) -> Any:
-    """`module.apply` of a LoRA model (params with a `lora` collection and/or a quantized base). With `rngs`
+    """`module.apply` of a LoRA model (params with a `lora` collection and/or a base of QTensors). With `rngs`
     holding a "dropout" key, LoRA dropout is active."""
     deterministic = not (rngs and "dropout" in rngs)
-    with nn.intercept_methods(interceptor(config, deterministic)):
+    # the outer context's interceptor runs first: LoRA's, whose next step is the quantized (or plain) Dense
+    with nn.intercept_methods(interceptor(config, deterministic)), quantized_layers():
         return module.apply({"params": inject(params)}, *args, method=method, rngs=rngs, **kwargs)
 
 
@@ -220,8 +220,8 @@ def merge(params: Mapping, config: LoraConfig) -> dict:
     adapters = params.get(ADAPTERS, {})
     for path, _, _ in list(_dense_modules(out)):
         module = get_path(out, path)
-        if quant.QUANT in module:
-            module[KERNEL] = quant.dequantize(module.pop(quant.QUANT), module.pop(quant.SCALE))
+        if isinstance(module[KERNEL], QTensor):
+            module[KERNEL] = dequantize(module[KERNEL], jnp.float32)
         try:
             pair = get_path(adapters, path)
         except KeyError:
@@ -249,7 +249,7 @@ def adapter_paths(params: Mapping) -> list[Path]:
 
 
 def count(tree) -> tuple[int, int]:
-    """(parameters, bytes) of a tree of arrays."""
+    """(parameters, bytes) of a tree of arrays (a QTensor counts its stored values and scales)."""
     leaves = jax.tree.leaves(tree)
     return sum(int(x.size) for x in leaves), sum(int(x.size) * x.dtype.itemsize for x in leaves)
 

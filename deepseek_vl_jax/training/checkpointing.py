@@ -7,7 +7,8 @@
       metrics.jsonl          one JSON object per step;  eval.jsonl  one per evaluation
       tensorboard/           event files
       checkpoints/<step>/    Orbax CheckpointManager items:
-          params     (StandardSave)  every parameter, the float32 master copy
+          params     (StandardSave)  every parameter, the float32 master copy (a QLoRA base's QTensors in the
+                                     quantization layout, `<path>/q_values` + `<path>/q_scales`)
           opt_state  (StandardSave)  optimizer state of the trainable towers
           data_iter  (grain)         one JSON file per process: that host's iterator position
           meta       (JsonSave)      step, train config, process count
@@ -27,6 +28,7 @@ import grain.checkpoint
 import jax
 import orbax.checkpoint as ocp
 
+from deepseek_vl_jax import hf_mapping, quantization
 from deepseek_vl_jax.training.config import CheckpointConfig
 
 CHECKPOINTS = "checkpoints"
@@ -63,7 +65,7 @@ def manager(out_dir: str, config: CheckpointConfig) -> ocp.CheckpointManager:
 
 def save(mgr: ocp.CheckpointManager, step: int, state, iterator_state: dict, meta: dict, force: bool = False) -> bool:
     args = ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardSave(state.params),
+        PARAMS: ocp.args.StandardSave(quantization.to_checkpoint_tree(state.params)),
         OPT_STATE: ocp.args.StandardSave(state.opt_state),
         DATA_ITER: grain.checkpoint.CheckpointSave(IteratorSnapshot(iterator_state)),
         META: ocp.args.JsonSave(meta),
@@ -74,14 +76,17 @@ def save(mgr: ocp.CheckpointManager, step: int, state, iterator_state: dict, met
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state) -> tuple[Any, Any, dict, dict]:
     """(params, opt_state, iterator state, meta) of checkpoint `step`, arrays placed as `abstract_state`'s
     shardings say."""
+    leaves = {p: quantization.LeafPlan(x.scheme, x.group_size, x.axis)
+              for p, x in hf_mapping._flatten(abstract_state.params) if isinstance(x, quantization.QTensor)}
     args = ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardRestore(abstract_state.params),
+        PARAMS: ocp.args.StandardRestore(quantization.to_checkpoint_tree(abstract_state.params)),
         OPT_STATE: ocp.args.StandardRestore(abstract_state.opt_state),
         DATA_ITER: grain.checkpoint.CheckpointRestore(IteratorSnapshot()),
         META: ocp.args.JsonRestore(),
     })
     out = mgr.restore(step, args=args)
-    return out[PARAMS], out[OPT_STATE], out[DATA_ITER].state, out[META]
+    return (quantization.from_checkpoint_tree(out[PARAMS], leaves), out[OPT_STATE], out[DATA_ITER].state,
+            out[META])
 
 
 def abstract(tree, shardings):

@@ -7,7 +7,9 @@ gradient of its input and 2W for the gradient of its weights: 6W per token for a
     multiplier = 2 (forward) + 2 (input gradient: the tower or any tower feeding it trains) + 2 (it trains)
 
 so a frozen vision tower costs 2W per patch (nothing below it needs a gradient), a frozen language model under a
-trainable aligner 4W per token. Towers and what they apply to:
+trainable aligner 4W per token. LoRA adapters inside a frozen tower make it back-propagate too (4W: the gradient
+reaches every adapted layer), and every tower after it; each adapter (A [I, r], B [r, O]) adds 6 r (I + O) per
+token it applies to (forward, input and weight gradients). Towers and what they apply to:
 
     language model  per token (images' tokens included): L (2DNH + 2DKH + 3DF) + VD (LM head)
                     attention per sequence of n tokens: L * 4 n^2 N H (QK^T and AV, full square, the PaLM convention)
@@ -32,16 +34,55 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_vl_jax.config import ModelConfig
+from deepseek_vl_jax.lora.config import LoraConfig
 from deepseek_vl_jax.training.config import TrainableConfig
 
+# the towers by parameter collection, in the order activations flow through them
+TOWERS = {"vision_model": "vision", "high_res_vision_model": "high_res", "aligner": "aligner",
+          "language_model": "language"}
 
-def _multipliers(trainable: TrainableConfig) -> dict[str, int]:
-    vision = 2 + 4 * trainable.vision
-    high_res = 2 + 4 * trainable.high_res
-    upstream = trainable.vision or trainable.high_res
-    aligner = 2 + 2 * trainable.aligner + 2 * (trainable.aligner or upstream)
-    language = 2 + 2 * trainable.language + 2 * (trainable.language or trainable.aligner or upstream)
+
+def _multipliers(trainable: TrainableConfig, adapted: frozenset = frozenset()) -> dict[str, int]:
+    """FLOPs per weight and application (2, 4 or 6) of each tower; `adapted`: towers holding LoRA adapters."""
+    trains = {k: bool(getattr(trainable, k)) for k in TOWERS.values()}
+    grad = {k: trains[k] or k in adapted for k in trains}  # the tower's activations need gradients
+    upstream = grad["vision"] or grad["high_res"]
+    vision = 2 + 2 * trains["vision"] + 2 * grad["vision"]
+    high_res = 2 + 2 * trains["high_res"] + 2 * grad["high_res"]
+    aligner = 2 + 2 * trains["aligner"] + 2 * (grad["aligner"] or upstream)
+    language = 2 + 2 * trains["language"] + 2 * (grad["language"] or grad["aligner"] or upstream)
     return {"vision": vision, "high_res": high_res, "aligner": aligner, "language": language}
+
+
+@functools.lru_cache(maxsize=16)
+def _adapter_widths(config: ModelConfig, lora: LoraConfig) -> dict[str, float]:
+    """{tower collection: sum of r (I + O) over its adapted Dense layers} (cached: the abstract params are traced)."""
+    from flax.core import meta
+
+    from deepseek_vl_jax import lora as lora_lib
+    from deepseek_vl_jax import pretrained
+
+    params = meta.unbox(pretrained.abstract_params(config))
+    widths: dict[str, float] = {}
+    for path in lora_lib.targets(params, lora):
+        *lead, i, o = lora_lib.adapters.get_path(params, path)["kernel"].shape
+        widths[path[0]] = widths.get(path[0], 0.0) + float(lora.rank * (i + o) * math.prod(lead))
+    return widths
+
+
+def adapter_widths(config: ModelConfig, lora: LoraConfig | None) -> dict[str, float]:
+    """{tower collection: sum of r (I + O) of its adapters}; traces the model's abstract params the first time, so
+    call it once outside a mesh context (the training loop does) and it is cached."""
+    return {} if lora is None or not lora.enabled else _adapter_widths(config, lora)
+
+
+def adapter_flops(config: ModelConfig, lora: LoraConfig | None, lengths: Sequence[int], num_images: int) -> float:
+    """6 r (I + O) per adapted Dense (per layer of a stack) and per token / patch / image token it applies to."""
+    uses = {"language_model": float(sum(lengths)), "vision_model": float(num_images * config.vision.num_patches),
+            "aligner": float(num_images * config.num_image_tokens)}
+    if config.is_hybrid:
+        uses["high_res_vision_model"] = float(num_images * (config.high_res.image_size // config.high_res.patch_size) ** 2)
+    return sum(6.0 * w * uses[tower] for tower, w in adapter_widths(config, lora).items())
 
 
 def language_flops_forward(config: ModelConfig, lengths: Sequence[int]) -> float:
@@ -91,26 +132,27 @@ def aligner_flops_forward(config: ModelConfig) -> float:
     return 2.0 * per_token * config.num_image_tokens
 
 
-def step_flops(config: ModelConfig, trainable: TrainableConfig, lengths: Sequence[int], num_images: int) -> float:
+def step_flops(config: ModelConfig, trainable: TrainableConfig, lengths: Sequence[int], num_images: int,
+               lora: LoraConfig | None = None) -> float:
     """Model FLOPs of one training step: `lengths` are the real (unpadded) token counts of every row, `num_images`
-    the real images (padding slots are not counted)."""
-    m = _multipliers(trainable)
+    the real images (padding slots are not counted); `lora`: the run's adapters (their towers back-propagate)."""
+    m = _multipliers(trainable, frozenset(TOWERS[c] for c in adapter_widths(config, lora)))
     total = m["language"] / 2 * language_flops_forward(config, lengths)
     total += num_images * m["vision"] / 2 * siglip_flops_forward(config)
     total += num_images * m["aligner"] / 2 * aligner_flops_forward(config)
     if config.is_hybrid:
         total += num_images * m["high_res"] / 2 * sam_flops_forward(config)
-    return total
+    return total + adapter_flops(config, lora, lengths, num_images)
 
 
 def batch_flops(config: ModelConfig, trainable: TrainableConfig, attention_mask: np.ndarray,
-                input_ids: np.ndarray) -> float:
+                input_ids: np.ndarray, lora: LoraConfig | None = None) -> float:
     """`step_flops` for a collated (host) batch [A, B, T]."""
     mask = np.asarray(attention_mask).reshape(-1, np.shape(attention_mask)[-1])
     lengths = mask.sum(-1)
     lengths = lengths[lengths > 1]  # padding rows hold one token
     images = int(np.sum(np.asarray(input_ids) == config.image_token_id)) // max(config.num_image_tokens, 1)
-    return step_flops(config, trainable, lengths.tolist(), images)
+    return step_flops(config, trainable, lengths.tolist(), images, lora)
 
 
 @functools.lru_cache(maxsize=None)

@@ -158,7 +158,8 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
     module = DeepseekVL(model_config)
     tx = opt_lib.make_optimizer(config.optimizer, config.steps)
     schedule = opt_lib.learning_rate_schedule(config.optimizer, config.steps)
-    shardings = state_lib.shardings(model_config, tx, config.trainable, mesh, config.lora)
+    qconfig = state_lib.base_quantization(model_config, config.lora, config.trainable, model_dir)  # QLoRA's base
+    shardings = state_lib.shardings(model_config, tx, config.trainable, mesh, config.lora, qconfig)
     checkpointing.prepare_output(out_dir, model_dir, processor, config.to_dict())
     if changes:
         checkpointing.record_changes(out_dir, saved[0], changes)
@@ -170,7 +171,7 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
     latest = mgr.latest_step()
     iterator_state = None
     if latest is not None:
-        target = state_lib.abstract(model_config, tx, config.trainable, shardings, config.lora)
+        target = state_lib.abstract(model_config, tx, config.trainable, shardings, config.lora, qconfig)
         try:
             params, opt_state, iterator_state, _ = checkpointing.restore(mgr, latest, target)
         except (ValueError, KeyError) as e:
@@ -183,7 +184,9 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
     else:
         from deepseek_vl_jax.pretrained import load_pretrained
 
-        params = load_pretrained(model_dir, mesh=mesh, progress=primary and config.logging.progress, **runtime).params
+        # a QLoRA base is quantized tensor by tensor as it loads: no float copy of it is ever held
+        params = load_pretrained(model_dir, mesh=mesh, progress=primary and config.logging.progress, quantize=qconfig,
+                                 **runtime).params
         if config.lora.enabled:
             params = state_lib.add_lora(params, config.lora, config.trainable, jax.random.key(config.seed), shardings)
         state = state_lib.create(params, tx, config.trainable, shardings)
@@ -211,6 +214,7 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
 
     steps, losses = [], []
     stopped_by = None
+    flops.adapter_widths(model_config, config.lora)  # traced here, outside the mesh context (cached)
     try:
         with _mesh_context(mesh):
             for step in range(start, config.steps):
@@ -219,7 +223,7 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
                 iterator_state = iterator.get_state()
                 skipped = host.pop("skipped_lines")
                 step_flops = flops.batch_flops(model_config, config.trainable, host["attention_mask"],
-                                               host["input_ids"])
+                                               host["input_ids"], config.lora)
                 length, (total_flops,) = agree(host["input_ids"].shape[-1], [step_flops])
                 host = data.pad_length(host, length, pad_id)
                 batch = to_global(host, mesh, micro)

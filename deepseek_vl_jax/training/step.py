@@ -7,6 +7,11 @@ is sharded over (data, fsdp).
 Loss: transformers' `ForCausalLMLoss`: logits at position t predict labels[t + 1]; cross-entropy in float32 summed
 over targets that are not -100, divided by the number of such targets in the whole optimizer step (all micro-batches
 together), i.e. a token-weighted mean, the same as one big batch.
+
+Memory: the logits [B, T, V] (float32; at vocab 102400 the largest activation of the step, with its gradient and
+softmax as large again) never exist whole. The loss runs over chunks of `LOSS_CHUNK` positions, each chunk's head
+and cross-entropy rematerialised (`nn.checkpoint`): forward and backward hold one chunk's logits at a time
+(a chunk is as many positions as make `LOSS_CHUNK_BYTES` of float32 logits, at least 8).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -28,6 +34,7 @@ from deepseek_vl_jax.training import optimizer as opt_lib
 from deepseek_vl_jax.training.config import TrainableConfig
 
 Batch = dict[str, jax.Array]
+LOSS_CHUNK_BYTES = 32 * 2**20  # float32 logits per loss chunk (B x C x V)
 
 
 @flax.struct.dataclass
@@ -47,7 +54,8 @@ def merge_rows(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, ima
     return jnp.where(is_image[..., None], gathered, embeds)
 
 
-def _logits(module: DeepseekVL, input_ids, attention_mask, pixel_values=None, high_res_pixel_values=None):
+def _hidden(module: DeepseekVL, input_ids, attention_mask, pixel_values=None, high_res_pixel_values=None):
+    """The final-norm hidden states [B, T, D]."""
     embeds = module.language_model.embed(input_ids)
     if pixel_values is not None:
         b = input_ids.shape[0]
@@ -56,7 +64,31 @@ def _logits(module: DeepseekVL, input_ids, attention_mask, pixel_values=None, hi
         embeds = merge_rows(embeds, input_ids, feats, module.config.image_token_id)
     positions = multimodal.positions_from_mask(attention_mask)
     hidden, _ = module.decode(embeds, positions, multimodal.causal_mask(attention_mask))
-    return module.logits(hidden)
+    return hidden
+
+
+def _logits(module: DeepseekVL, input_ids, attention_mask, pixel_values=None, high_res_pixel_values=None):
+    return module.logits(_hidden(module, input_ids, attention_mask, pixel_values, high_res_pixel_values))
+
+
+def _chunk_loss(module: DeepseekVL, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    """Summed cross-entropy of hidden [B, C, D] against targets [B, C] (-100: not learned)."""
+    valid = targets != IGNORE_INDEX
+    ce = optax.softmax_cross_entropy_with_integer_labels(module.logits(hidden), jnp.where(valid, targets, 0))
+    return jnp.sum(jnp.where(valid, ce, 0.0))
+
+
+_chunk_loss_remat = nn.checkpoint(_chunk_loss)  # its logits are recomputed in the backward pass, never saved
+
+
+def _loss_sum(module: DeepseekVL, input_ids, attention_mask, pixel_values, high_res_pixel_values, targets):
+    hidden = _hidden(module, input_ids, attention_mask, pixel_values, high_res_pixel_values)
+    b, t, _ = hidden.shape
+    chunk = max(8, LOSS_CHUNK_BYTES // (4 * b * module.config.text.vocab_size) // 8 * 8)
+    total = jnp.float32(0.0)
+    for start in range(0, t, chunk):
+        total = total + _chunk_loss_remat(module, hidden[:, start:start + chunk], targets[:, start:start + chunk])
+    return total
 
 
 def logits(module: DeepseekVL, params, batch: Batch, lora: lora_lib.LoraConfig | None = None,
@@ -81,12 +113,13 @@ def target_count(labels: jax.Array) -> jax.Array:
 
 
 def loss_sum(module: DeepseekVL, params, batch: Batch, lora=None, dropout_rng=None) -> jax.Array:
-    """Summed float32 cross-entropy over the learned targets of one micro-batch."""
-    out = logits(module, params, batch, lora, dropout_rng)
-    targets = shifted_targets(batch["labels"])
-    valid = targets != IGNORE_INDEX
-    ce = optax.softmax_cross_entropy_with_integer_labels(out, jnp.where(valid, targets, 0))
-    return jnp.sum(jnp.where(valid, ce, 0.0))
+    """Summed float32 cross-entropy over the learned targets of one micro-batch (logits made chunk by chunk)."""
+    args = (batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("high_res_pixel_values"),
+            shifted_targets(batch["labels"]))
+    if lora is not None and lora.enabled:
+        rngs = {"dropout": dropout_rng} if dropout_rng is not None and lora.dropout else None
+        return lora_lib.apply(module, params, *args, config=lora, method=_loss_sum, rngs=rngs)
+    return module.apply({"params": params}, *args, method=_loss_sum)
 
 
 def mean_loss(module: DeepseekVL, params, batch: Batch, lora=None) -> jax.Array:
