@@ -128,3 +128,89 @@ def test_turns_name_each_shape_once(tmp_path):
         labels = np.asarray(example["labels"])
         answers = [m["content"][0]["text"] for m in messages if m["role"] == "assistant"]
         assert processor.decode(labels[labels >= 0]) == "".join(f" {a}<｜end▁of▁sentence｜>" for a in answers)
+
+
+# Randomised drawing styles (synthetic/styles.py).
+
+def _styled_scenes(family, n, seed):
+    from deepseek_vl_jax.synthetic.styles import styled_scene
+
+    rng = np.random.default_rng(seed)
+    return [styled_scene(rng, family) for _ in range(n)]
+
+
+def test_every_question_is_true_in_every_style():
+    """In each family: every candidate question's answer is what the picture shows. The colour under each shape's
+    centre is nearest to the answer's palette colour (jitter keeps names unambiguous); each shape lies wholly on its
+    answer's side, clear of the centre line; shapes do not overlap; big and small sizes never meet; captions and
+    counts name what is drawn."""
+    from deepseek_vl_jax.synthetic.questions import NUMBERS, describe
+    from deepseek_vl_jax.synthetic.styles import CENTRE_GAP, FAMILIES, SIZE_RANGES, draw_styled, nearest_color
+
+    assert SIZE_RANGES["small"][1] < SIZE_RANGES["big"][0]
+    for family in FAMILIES:
+        for scene, style in _styled_scenes(family, 60, 7):
+            img = np.asarray(draw_styled(scene, style))
+            assert img.shape == (style.canvas, style.canvas, 3)
+            for s in scene.shapes:
+                x, y = int(s.x * style.canvas), int((s.y + 0.3 * s.radius) * style.canvas)  # inside a triangle too
+                assert nearest_color(img[y, x]) == s.color, (family, s, img[y, x])
+                if family != "grid":
+                    lo, hi = s.x - s.radius, s.x + s.radius
+                    assert (hi < 0.5 - CENTRE_GAP) if s.side == "left" else (lo > 0.5 + CENTRE_GAP)
+                    assert 0 < lo and hi < 1 and 0 < s.y - s.radius and s.y + s.radius < 1
+                    assert SIZE_RANGES[s.size][0] <= s.radius <= SIZE_RANGES[s.size][1]
+                    # The other half of the picture, beyond the centre gap, has none of this shape's pixels: a
+                    # column at the centre line shows only background.
+                    col = img[:, style.canvas // 2].astype(float)
+                    assert np.abs(col - col.mean(0)).max() < 60
+            for a in scene.shapes:  # (the original grid layout lets big shapes in adjacent rows touch)
+                for b in scene.shapes:
+                    if a is not b and family != "grid":  # circumscribed circles apart
+                        assert np.hypot(a.x - b.x, a.y - b.y) > 1.4 * (a.radius + b.radius)
+            for kind, question, answer in _candidates(scene):
+                if kind == "count":
+                    assert answer == NUMBERS[len(scene.shapes)]
+                elif kind == "side":
+                    s = next(s for s in scene.shapes if question == f"Is the {s.color} {s.kind} on the left or the right?")
+                    assert answer == s.side
+            assert describe(scene).count(" on the ") == len(scene.shapes)
+
+
+def test_styles_are_deterministic_and_varied():
+    from deepseek_vl_jax.synthetic.styles import draw_styled
+
+    for family in ("solid", "noise", "gradient"):
+        a, b = _styled_scenes(family, 20, 3), _styled_scenes(family, 20, 3)
+        assert a == b
+        assert all(np.array_equal(np.asarray(draw_styled(*x)), np.asarray(draw_styled(*y))) for x, y in zip(a, b))
+        styles = [s for _, s in a]
+        assert len({s.antialias for s in styles}) == 2 and len({s.colors for s in styles}) == 20
+        if family != "gradient":
+            assert len({s.canvas for s in styles}) > 2
+    # The grid family is the original layout, bit for bit: the first demo model's held-out set is unchanged.
+    rng = np.random.default_rng(5)
+    assert [sc for sc, _ in _styled_scenes("grid", 10, 5)] == [random_scene(rng) for _ in range(10)]
+
+
+def test_never_trained_family_only_in_its_own_heldout_split(tmp_path):
+    """--styles grid,solid,noise --heldout-styles ...,gradient: every row records its style; the training, caption
+    and mixed held-out rows use only the training families; heldout_gradient has only the unseen family (a canvas
+    size and background no training row has); the splits are deterministic from the seed."""
+    args = ["--train", "30", "--pretrain", "10", "--heldout", "12", "--turns", "3", "--seed", "4",
+            "--styles", "grid,solid,noise", "--heldout-styles", "solid,gradient"]
+    for out in ("a", "b"):
+        assert main(["synthetic", str(tmp_path / out), *args]) == 0
+    for name in ("train", "pretrain", "heldout", "heldout_solid", "heldout_gradient"):
+        assert (tmp_path / "a" / f"{name}.jsonl").read_text() == (tmp_path / "b" / f"{name}.jsonl").read_text()
+
+    def styles(name):
+        return [json.loads(line)["style"] for line in (tmp_path / "a" / f"{name}.jsonl").read_text().splitlines()]
+    seen = styles("train") + styles("pretrain") + styles("heldout")
+    assert {s["family"] for s in seen} == {"grid", "solid", "noise"}
+    assert {s["family"] for s in styles("heldout_solid")} == {"solid"}
+    unseen = styles("heldout_gradient")
+    assert len(unseen) == 12 and {s["family"] for s in unseen} == {"gradient"}
+    assert {s["background"] for s in unseen}.isdisjoint({s["background"] for s in seen})
+    assert {s["canvas"] for s in unseen}.isdisjoint({s["canvas"] for s in seen})
+    assert main(["synthetic", str(tmp_path / "c"), "--styles", "grid,dots"]) == 2
