@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from deepseek_vl_jax.cli import main
 from deepseek_vl_jax.processing import load_processor
@@ -172,9 +173,38 @@ def test_every_question_is_true_in_every_style():
                 if kind == "count":
                     assert answer == NUMBERS[len(scene.shapes)]
                 elif kind == "side":
-                    s = next(s for s in scene.shapes if question == f"Is the {s.color} {s.kind} on the left or the right?")
+                    s = next(s for s in scene.shapes if question.startswith(f"Is the {s.color} {s.kind} on"))
                     assert answer == s.side
             assert describe(scene).count(" on the ") == len(scene.shapes)
+
+
+def test_fine_detail_scenes_show_their_digits():
+    """labels=True: every shape carries a digit, drawn inside it in its ink (black on yellow/orange, else white), and
+    the "number" question about each shape answers that digit; the grid family has no fine-detail form."""
+    from deepseek_vl_jax.synthetic.styles import DIGITS, draw_styled, styled_scene
+
+    rng = np.random.default_rng(11)
+    for family in ("solid", "noise", "gradient"):
+        for _ in range(30):
+            scene, style = styled_scene(rng, family, labels=True)
+            img = np.asarray(draw_styled(scene, style)).astype(int)
+            numbers = {q: a for k, q, a in _candidates(scene) if k == "number"}
+            for s in scene.shapes:
+                assert s.label in DIGITS
+                q = f"What number is on the {s.color} {s.kind}?"
+                assert q in numbers or sum(t.color == s.color and t.kind == s.kind for t in scene.shapes) > 1
+                if q in numbers:
+                    assert numbers[q] == s.label
+                ink = 0 if s.color in ("yellow", "orange") else 255
+                h = max(2, int(0.4 * s.radius * style.canvas))
+                dy = int(0.38 * s.radius * style.canvas) if s.kind == "triangle" else 0
+                cx, cy = int(s.x * style.canvas), int(s.y * style.canvas) + dy
+                box = img[cy - h:cy + h, cx - h:cx + h]
+                # Some pixel there is far from the fill, towards the ink (glyphs are anti-aliased and thin).
+                towards = np.abs(box - ink).max(-1) < np.abs(np.asarray(COLORS[s.color]) - ink).max() - 100
+                assert towards.any(), (family, s)
+    with pytest.raises(ValueError, match="grid"):
+        styled_scene(rng, "grid", labels=True)
 
 
 def test_styles_are_deterministic_and_varied():
