@@ -244,3 +244,15 @@ def test_never_trained_family_only_in_its_own_heldout_split(tmp_path):
     assert {s["background"] for s in unseen}.isdisjoint({s["background"] for s in seen})
     assert {s["canvas"] for s in unseen}.isdisjoint({s["canvas"] for s in seen})
     assert main(["synthetic", str(tmp_path / "c"), "--styles", "grid,dots"]) == 2
+
+
+def test_a_split_of_one_question_kind(tmp_path):
+    """kind="number": every row asks the digit on a shape (scenes that allow no such question are redrawn)."""
+    from deepseek_vl_jax.synthetic.dataset import write_split
+    from deepseek_vl_jax.synthetic.styles import DIGITS
+
+    path = write_split(str(tmp_path), "numbers", 40, 5, families=("solid", "noise"), labels=True, kind="number")
+    rows = [json.loads(line) for line in open(path)]
+    assert len(rows) == 40 and {r["kind"] for r in rows} == {"number"}
+    assert all(r["messages"][1]["content"][0]["text"] in DIGITS for r in rows)
+    assert all(r["messages"][0]["content"][1]["text"].startswith("What number is on the") for r in rows)

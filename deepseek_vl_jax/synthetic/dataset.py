@@ -8,6 +8,7 @@ import os
 import numpy as np
 
 from deepseek_vl_jax.synthetic.questions import DESCRIBE, ask, ask_several, ask_turns, describe
+from deepseek_vl_jax.synthetic.questions import _candidates as candidates
 from deepseek_vl_jax.synthetic.styles import FAMILIES, draw_styled, styled_scene
 
 
@@ -30,7 +31,7 @@ def conversation(image: str, turns: list[tuple[str, str]]) -> list[dict]:
 
 def write_split(directory: str, name: str, count: int, seed: int, captions: bool = False,
                 questions_per_image: int = 1, turns: int = 1, families: tuple[str, ...] = ("grid",),
-                labels: bool = False) -> str:
+                labels: bool = False, kind: str | None = None) -> str:
     """`count` pictures into `directory/images/name/`, their rows into `directory/name.jsonl`. Returns the JSONL path.
 
     captions=True: every row asks for a description of the whole picture (dense supervision for pre-training);
@@ -38,7 +39,8 @@ def write_split(directory: str, name: str, count: int, seed: int, captions: bool
     one row: a chat of up to `turns` questions (`questions.ask_turns`), labelled with the kind of each.
     Each picture is drawn in a style of one of `families` (`styles.FAMILIES`, drawn uniformly), recorded in its rows
     as "style"; the default, the grid layout alone, draws what this function always drew. labels=True: fine-detail
-    scenes (a small digit inside each shape, and "number" questions about it)."""
+    scenes (a small digit inside each shape, and "number" questions about it). kind: every held-out-style row asks a
+    question of this kind ("number" or "count": kinds every scene allows)."""
     for family in families:
         if family not in FAMILIES:
             raise ValueError(f"unknown style family {family!r}; choose from {', '.join(FAMILIES)}")
@@ -50,6 +52,8 @@ def write_split(directory: str, name: str, count: int, seed: int, captions: bool
         for i in range(count):
             family = families[int(rng.integers(len(families)))] if len(families) > 1 else families[0]
             scene, style = styled_scene(rng, family, labels)
+            while kind and not any(k == kind for k, _, _ in candidates(scene)):  # e.g. two red circles: no number
+                scene, style = styled_scene(rng, family, labels)
             rel = f"images/{name}/{i:06d}.png"
             if captions:
                 records = [{"messages": chat(rel, DESCRIBE, describe(scene)), "kind": "describe"}]
@@ -58,7 +62,8 @@ def write_split(directory: str, name: str, count: int, seed: int, captions: bool
                 records = [{"messages": conversation(rel, [(q, a) for _, q, a in asked]),
                             "kinds": [k for k, _, _ in asked]}]
             else:
-                asked = [ask(scene, rng)] if questions_per_image == 1 else ask_several(scene, rng, questions_per_image)
+                asked = ([ask(scene, rng, kind)] if questions_per_image == 1 or kind
+                         else ask_several(scene, rng, questions_per_image))
                 records = [{"messages": chat(rel, q, a), "kind": k} for k, q, a in asked]
             draw_styled(scene, style).save(os.path.join(directory, rel))
             for record in records:
