@@ -45,9 +45,11 @@ def _draw(cands: list[tuple[int, str, str, str]], rng: np.random.Generator) -> t
     return options[int(rng.integers(len(options)))]
 
 
-def ask(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
-    """One (kind, question, answer), the kind drawn uniformly among those the scene allows."""
-    return _draw(_by_object(scene), rng)[1:]
+def ask(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> tuple[str, str, str]:
+    """One (kind, question, answer), the kind drawn uniformly among those the scene allows (or `kind`: one of that
+    kind; every shape of a fine-detail scene has a "number" question, every scene a "count" one)."""
+    cands = _by_object(scene)
+    return _draw([c for c in cands if c[1] == kind] if kind else cands, rng)[1:]
 
 
 def ask_several(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
