@@ -47,7 +47,7 @@ def _draw(cands: list[tuple[int, str, str, str]], rng: np.random.Generator) -> t
 
 def ask(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> tuple[str, str, str]:
     """One (kind, question, answer), the kind drawn uniformly among those the scene allows (or `kind`: one of that
-    kind; every shape of a fine-detail scene has a "number" question, every scene a "count" one)."""
+    kind, which the scene must allow; every scene allows "count")."""
     cands = _by_object(scene)
     return _draw([c for c in cands if c[1] == kind] if kind else cands, rng)[1:]
 
