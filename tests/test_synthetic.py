@@ -256,3 +256,35 @@ def test_a_split_of_one_question_kind(tmp_path):
     assert len(rows) == 40 and {r["kind"] for r in rows} == {"number"}
     assert all(r["messages"][1]["content"][0]["text"] in DIGITS for r in rows)
     assert all(r["messages"][0]["content"][1]["text"].startswith("What number is on the") for r in rows)
+
+
+def test_fine_detail_set_writes_a_hybrid_processor_transformers_reads_identically(tmp_path):
+    """--details --high-res-size 128 --tokenizer-from DIR: number questions, the donor's tokenizer unchanged, and a
+    DeepSeek-VL-Hybrid processor whose ids and both pixel tensors transformers' AutoProcessor reproduces."""
+    from transformers import AutoProcessor
+
+    donor = tmp_path / "donor"
+    assert main(["synthetic", str(donor), "--train", "10", "--heldout", "1"]) == 0
+    out = tmp_path / "fine"
+    assert main(["synthetic", str(out), "--train", "12", "--heldout", "4", "--turns", "4", "--details",
+                 "--styles", "solid,noise", "--image-size", "64", "--patch-size", "16", "--high-res-size", "128",
+                 "--tokenizer-from", str(donor / "processor")]) == 0
+    assert (out / "processor" / "tokenizer.json").read_text() == (donor / "processor" / "tokenizer.json").read_text()
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert any("number" in r["kinds"] for r in rows)
+    chats = []
+    for r in rows[:3]:
+        m = r["messages"][:1]
+        m[0]["content"][0]["image"] = str(out / m[0]["content"][0]["image"])
+        chats.append(m)
+    ours = load_processor(out / "processor")(chats, padding_side="left")
+    ref = AutoProcessor.from_pretrained(str(out / "processor"), backend="pil")
+    assert type(ref).__name__ == "DeepseekVLHybridProcessor"
+    ref.tokenizer.padding_side = "left"
+    theirs = ref.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                     padding=True, return_tensors="np")
+    np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
+    assert ours["high_res_pixel_values"].shape == (3, 3, 128, 128) and ours["pixel_values"].shape == (3, 3, 64, 64)
+    for key in ("pixel_values", "high_res_pixel_values"):
+        np.testing.assert_array_equal(ours[key], theirs[key])  # bit-identical (measured)
+    assert main(["synthetic", str(tmp_path / "bad"), "--details", "--styles", "grid"]) == 2
