@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 
 from deepseek_vl_jax.cli import main
 from deepseek_vl_jax.processing import load_processor
@@ -128,3 +129,162 @@ def test_turns_name_each_shape_once(tmp_path):
         labels = np.asarray(example["labels"])
         answers = [m["content"][0]["text"] for m in messages if m["role"] == "assistant"]
         assert processor.decode(labels[labels >= 0]) == "".join(f" {a}<｜end▁of▁sentence｜>" for a in answers)
+
+
+# Randomised drawing styles (synthetic/styles.py).
+
+def _styled_scenes(family, n, seed):
+    from deepseek_vl_jax.synthetic.styles import styled_scene
+
+    rng = np.random.default_rng(seed)
+    return [styled_scene(rng, family) for _ in range(n)]
+
+
+def test_every_question_is_true_in_every_style():
+    """In each family: every candidate question's answer is what the picture shows. The colour under each shape's
+    centre is nearest to the answer's palette colour (jitter keeps names unambiguous); each shape lies wholly on its
+    answer's side, clear of the centre line; shapes do not overlap; big and small sizes never meet; captions and
+    counts name what is drawn."""
+    from deepseek_vl_jax.synthetic.questions import NUMBERS, describe
+    from deepseek_vl_jax.synthetic.styles import CENTRE_GAP, FAMILIES, SIZE_RANGES, draw_styled, nearest_color
+
+    assert SIZE_RANGES["small"][1] < SIZE_RANGES["big"][0]
+    for family in FAMILIES:
+        for scene, style in _styled_scenes(family, 60, 7):
+            img = np.asarray(draw_styled(scene, style))
+            assert img.shape == (style.canvas, style.canvas, 3)
+            for s in scene.shapes:
+                x, y = int(s.x * style.canvas), int((s.y + 0.3 * s.radius) * style.canvas)  # inside a triangle too
+                assert nearest_color(img[y, x]) == s.color, (family, s, img[y, x])
+                if family != "grid":
+                    lo, hi = s.x - s.radius, s.x + s.radius
+                    assert (hi < 0.5 - CENTRE_GAP) if s.side == "left" else (lo > 0.5 + CENTRE_GAP)
+                    assert 0 < lo and hi < 1 and 0 < s.y - s.radius and s.y + s.radius < 1
+                    assert SIZE_RANGES[s.size][0] <= s.radius <= SIZE_RANGES[s.size][1]
+                    # The other half of the picture, beyond the centre gap, has none of this shape's pixels: a
+                    # column at the centre line shows only background.
+                    col = img[:, style.canvas // 2].astype(float)
+                    assert np.abs(col - col.mean(0)).max() < 60
+            for a in scene.shapes:  # (the original grid layout lets big shapes in adjacent rows touch)
+                for b in scene.shapes:
+                    if a is not b and family != "grid":  # circumscribed circles apart
+                        assert np.hypot(a.x - b.x, a.y - b.y) > 1.4 * (a.radius + b.radius)
+            for kind, question, answer in _candidates(scene):
+                if kind == "count":
+                    assert answer == NUMBERS[len(scene.shapes)]
+                elif kind == "side":
+                    s = next(s for s in scene.shapes if question.startswith(f"Is the {s.color} {s.kind} on"))
+                    assert answer == s.side
+            assert describe(scene).count(" on the ") == len(scene.shapes)
+
+
+def test_fine_detail_scenes_show_their_digits():
+    """labels=True: every shape carries a digit, drawn inside it in its ink (black on yellow/orange, else white), and
+    the "number" question about each shape answers that digit; the grid family has no fine-detail form."""
+    from deepseek_vl_jax.synthetic.styles import DIGITS, draw_styled, styled_scene
+
+    rng = np.random.default_rng(11)
+    for family in ("solid", "noise", "gradient"):
+        for _ in range(30):
+            scene, style = styled_scene(rng, family, labels=True)
+            img = np.asarray(draw_styled(scene, style)).astype(int)
+            numbers = {q: a for k, q, a in _candidates(scene) if k == "number"}
+            for s in scene.shapes:
+                assert s.label in DIGITS
+                q = f"What number is on the {s.color} {s.kind}?"
+                assert q in numbers or sum(t.color == s.color and t.kind == s.kind for t in scene.shapes) > 1
+                if q in numbers:
+                    assert numbers[q] == s.label
+                ink = 0 if s.color in ("yellow", "orange") else 255
+                h = max(2, int(0.4 * s.radius * style.canvas))
+                dy = int(0.38 * s.radius * style.canvas) if s.kind == "triangle" else 0
+                cx, cy = int(s.x * style.canvas), int(s.y * style.canvas) + dy
+                box = img[cy - h:cy + h, cx - h:cx + h]
+                # Some pixel there is far from the fill, towards the ink (glyphs are anti-aliased and thin).
+                towards = np.abs(box - ink).max(-1) < np.abs(np.asarray(COLORS[s.color]) - ink).max() - 100
+                assert towards.any(), (family, s)
+    with pytest.raises(ValueError, match="grid"):
+        styled_scene(rng, "grid", labels=True)
+
+
+def test_styles_are_deterministic_and_varied():
+    from deepseek_vl_jax.synthetic.styles import draw_styled
+
+    for family in ("solid", "noise", "gradient"):
+        a, b = _styled_scenes(family, 20, 3), _styled_scenes(family, 20, 3)
+        assert a == b
+        assert all(np.array_equal(np.asarray(draw_styled(*x)), np.asarray(draw_styled(*y))) for x, y in zip(a, b))
+        styles = [s for _, s in a]
+        assert len({s.antialias for s in styles}) == 2 and len({s.colors for s in styles}) == 20
+        if family != "gradient":
+            assert len({s.canvas for s in styles}) > 2
+    # The grid family is the original layout, bit for bit: the first demo model's held-out set is unchanged.
+    rng = np.random.default_rng(5)
+    assert [sc for sc, _ in _styled_scenes("grid", 10, 5)] == [random_scene(rng) for _ in range(10)]
+
+
+def test_never_trained_family_only_in_its_own_heldout_split(tmp_path):
+    """--styles grid,solid,noise --heldout-styles ...,gradient: every row records its style; the training, caption
+    and mixed held-out rows use only the training families; heldout_gradient has only the unseen family (a canvas
+    size and background no training row has); the splits are deterministic from the seed."""
+    args = ["--train", "30", "--pretrain", "10", "--heldout", "12", "--turns", "3", "--seed", "4",
+            "--styles", "grid,solid,noise", "--heldout-styles", "solid,gradient"]
+    for out in ("a", "b"):
+        assert main(["synthetic", str(tmp_path / out), *args]) == 0
+    for name in ("train", "pretrain", "heldout", "heldout_solid", "heldout_gradient"):
+        assert (tmp_path / "a" / f"{name}.jsonl").read_text() == (tmp_path / "b" / f"{name}.jsonl").read_text()
+
+    def styles(name):
+        return [json.loads(line)["style"] for line in (tmp_path / "a" / f"{name}.jsonl").read_text().splitlines()]
+    seen = styles("train") + styles("pretrain") + styles("heldout")
+    assert {s["family"] for s in seen} == {"grid", "solid", "noise"}
+    assert {s["family"] for s in styles("heldout_solid")} == {"solid"}
+    unseen = styles("heldout_gradient")
+    assert len(unseen) == 12 and {s["family"] for s in unseen} == {"gradient"}
+    assert {s["background"] for s in unseen}.isdisjoint({s["background"] for s in seen})
+    assert {s["canvas"] for s in unseen}.isdisjoint({s["canvas"] for s in seen})
+    assert main(["synthetic", str(tmp_path / "c"), "--styles", "grid,dots"]) == 2
+
+
+def test_a_split_of_one_question_kind(tmp_path):
+    """kind="number": every row asks the digit on a shape (scenes that allow no such question are redrawn)."""
+    from deepseek_vl_jax.synthetic.dataset import write_split
+    from deepseek_vl_jax.synthetic.styles import DIGITS
+
+    path = write_split(str(tmp_path), "numbers", 40, 5, families=("solid", "noise"), labels=True, kind="number")
+    rows = [json.loads(line) for line in open(path)]
+    assert len(rows) == 40 and {r["kind"] for r in rows} == {"number"}
+    assert all(r["messages"][1]["content"][0]["text"] in DIGITS for r in rows)
+    assert all(r["messages"][0]["content"][1]["text"].startswith("What number is on the") for r in rows)
+
+
+def test_fine_detail_set_writes_a_hybrid_processor_transformers_reads_identically(tmp_path):
+    """--details --high-res-size 128 --tokenizer-from DIR: number questions, the donor's tokenizer unchanged, and a
+    DeepSeek-VL-Hybrid processor whose ids and both pixel tensors transformers' AutoProcessor reproduces."""
+    from transformers import AutoProcessor
+
+    donor = tmp_path / "donor"
+    assert main(["synthetic", str(donor), "--train", "10", "--heldout", "1"]) == 0
+    out = tmp_path / "fine"
+    assert main(["synthetic", str(out), "--train", "12", "--heldout", "4", "--turns", "4", "--details",
+                 "--styles", "solid,noise", "--image-size", "64", "--patch-size", "16", "--high-res-size", "128",
+                 "--tokenizer-from", str(donor / "processor")]) == 0
+    assert (out / "processor" / "tokenizer.json").read_text() == (donor / "processor" / "tokenizer.json").read_text()
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert any("number" in r["kinds"] for r in rows)
+    chats = []
+    for r in rows[:3]:
+        m = r["messages"][:1]
+        m[0]["content"][0]["image"] = str(out / m[0]["content"][0]["image"])
+        chats.append(m)
+    ours = load_processor(out / "processor")(chats, padding_side="left")
+    ref = AutoProcessor.from_pretrained(str(out / "processor"), backend="pil")
+    assert type(ref).__name__ == "DeepseekVLHybridProcessor"
+    ref.tokenizer.padding_side = "left"
+    theirs = ref.apply_chat_template(chats, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                     padding=True, return_tensors="np")
+    np.testing.assert_array_equal(ours["input_ids"], theirs["input_ids"])
+    assert ours["high_res_pixel_values"].shape == (3, 3, 128, 128) and ours["pixel_values"].shape == (3, 3, 64, 64)
+    for key in ("pixel_values", "high_res_pixel_values"):
+        np.testing.assert_array_equal(ours[key], theirs[key])  # bit-identical (measured)
+    assert main(["synthetic", str(tmp_path / "bad"), "--details", "--styles", "grid"]) == 2

@@ -9,7 +9,7 @@ import numpy as np
 from deepseek_vl_jax.synthetic.scenes import Scene
 
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
-QUESTION_KINDS = ("color", "shape", "count", "side", "size")
+QUESTION_KINDS = ("color", "shape", "count", "side", "size", "number")  # "number": fine-detail scenes only
 DESCRIBE = "Describe the picture."
 
 
@@ -27,6 +27,8 @@ def _by_object(scene: Scene) -> list[tuple[int, str, str, str]]:
         if pairs[(s.color, s.kind)] == 1:
             out.append((i, "side", f"Is the {s.color} {s.kind} on the left or the right?", s.side))
             out.append((i, "size", f"Is the {s.color} {s.kind} big or small?", s.size))
+            if s.label:
+                out.append((i, "number", f"What number is on the {s.color} {s.kind}?", s.label))
     return out
 
 
@@ -43,9 +45,11 @@ def _draw(cands: list[tuple[int, str, str, str]], rng: np.random.Generator) -> t
     return options[int(rng.integers(len(options)))]
 
 
-def ask(scene: Scene, rng: np.random.Generator) -> tuple[str, str, str]:
-    """One (kind, question, answer), the kind drawn uniformly among those the scene allows."""
-    return _draw(_by_object(scene), rng)[1:]
+def ask(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> tuple[str, str, str]:
+    """One (kind, question, answer), the kind drawn uniformly among those the scene allows (or `kind`: one of that
+    kind, which the scene must allow; every scene allows "count")."""
+    cands = _by_object(scene)
+    return _draw([c for c in cands if c[1] == kind] if kind else cands, rng)[1:]
 
 
 def ask_several(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
@@ -75,7 +79,8 @@ def ask_turns(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[str,
 
 
 def describe(scene: Scene) -> str:
-    """A caption naming every shape with its size, colour and side, top to bottom then left to right."""
-    parts = [f"a {s.size} {s.color} {s.kind} on the {s.side}"
+    """A caption naming every shape with its size, colour, number (fine-detail scenes) and side, top to bottom then
+    left to right."""
+    parts = [f"a {s.size} {s.color} {s.kind}{f' with a {s.label}' if s.label else ''} on the {s.side}"
              for s in sorted(scene.shapes, key=lambda s: (round(s.y * 3), s.x))]
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]

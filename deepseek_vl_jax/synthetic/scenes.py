@@ -23,6 +23,12 @@ class Shape:
     size: str
     x: float  # centre, as fractions of the canvas
     y: float
+    r: float = 0.0  # half the width, as a fraction of the canvas; 0: the grid layout's size for `size`
+    label: str = ""  # a digit's name ("seven") written small inside the shape (fine-detail scenes), or none
+
+    @property
+    def radius(self) -> float:
+        return self.r or SIZES[self.size] * (0.8 if self.size == "big" else 1.0)
 
     @property
     def side(self) -> str:
@@ -48,11 +54,21 @@ def random_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
     return Scene(tuple(shapes))
 
 
-def draw(scene: Scene, canvas: int = CANVAS) -> Image.Image:
+def draw(scene: Scene, canvas: int = CANVAS, style=None) -> Image.Image:
+    """The scene as a picture: in the grid layout's plain style (white, hard edges), or in `style`
+    (a `styles.Style`, which fixes its own canvas size)."""
+    if style is not None:
+        from deepseek_vl_jax.synthetic.styles import draw_styled
+
+        return draw_styled(scene, style)
+    return draw_grid(scene, canvas)
+
+
+def draw_grid(scene: Scene, canvas: int = CANVAS) -> Image.Image:
     img = Image.new("RGB", (canvas, canvas), (255, 255, 255))
     pen = ImageDraw.Draw(img)
     for s in scene.shapes:
-        r = SIZES[s.size] * canvas * (0.8 if s.size == "big" else 1.0)
+        r = s.radius * canvas
         cx, cy = s.x * canvas, s.y * canvas
         fill = COLORS[s.color]
         if s.kind == "circle":

@@ -10,6 +10,7 @@ from typing import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from deepseek_vl_jax.processing import DEEPSEEK_VL_CHAT_TEMPLATE
+from deepseek_vl_jax.processing.image_processor import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
@@ -36,10 +37,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> Tokenizer:
 
 
 def write_processor(directory: str, texts: Iterable[str], image_size: int, num_image_tokens: int,
-                    vocab_size: int = 512, model_max_length: int = 1024) -> Tokenizer:
-    """Write tokenizer.json, tokenizer_config.json, processor_config.json and chat_template.jinja."""
+                    vocab_size: int = 512, model_max_length: int = 1024, high_res_size: int | None = None,
+                    tokenizer: Tokenizer | None = None) -> Tokenizer:
+    """Write tokenizer.json, tokenizer_config.json, processor_config.json and chat_template.jinja.
+    high_res_size: a DeepSeek-VL-Hybrid processor (SAM input of that size, CLIP's normalisation as the 7B's).
+    tokenizer: reuse this one (e.g. a trained model's, to start from its weights) instead of training one."""
     os.makedirs(directory, exist_ok=True)
-    tok = train_tokenizer(texts, vocab_size)
+    tok = tokenizer or train_tokenizer(texts, vocab_size)
     tok.save(os.path.join(directory, "tokenizer.json"))
     tokenizer_config = {
         "backend": "tokenizers", "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": None,
@@ -58,6 +62,12 @@ def write_processor(directory: str, texts: Iterable[str], image_size: int, num_i
         "num_image_tokens": num_image_tokens,
         "processor_class": "DeepseekVLProcessor",
     }
+    if high_res_size:
+        processor_config["image_processor"].update(
+            image_processor_type="DeepseekVLHybridImageProcessor",
+            high_res_size={"height": high_res_size, "width": high_res_size}, high_res_resample=3,
+            high_res_image_mean=list(OPENAI_CLIP_MEAN), high_res_image_std=list(OPENAI_CLIP_STD))
+        processor_config["processor_class"] = tokenizer_config["processor_class"] = "DeepseekVLHybridProcessor"
     for name, data in (("tokenizer_config.json", tokenizer_config), ("processor_config.json", processor_config)):
         with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, ensure_ascii=False)

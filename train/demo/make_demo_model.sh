@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # Reproduce the demo model shipped in models/deepseek-vl-tiny: synthetic data -> tokenizer -> random init ->
-# DeepSeek-VL's three training stages -> export -> evaluation. Every step is this project's own CLI.
+# DeepSeek-VL's three training stages -> a fourth stage on pictures drawn in randomised styles -> export ->
+# evaluation. Every step is this project's own CLI.
 #   bash train/demo/make_demo_model.sh [OUT=models/deepseek-vl-tiny]   (WORK=runs/demo by default)
+# Stages 1-3 learn the vocabulary on the original 2 x 3 grid pictures ($WORK/data); stage 4 fine-tunes on three style
+# families ($WORK/styled: the grid, and free layouts on solid or noisy backgrounds). A fourth family (gradient
+# backgrounds on a larger canvas) is never trained on; it has its own held-out split, as has each training family.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-models/deepseek-vl-tiny}
@@ -12,20 +16,27 @@ run() { echo "+ $*" >&2; "$@"; }
 
 [ -f "$WORK/data/heldout.jsonl" ] || run deepseek-vl-jax synthetic "$WORK/data" --train 10000 --turns 4 --heldout 300 \
   --pretrain 6000 --image-size 64 --patch-size 16 --seed 0
+[ -f "$WORK/styled/heldout.jsonl" ] || run deepseek-vl-jax synthetic "$WORK/styled" --train 20000 --turns 4 \
+  --heldout 300 --pretrain 10000 --image-size 64 --patch-size 16 --seed 0 --styles grid,solid,noise \
+  --heldout-styles grid,solid,noise,gradient
 [ -f "$WORK/init/config.json" ] || run deepseek-vl-jax init "$WORK/init" --config "$DEMO/model_config.json" \
   --processor "$WORK/data/processor" --seed 0
 
 prev="$WORK/init"
-for stage in stage1_aligner:pretrain stage2_pretrain:pretrain stage3_sft:train; do
+for stage in stage1_aligner:data/pretrain stage2_pretrain:data/pretrain stage3_sft:data/train \
+             stage4_styles_sft:styled/train; do
   name=${stage%%:*}; data=${stage##*:}
   # Re-running resumes an interrupted stage; a finished stage's export is reused.
   if [ ! -f "$WORK/$name-hf/config.json" ]; then
-    run deepseek-vl-jax train --model "$prev" --data "$WORK/data/$data.jsonl" --output "$WORK/$name" \
-      --config "$DEMO/$name.json" --eval-data "$WORK/data/heldout.jsonl"
+    run deepseek-vl-jax train --model "$prev" --data "$WORK/$data.jsonl" --output "$WORK/$name" \
+      --config "$DEMO/$name.json" --eval-data "$WORK/${data%/*}/heldout.jsonl"
     run deepseek-vl-jax export "$WORK/$name" "$WORK/$name-hf"
   fi
   prev="$WORK/$name-hf"
 done
 
 rm -rf "$OUT.new" && cp -r "$prev" "$OUT.new" && rm -rf "$OUT" && mv "$OUT.new" "$OUT"
-run deepseek-vl-jax evaluate --model "$OUT" --data "$WORK/data/heldout.jsonl"
+run deepseek-vl-jax evaluate --model "$OUT" --data "$WORK/data/heldout.jsonl" --batch-size 50 --max-new-tokens 6
+for split in heldout heldout_grid heldout_solid heldout_noise heldout_gradient; do
+  run deepseek-vl-jax evaluate --model "$OUT" --data "$WORK/styled/$split.jsonl" --batch-size 50 --max-new-tokens 6
+done
