@@ -14,7 +14,7 @@ What the compiled program does (HLO inspected on CPU):
   `BLOCK_ROWS` input rows: each block's int8 rows (contiguous in the [in, out] kernel), or its packed int4 rows
   unpacked as two nibble planes, are converted right before a small dot and accumulated, the scale applied to the
   block's [.., out] result. The float block (64 x out floats) stays in cache, so memory traffic is the quantized
-  bytes only: int8 and int4 decode as fast as float32 or faster (benchmarks/results/quantize.json).
+  bytes only (int8 decodes as fast as float32 at the 0.45B shape, benchmarks/results/quantize.json).
 - Embeddings: the gathered int8 rows times their row scales; the tied LM head is dot(h, convert(values)^T) * scales,
   on CPU for a few rows a `lax.map` over blocks of table rows.
 """
