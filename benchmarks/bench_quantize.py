@@ -5,12 +5,16 @@
 - Parameter bytes per scheme (float32, int8, int4 group 128) for the DeepSeek-VL-1.3B and DeepSeek-VL-7B-hybrid
   shapes, by `jax.eval_shape` (nothing allocated), decoder (q/k/v/o, gate/up/down) and whole model.
 - On the benchmark shape of bench_generate.py (~0.45B, random weights; the same cached checkpoint), one fresh
-  subprocess per mode (float32; float32 with today's fused per-layer copy; int8; int4): peak host memory while
-  loading (VmHWM over the load, minus the process's footprint before it), then the peak while generating (VmHWM
-  reset after loading) against parameter bytes + KV cache, batch-1 decode tokens/s (difference of two generation
-  lengths, prefill cancels, best of --repeats) and the last 32 positions' logits of an image prompt, compared with
-  float32 (max |error| / max |logit|, top-1 agreement).
-Writes benchmarks/results/quantize.json.
+  subprocess per mode (float32, int8, int4): peak host memory while loading (VmHWM over the load, minus the
+  process's footprint before it), then the peak while generating (VmHWM reset after the programs compiled and ran
+  once) against parameter bytes + KV cache, also as anonymous memory only (RssAnon: without the shared libraries'
+  code pages), batch-1 decode tokens/s (difference of two generation lengths, prefill cancels, best of
+  --repeats) and the last 32 positions' logits of an image prompt, compared with float32 (max |error| / max
+  |logit|, top-1 agreement). Then, after those measurements, the generate program's `memory_analysis()` (its
+  temporaries hold the KV cache), and for int8/int4 the decode rate of the whole-kernel form
+  (`quantization.ops.BLOCKED_ROWS = 0`) in the same process, side by side with the blocked form.
+`--modes` runs some modes only (each locked run stays under 10 minutes on a loaded machine); the results of the
+others are kept from the previous run of that mode. Writes benchmarks/results/quantize.json.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torchvision_ops  # noqa: E402  transformers imports torchvision: see test
 
 torchvision_ops.ensure_importable()
 
-MODES = ("float32", "float32_fused_copy", "int8", "int4")
+MODES = ("float32", "int8", "int4")
 SHORT, LONG = 8, 40
 
 SHAPES = {
@@ -57,6 +61,10 @@ def status_kb(field: str) -> int:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     raise KeyError(field)
+
+
+def status_all() -> dict:
+    return {f: status_kb(f) for f in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 
 def reset_peak() -> None:
@@ -102,11 +110,11 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
 
     from bench_generate import image_batch, Runner
     from deepseek_vl_jax import load_pretrained, quantization as Q
-    from deepseek_vl_jax.generation import kv_cache, weights
+    from deepseek_vl_jax.generation import kv_cache
     from deepseek_vl_jax.generation.inputs import prepare_inputs
 
     jax.numpy.zeros(1).block_until_ready()
-    before = status_kb("VmRSS")
+    before, before_anon = status_kb("VmRSS"), status_kb("RssAnon")
     reset_peak()
     t0 = time.perf_counter()
     scheme = None if mode.startswith("float32") else mode
@@ -118,8 +126,6 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
     largest = max(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if not isinstance(x, Q.QTensor) else
                      jax.ShapeDtypeStruct(x.shape, np.float32), model.params, is_leaf=lambda x: isinstance(x, Q.QTensor))))
-    if mode == "float32_fused_copy":  # today's layout: q/k/v and gate/up concatenated into new buffers
-        model.__dict__["_generation_params"] = (model.params, weights.split_layers(model.params, fuse=True))
     batch = image_batch(16)
     runner = Runner(model, None)
     inputs, _ = prepare_inputs(model, batch, LONG)
@@ -128,24 +134,87 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
     cache_bytes = 2 * t.num_hidden_layers * t.num_key_value_heads * slots * t.head_dim * 4
     runner.run_ours(batch, SHORT)  # compile both lengths' programs (one bucket) before measuring
     runner.run_ours(batch, LONG)
-    before_gen = status_kb("VmRSS")
+    before_gen = status_all()
     reset_peak()
-    rate = runner.decode_rate(batch, SHORT, LONG, repeats, "ours")
+    anon = Sampler()
+    with anon:
+        rate = runner.decode_rate(batch, SHORT, LONG, repeats, "ours")
     gen_peak = status_kb("VmHWM")
+    program = program_memory(model, batch)
+    whole_rate = None
+    if scheme is not None:  # the whole-kernel form, side by side in this process
+        from deepseek_vl_jax.generation import loop
+        from deepseek_vl_jax.quantization import ops
+
+        blocked_rows, ops.BLOCKED_ROWS = ops.BLOCKED_ROWS, 0
+        loop.programs.cache_clear()
+        runner.run_ours(batch, SHORT)
+        whole_rate = runner.decode_rate(batch, SHORT, LONG, repeats, "ours")
+        ops.BLOCKED_ROWS = blocked_rows
+        loop.programs.cache_clear()
+        rate = max(rate, runner.decode_rate(batch, SHORT, LONG, repeats, "ours"))  # blocked again, after it
     logits = np.asarray(model(**batch))[0, -32:]
     np.save(out + ".npy", logits)
     result = {
         "mode": mode, "load_seconds": load_s, "param_bytes": param_bytes, "largest_tensor_float32_bytes": largest,
         "load_peak_bytes_over_start": load_peak,
         "load_peak_ratio_to_params_plus_one_tensor": load_peak / (param_bytes + largest),
-        "process_rss_before_load_bytes": before, "rss_before_generate_bytes": before_gen,
+        "process_rss_before_load_bytes": before, "process_anon_before_load_bytes": before_anon,
+        "status_before_generate_bytes": before_gen,
         "generate_peak_bytes": gen_peak, "generate_peak_over_start_bytes": gen_peak - before,
         "kv_cache_bytes": cache_bytes,
         "generate_peak_ratio_to_params_plus_cache": (gen_peak - before) / (param_bytes + cache_bytes),
+        "generate_peak_anon_over_start_bytes": anon.peak - before_anon,
+        "generate_peak_anon_ratio_to_params_plus_cache": (anon.peak - before_anon) / (param_bytes + cache_bytes),
+        "generate_program_memory_analysis_bytes": program,
         "decode_tokens_per_s": rate,
+        "decode_tokens_per_s_whole_kernel_form": whole_rate,
+        "load_average_after": os.getloadavg(),
     }
     with open(out, "w") as f:
         json.dump(result, f)
+
+
+class Sampler:
+    """Peak RssAnon while the block runs, sampled every 5 ms by a thread (the kernel keeps no anonymous HWM)."""
+
+    def __enter__(self):
+        import threading
+
+        self.peak, self._stop = status_kb("RssAnon"), threading.Event()
+
+        def run():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, status_kb("RssAnon"))
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, status_kb("RssAnon"))
+
+
+def program_memory(model, batch) -> dict:
+    """memory_analysis() of the compiled generate program (LONG tokens) for `batch` (compiled again here)."""
+    import jax
+    import jax.numpy as jnp
+
+    from deepseek_vl_jax.generation import kv_cache, loop, sampling, weights
+    from deepseek_vl_jax.generation.inputs import MAX_EOS, place, prepare_inputs
+
+    c = model.config
+    sampler = sampling.Sampler.create(False, 1.0, 0, 1.0, 1.0)
+    sp = sampling.SamplingParams.create(1.0, 0, 1.0, 1.0)
+    stop = loop.StopParams(eos=jnp.full((MAX_EOS,), -1, jnp.int32), pad=jnp.int32(c.text.pad_token_id),
+                           max_new_tokens=jnp.int32(LONG))
+    inputs = place(prepare_inputs(model, batch, LONG)[0], None)
+    ma = loop.programs(c, sampler, None).generate.lower(
+        weights.generation_params(model), inputs, jax.random.key(0), sp, stop,
+        kv_cache.gen_buffer_length(LONG)).compile().memory_analysis()
+    return {k: getattr(ma, k + "_size_in_bytes") for k in ("argument", "output", "alias", "temp")}
 
 
 def main() -> None:
@@ -154,6 +223,7 @@ def main() -> None:
                    "(built by bench_generate.build_checkpoint if absent)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--child", nargs=2, metavar=("MODE", "OUT"))
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     args = p.parse_args()
     if args.child:
         child(args.child[0], args.checkpoint, args.child[1], args.repeats)
@@ -164,16 +234,23 @@ def main() -> None:
 
     build_checkpoint(args.checkpoint)
     load_start = os.getloadavg()
-    runs = {}
-    for mode in MODES:
+    uptime_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    path = os.path.join(ROOT, "benchmarks", "results", "quantize.json")
+    previous = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            previous = {k: v for k, v in json.load(f).get("runs", {}).items() if k in MODES}
+    runs = dict(previous)
+    for mode in args.modes.split(","):
         out = f"/tmp/bench_quantize_{mode}.json"
         subprocess.run([sys.executable, os.path.abspath(__file__), "--checkpoint", args.checkpoint,
                         "--repeats", str(args.repeats), "--child", mode, out], check=True)
         with open(out) as f:
             runs[mode] = json.load(f)
+        runs[mode]["uptime_before"] = uptime_start
         print(json.dumps(runs[mode]), flush=True)
     ref = np.load("/tmp/bench_quantize_float32.json.npy")
-    for mode in MODES:
+    for mode in args.modes.split(","):
         got = np.load(f"/tmp/bench_quantize_{mode}.json.npy")
         runs[mode]["logits_max_rel_err_vs_float32"] = float(np.abs(got - ref).max() / np.abs(ref).max())
         runs[mode]["top1_agreement_vs_float32"] = float((got.argmax(-1) == ref.argmax(-1)).mean())
@@ -187,12 +264,15 @@ def main() -> None:
         "runs": runs,
         "environment": {"python": platform.python_version(), "jax": jax.__version__,
                         "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
-                        "load_average_at_start": load_start, "load_average_at_end": os.getloadavg()},
+                        "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),
+                        "uptime_at_start": uptime_start},
         "method": "each mode in a fresh subprocess; peaks are /proc/self/status VmHWM (reset through clear_refs) "
-                  "minus VmRSS before loading; int4 group size 128; scales float32",
+                  "minus VmRSS before loading, and RssAnon sampled every 5 ms minus RssAnon before loading; "
+                  "int4 group size 128; scales float32; the runs of modes not in --modes are kept from their "
+                  "previous run (each run records its uptime)",
     }
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "quantize.json"), "w") as f:
+    with open(path, "w") as f:
         json.dump(result, f, indent=2)
         f.write("\n")
     print(json.dumps(result["model_shapes_by_eval_shape"], indent=1))

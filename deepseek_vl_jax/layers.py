@@ -9,6 +9,7 @@ K key/value heads, H head dim, F feed-forward width, V vocabulary, C channels.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 from deepseek_vl_jax import common
 
 Dtype = Any
+QUERY_BLOCK = 128  # queries per block of a prompt's cached attention (`cached_attention`)
 
 
 def dense(features: int, axes: tuple[str, str], use_bias: bool, dtype: Dtype, param_dtype: Dtype, name: str,
@@ -111,10 +113,28 @@ def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: 
     in place: a dot reading the updated cache makes XLA:CPU duplicate the update into the dot's fusion and copy every
     layer's cache at every decode step. Both cache dots contract its minor dimension (H for k, S for v), the form
     XLA:CPU's batched dots take without transposing the cache.
+    A prompt (T > QUERY_BLOCK) is attended in blocks of queries (`lax.map`): the logits and probabilities
+    [B, N, T, S + T] are then never all live at once (one block's, [B, N, QUERY_BLOCK, S + T], at a time).
     """
     b, t, n, h = q.shape
+    block = math.gcd(t, QUERY_BLOCK)
+    if t > QUERY_BLOCK and block >= 32:  # a prompt: blocks of queries (softmax rows are independent)
+        nb = t // block
+        mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, mask.shape[-1]))
+        qs = q.reshape(b, nb, block, n, h).swapaxes(0, 1)
+        masks = mask.reshape(b, mask.shape[1], nb, block, mask.shape[-1]).transpose(2, 0, 1, 3, 4)
+        out = jax.lax.map(lambda a: _cached_attention(a[0], k_new, v_new, k_cache, v_cache, a[1], cache_index,
+                                                      scale), (qs, masks))  # [nb, B, block, N, H]
+        return out.swapaxes(0, 1).reshape(b, t, n, h)
+    return _cached_attention(q, k_new, v_new, k_cache, v_cache, mask, cache_index, scale)
+
+
+def _cached_attention(q, k_new, v_new, k_cache, v_cache, mask, cache_index, scale):
+    """`cached_attention` for queries q [B, T', N, H] (all T new tokens or a block of them; mask [B, 1, T', S])."""
+    b, tq, n, h = q.shape
+    t = k_new.shape[1]
     kh, s = k_cache.shape[1], k_cache.shape[2]
-    qg = q.reshape(b, t, kh, n // kh, h)
+    qg = q.reshape(b, tq, kh, n // kh, h)
     new_slots = jnp.arange(s) - cache_index
     mask_old = mask & ~((new_slots >= 0) & (new_slots < t))
     mask_new = jax.lax.dynamic_slice_in_dim(mask, cache_index, t, axis=-1)
@@ -126,7 +146,7 @@ def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: 
     p_old, p_new = probs[..., :s].astype(v_cache.dtype), probs[..., s:].astype(v_new.dtype)
     out = (jnp.einsum("bkgts,bkhs->btkgh", p_old, v_cache, preferred_element_type=jnp.float32)
            + jnp.einsum("bkgts,bskh->btkgh", p_new, v_new, preferred_element_type=jnp.float32))
-    return out.reshape(b, t, n, h).astype(q.dtype)
+    return out.reshape(b, tq, n, h).astype(q.dtype)
 
 
 def after(new: jax.Array, out: jax.Array) -> jax.Array:

@@ -7,9 +7,18 @@ leaves split like any other: values and scales).
 `split_layers(params, fuse=True)` instead concatenates q/k/v and gate/up into new buffers (`llama.fuse_layer`):
 one matrix-vector product instead of three (two), but a second copy of those weights; it is an explicit choice
 (benchmarks/bench_generate.py measures both), never the default.
+
+`generation_params` also makes the process give the compiler's freed heap back after each XLA compilation
+(`release_heap_after_compiles`): glibc keeps what XLA/LLVM free while compiling (270-350 MB after compiling the
+0.45B generate program, benchmarks/bench_quantize.py), which a generating process would otherwise carry as if it
+were live.
 """
 
 from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
 
 import jax
 import numpy as np
@@ -101,9 +110,36 @@ def split_on(model) -> bool:
     return all(d.platform == "cpu" for d in jax.tree.leaves(model.params)[0].devices())
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
+MMAP_THRESHOLD = 1 << 20
+
+
+@functools.cache
+def release_heap_after_compiles() -> bool:
+    """Once per process (glibc only; a no-op elsewhere): allocations of 1 MiB or more are mapped and unmapped
+    (`mallopt(M_MMAP_THRESHOLD)`, which also stops glibc from raising that threshold to the largest buffer freed so
+    far, up to 32 MiB, so that XLA's and Eigen's freed buffers stayed in the heap), and after every XLA backend
+    compilation `malloc_trim(0)` returns the heap pages the compiler freed. Live memory is untouched.
+    Returns whether it applied."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "malloc_trim") or not hasattr(libc, "mallopt"):
+        return False
+    libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    libc.malloc_trim(0)
+
+    def trim(event: str, *_args, **_kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            libc.malloc_trim(0)
+
+    jax.monitoring.register_event_duration_secs_listener(trim)
+    return True
+
+
 def generation_params(model) -> dict:
     """`split_layers(model.params)` where `split_on(model)` (cached on the model, recomputed if its params object is
-    replaced), else {"params": model.params, "layers": None}."""
+    replaced), else {"params": model.params, "layers": None}. Installs `release_heap_after_compiles`."""
+    release_heap_after_compiles()
     if not split_on(model):
         return {"params": model.params, "layers": None}
     cached = model.__dict__.get("_generation_params")

@@ -4,26 +4,35 @@ The model code does not know about quantization (qwix's shape): `quantized_layer
 `nn.Dense` whose kernel is a `QTensor`, and every `nn.Embed` whose table is one, computes from the quantized
 weights; layers with float weights run unchanged. It is active in the jitted forward and generation programs.
 
-What the compiled program does (HLO inspected on CPU; the same graph goes to TPU/GPU):
-- int8 Dense: dot(x, convert(values)) * scales: the int8 kernel is the dot's operand through a convert, and the
-  per-channel scale is applied to the [.., out] result. On TPU/GPU XLA fuses the convert into the dot's operand
-  fusion, so HBM holds and reads only the int8 weights.
-- int4 Dense: dot(x, unpack(values) * scales): the uint8-packed kernel is unpacked (shifts), scaled per group and
-  fed to the dot, one fusion per layer; no dequantized copy of the model exists. XLA:CPU's dot does not fuse
-  producers: there a loop fusion writes the layer's kernel as float32 into a temporary, then the dot reads it; `after`
-  keeps that to one layer's kernel at a time.
-- Embeddings: the gathered int8 rows times their row scales; the tied LM head is dot(h, convert(values)^T) * scales.
+What the compiled program does (HLO inspected on CPU):
+- TPU/GPU, and CPU for many rows (a prompt): int8 Dense is dot(x, convert(values)) * scales, the per-channel scale
+  applied to the [.., out] result; int4 is dot(x, unpack(values) * scales). The convert (or unpack and scale) is the
+  dot's operand: TPU/GPU fuse it into the dot, so HBM holds and reads only the quantized weights. XLA:CPU's dot does
+  not fuse producers: there a loop fusion writes the layer's whole kernel as float32 into a temporary, which the dot
+  then reads (9 bytes moved per int8 weight where float32 moves 4); `after` keeps that to one layer at a time.
+- CPU, a few rows (a decode step, at most `BLOCKED_ROWS`): `blocked_dot`, a `fori_loop` over blocks of
+  `BLOCK_ROWS` input rows: each block's int8 rows (contiguous in the [in, out] kernel), or its packed int4 rows
+  unpacked as two nibble planes, are converted right before a small dot and accumulated, the scale applied to the
+  block's [.., out] result. The float block (64 x out floats) stays in cache, so memory traffic is the quantized
+  bytes only (int8 decodes as fast as float32 at the 0.45B shape, benchmarks/results/quantize.json).
+- Embeddings: the gathered int8 rows times their row scales; the tied LM head is dot(h, convert(values)^T) * scales,
+  on CPU for a few rows a `lax.map` over blocks of table rows.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from deepseek_vl_jax.quantization.qtensor import QTensor, Scheme, dequantize, int_values
+
+BLOCK_ROWS = 64  # kernel rows converted per step of `blocked_dot`: 64 x 2816 float32 = 720 KB, within L2
+BLOCKED_ROWS = 32  # at most this many activation rows (decode steps, small batches) take the blocked form
+TABLE_BLOCK = 256  # table rows per step of the blocked tied LM head
 
 
 def after(qt: QTensor, x: jax.Array) -> QTensor:
@@ -40,11 +49,87 @@ def after(qt: QTensor, x: jax.Array) -> QTensor:
     return qt.replace(values=jnp.asarray(qt.values) + zero)
 
 
+def _on_cpu_without_mesh() -> bool:
+    """Where the blocked forms apply: XLA:CPU (its dot does not fuse the convert) outside a device mesh (a block
+    loop over a sharded input axis would gather the weight)."""
+    return jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().empty
+
+
+def _block(n: int, size: int) -> int:
+    return math.gcd(n, size)
+
+
+def blocked_dot(x: jax.Array, q: QTensor, dtype) -> jax.Array:
+    """x [M, K] @ a 2-D QTensor kernel [K, N] (axis -2) -> [M, N] in `dtype`, accumulated in float32 over blocks of
+    K rows (`BLOCK_ROWS`, or the largest divisor of K / of the int4 group size below it), each block converted
+    right before its dot. int4: the block's packed rows are unpacked as two planes (even rows from the low nibbles,
+    odd rows from the high ones) contracted with x's even and odd columns, then scaled by the block's group scale."""
+    k, n = q.shape
+    acc = jnp.zeros((x.shape[0], n), jnp.float32)
+    values = jnp.asarray(q.values)
+    if q.scheme == Scheme.INT8:
+        kb = _block(k, BLOCK_ROWS)
+
+        def body(i, acc):
+            w = jax.lax.dynamic_slice_in_dim(values, i * kb, kb, 0).astype(dtype)
+            xi = jax.lax.dynamic_slice_in_dim(x, i * kb, kb, 1)
+            return acc + jnp.dot(xi, w, preferred_element_type=jnp.float32)
+
+        y = jax.lax.fori_loop(0, k // kb, body, acc) * jnp.asarray(q.scales).reshape(-1).astype(jnp.float32)
+        return y.astype(dtype)
+    kb = _block(q.group_size, BLOCK_ROWS)  # a block lies within one group
+    half, per_group = kb // 2, q.group_size // kb
+    x_even, x_odd = x[:, 0::2], x[:, 1::2]
+    scales = jnp.asarray(q.scales).astype(jnp.float32)  # [K / group, N]
+
+    def body4(i, acc):
+        p = jax.lax.dynamic_slice_in_dim(values, i * half, half, 0).astype(jnp.int8)
+        low = (jnp.left_shift(p, 4) >> 4).astype(dtype)  # rows 2j (sign-extended low nibble)
+        high = (p >> 4).astype(dtype)  # rows 2j + 1
+        xe = jax.lax.dynamic_slice_in_dim(x_even, i * half, half, 1)
+        xo = jax.lax.dynamic_slice_in_dim(x_odd, i * half, half, 1)
+        part = jnp.dot(xe, low, preferred_element_type=jnp.float32) + jnp.dot(xo, high,
+                                                                            preferred_element_type=jnp.float32)
+        return acc + part * jax.lax.dynamic_slice_in_dim(scales, i // per_group, 1, 0)
+
+    return jax.lax.fori_loop(0, k // kb, body4, acc).astype(dtype)
+
+
+def blocked_attend(x: jax.Array, table: QTensor, dtype) -> jax.Array:
+    """x [M, D] against every row of an int8 QTensor table [V, D] (per-row scales) -> [M, V]: a `lax.map` over
+    blocks of `TABLE_BLOCK` rows, each converted right before its dot."""
+    v, d = table.shape
+    vb = _block(v, TABLE_BLOCK)
+    values = jnp.asarray(table.values).reshape(v // vb, vb, d)
+    scales = jnp.asarray(table.scales).astype(jnp.float32).reshape(v // vb, 1, vb)
+
+    def block(args):
+        w, s = args
+        return jax.lax.dot_general(x, w.astype(dtype), (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32) * s
+
+    out = jax.lax.map(block, (values, scales))  # [V / vb, M, vb]
+    return out.transpose(1, 0, 2).reshape(x.shape[0], v).astype(dtype)
+
+
+def _blocked(x: jax.Array, q: QTensor, contract: int) -> bool:
+    rows = math.prod(x.shape[:-1])
+    if q.ndim != 2 or rows > BLOCKED_ROWS or not _on_cpu_without_mesh():
+        return False
+    if contract == 1:
+        return q.scheme == Scheme.INT8
+    return _block(q.group_size if q.scheme == Scheme.INT4 else q.shape[0], BLOCK_ROWS) >= 16
+
+
 def _dot(x: jax.Array, q: QTensor, contract: int, dtype) -> jax.Array:
     """x [..., K] contracted with axis `contract` of a 2-D QTensor; int8 scales (one per output) applied after the
-    dot, int4 dequantized (per group) before it."""
-    q = after(q, x)
+    dot, int4 dequantized (per group) before it; on CPU for a few rows the blocked forms."""
     x = x.astype(dtype)
+    if _blocked(x, q, contract):
+        flat = x.reshape(-1, x.shape[-1])
+        y = blocked_dot(flat, q, dtype) if contract == 0 else blocked_attend(flat, q, dtype)
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
+    q = after(q, x)
     dims = (((x.ndim - 1,), (contract,)), ((), ()))
     if q.scheme == Scheme.INT8:
         y = jax.lax.dot_general(x, jnp.asarray(q.values).astype(dtype), dims, preferred_element_type=dtype)

@@ -1,0 +1,163 @@
+"""The CPU decode forms of the quantized matmuls (quantization.ops.blocked_dot / blocked_attend) against the whole-
+kernel form and a float64 reference, the same through generate, and what the compiled programs hold
+(`memory_analysis`): a decode step's temporaries are a fraction of one layer's float kernels, and a prompt's cached
+attention holds one query block's logits (layers.cached_attention), counted, not timed."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deepseek_vl_jax as D
+from deepseek_vl_jax import layers
+from deepseek_vl_jax import quantization as Q
+from deepseek_vl_jax.generation import kv_cache, loop, sampling, weights
+from deepseek_vl_jax.generation.inputs import MAX_EOS, place, prepare_inputs
+from deepseek_vl_jax.quantization import ops
+
+import hf_fixtures as F
+
+# Measured: both forms are within 1.1e-6 of the float64 product (max |error| / max |y|, K <= 256, an outlier column).
+MATMUL_RTOL = 3e-6
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A 6-layer tiny DeepSeek-VL (hidden 128, intermediate 256, tied embeddings), as int8 with its embeddings and
+    tied head quantized too, and as int4 (group 32)."""
+    cfg = F.make_config(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6,
+                                  num_attention_heads=4, num_key_value_heads=2), tie=True)
+    path = F.save(F.make_model(cfg, seed=5), tmp_path_factory.mktemp("ops"))
+    quantize = {"int8": Q.QuantizeConfig("int8", embeddings=True), "int4": Q.QuantizeConfig("int4", 32)}
+    return cfg, {k: D.load_pretrained(path, progress=False, quantize=q) for k, q in quantize.items()}
+
+
+def _whole_form(monkeypatch):
+    monkeypatch.setattr(ops, "BLOCKED_ROWS", 0)
+    loop.programs.cache_clear()  # the generation programs retrace with the whole-kernel form
+
+
+def _rel(a, ref):
+    return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("scheme,group,k,rows", [("int8", 0, 96, 1), ("int8", 0, 256, 4), ("int4", 32, 96, 4),
+                                                  ("int4", 128, 256, 1)])
+def test_blocked_dot_equals_the_whole_form(scheme, group, k, rows, monkeypatch):
+    rng = np.random.default_rng(k + rows)
+    w = rng.standard_normal((k, 80)).astype(np.float32)
+    w[:, 3] *= 40  # an outlier column
+    qt = jax.tree.map(jnp.asarray, Q.quantize(w, scheme, group or 128))
+    x = jnp.asarray(rng.standard_normal((rows, 1, k)).astype(np.float32))
+    ref = np.asarray(x, np.float64) @ np.asarray(Q.dequantize(qt), np.float64)
+    dense = jax.jit(lambda x, q: Q.dense(x, q, jnp.float32))
+    assert ops._blocked(x, qt, 0)
+    assert "while" in dense.lower(x, qt).as_text()  # the block loop
+    blocked = dense(x, qt)
+    monkeypatch.setattr(ops, "BLOCKED_ROWS", 0)
+    whole = jax.jit(lambda x, q: Q.dense(x, q, jnp.float32))(x, qt)
+    assert _rel(blocked, ref) < MATMUL_RTOL and _rel(whole, ref) < MATMUL_RTOL
+    assert blocked.shape == whole.shape == (rows, 1, 80)
+
+
+def test_blocked_tied_head_equals_the_whole_form(monkeypatch):
+    rng = np.random.default_rng(7)
+    table = rng.standard_normal((1536, 64)).astype(np.float32)
+    qt = jax.tree.map(jnp.asarray, Q.quantize(table, "int8", axis=-1))
+    h = jnp.asarray(rng.standard_normal((2, 64)).astype(np.float32))
+    ref = np.asarray(h, np.float64) @ np.asarray(Q.dequantize(qt), np.float64).T
+    blocked = jax.jit(lambda h, q: Q.embed_attend(h, q, jnp.float32))(h, qt)
+    monkeypatch.setattr(ops, "BLOCKED_ROWS", 0)
+    whole = jax.jit(lambda h, q: Q.embed_attend(h, q, jnp.float32))(h, qt)
+    assert _rel(blocked, ref) < MATMUL_RTOL and _rel(whole, ref) < MATMUL_RTOL
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_generate_with_the_blocked_form_equals_the_whole_form(models, scheme, monkeypatch):
+    """Same greedy tokens and log-probabilities to float32 noise (measured <= 2e-6; decode steps take the blocked
+    form, the prompt the whole one)."""
+    cfg, quantized = models
+    model = quantized[scheme]
+    batch = F.make_inputs(cfg, rows=((1, 0), (0, 4)), padding="left")
+    run = lambda: D.generate(model, batch, max_new_tokens=6, eos_token_id=-1, return_dict=True)
+    loop.programs.cache_clear()
+    blocked = run()
+    _whole_form(monkeypatch)
+    whole = run()
+    loop.programs.cache_clear()
+    np.testing.assert_array_equal(blocked.sequences, whole.sequences)
+    np.testing.assert_allclose(blocked.logprobs, whole.logprobs, rtol=0, atol=1e-5)
+
+
+def _compiled_step(model, batch, max_new_tokens=8):
+    """The compiled decode step (state donated) of `model` for `batch`."""
+    c = model.config
+    sampler = sampling.Sampler.create(False, 1.0, 0, 1.0, 1.0)
+    sp = sampling.SamplingParams.create(1.0, 0, 1.0, 1.0)
+    stop = loop.StopParams(eos=jnp.full((MAX_EOS,), -1, jnp.int32), pad=jnp.int32(0),
+                           max_new_tokens=jnp.int32(max_new_tokens))
+    progs = loop.programs(c, sampler, None)
+    params = weights.generation_params(model)
+    inputs = place(prepare_inputs(model, batch, max_new_tokens)[0], None)
+    state = progs.prefill(params, inputs, jax.random.key(0), sp, stop, kv_cache.gen_buffer_length(max_new_tokens))
+    return progs.step.lower(params, state, sp, stop).compile()
+
+
+def _float_kernel_bytes(layer) -> int:
+    """float32 bytes of one layer's Dense kernels (what a dequantized copy of that layer would take)."""
+    leaves = jax.tree.leaves(layer, is_leaf=lambda x: isinstance(x, Q.QTensor))
+    return sum(4 * int(np.prod(x.shape)) for x in leaves if isinstance(x, Q.QTensor))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_decode_step_temporaries_are_a_fraction_of_one_layer(models, scheme, monkeypatch):
+    """Blocked: the step's temporaries stay below a quarter of ONE layer's float32 kernels (each block converts
+    64 rows); the whole-kernel form needs at least one whole kernel in float32."""
+    cfg, quantized = models
+    model = quantized[scheme]
+    batch = F.make_inputs(cfg, rows=((1, 0),), padding="left")
+    one_layer = _float_kernel_bytes(weights.generation_params(model)["layers"][0])
+    largest = max(4 * int(np.prod(x.shape)) for x in jax.tree.leaves(
+        weights.generation_params(model)["layers"][0], is_leaf=lambda x: isinstance(x, Q.QTensor))
+        if isinstance(x, Q.QTensor))
+    loop.programs.cache_clear()
+    blocked = _compiled_step(model, batch).memory_analysis().temp_size_in_bytes
+    _whole_form(monkeypatch)
+    whole = _compiled_step(model, batch).memory_analysis().temp_size_in_bytes
+    loop.programs.cache_clear()
+    assert blocked < one_layer / 4, (blocked, one_layer)
+    assert whole >= largest, (whole, largest)
+
+
+def test_prompt_attention_holds_one_query_block():
+    """cached_attention over a 512-token prompt equals float64 softmax attention, and its compiled temporaries are
+    below ONE [B, N, T, S + T] float32 array (attending all queries at once holds at least two: logits and
+    probabilities; measured 18.4 MB there, 5.2 MB here against 8.9 MB for one)."""
+    b, t, n, kh, h, s = 1, 512, 4, 2, 16, 576
+    rng = np.random.default_rng(3)
+    q, k, v = (rng.standard_normal((b, t, m, h)).astype(np.float32) for m in (n, kh, kh))
+    k_cache = rng.standard_normal((b, kh, s, h)).astype(np.float32)
+    v_cache = rng.standard_normal((b, kh, h, s)).astype(np.float32)
+    valid = np.zeros((b, s), bool)
+    valid[:, :40] = True  # 40 old slots, then the prompt written at slot 40
+    valid[:, 40:40 + t] = True
+    causal = np.arange(s)[None, :] <= (40 + np.arange(t))[:, None]
+    mask = (valid[:, None, :] & causal[None])[:, None]  # [B, 1, T, S]
+    fn = jax.jit(lambda *a: layers.cached_attention(*a, 40, h**-0.5))
+    args = (q, k, v, k_cache, v_cache, mask)
+    got = np.asarray(fn(*args))
+    # float64 reference: the cache with the prompt's keys/values written at slots [40, 40 + t)
+    keys = np.array(k_cache.transpose(0, 2, 1, 3), np.float64)  # [B, S, K, H]
+    vals = np.array(v_cache.transpose(0, 3, 1, 2), np.float64)
+    keys[:, 40:40 + t], vals[:, 40:40 + t] = k, v
+    g = n // kh
+    kk, vv = np.repeat(keys, g, axis=2), np.repeat(vals, g, axis=2)
+    logits = np.einsum("btnh,bsnh->bnts", q.astype(np.float64), kk) * h**-0.5
+    logits = np.where(mask, logits, -np.inf)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    want = np.einsum("bnts,bsnh->btnh", p, vv)
+    assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
+    temp = fn.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    all_logits = 4 * b * n * t * (s + t)
+    assert temp < all_logits, (temp, all_logits)
