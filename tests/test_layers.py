@@ -64,3 +64,18 @@ def test_cached_attention_from_slot_zero_reads_only_the_new_tokens():
 def test_prefill_blocks_stay_few():
     assert layers.prefill_block(640) == 128
     assert -(-4096 // layers.prefill_block(4096)) == layers.MAX_PREFILL_BLOCKS
+
+
+@pytest.mark.parametrize("block", [None, 64])
+def test_heads_first_attention_with_a_bias_matches_torch(block):
+    """Bidirectional attention with an additive bias (SAM's relative positions) in query blocks or not, against
+    torch's scaled_dot_product_attention with the same float mask."""
+    q, k, v, _ = _inputs(3)
+    k, v = np.repeat(k, N // K, axis=2), np.repeat(v, N // K, axis=2)
+    bias = np.random.default_rng(4).standard_normal((B, N, T, T)).astype(np.float32)
+    out = layers.heads_first_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), None, H**-0.5,
+                                       jnp.asarray(bias), block)
+    t = lambda x: torch.from_numpy(x).transpose(1, 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=torch.from_numpy(bias),
+                                                           scale=H**-0.5).transpose(1, 2).numpy()
+    np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
