@@ -465,6 +465,9 @@ def main(argv=None) -> int:
     if not args.no_profile:
         print("profile ...", flush=True)
         result["breakdown"] = breakdown(ours, hf, img, b8)
+    print("attention and dot forms ...", flush=True)
+    result["attention_forms_ms"] = P.attention_forms()
+    result["decode_dot_forms"] = P.decode_dot_forms()
     if args.speed_only:
         return write(args, result, start)
 

@@ -168,3 +168,80 @@ def torch_breakdown(fn, runs: int = 2, top: int = 8) -> dict:
     return {"wall_ms_under_profiler": round(wall * 1000, 1),
             "top_ops_by_self_time": {e.key: {"ms": round(e.self_cpu_time_total / runs / 1000, 1),
                                              "share": round(e.self_cpu_time_total / total, 3)} for e in ranked}}
+
+
+def attention_forms() -> dict:
+    """ms per call of the attention forms tried, at the decoder prefill's shape (T = 640 causal, 16 heads of 64,
+    704 cache slots) and SigLIP's (576 tokens, 12 heads, bidirectional), with torch's SDPA beside them."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from deepseek_vl_jax import layers, multimodal
+
+    rng = np.random.default_rng(0)
+    out = {}
+    t, n, h, s = 640, 16, 64, 704
+    q, k, v = (jnp.asarray(rng.standard_normal((1, t, n, h), dtype=np.float32)) for _ in range(3))
+    valid = jnp.zeros((1, s), bool).at[:, :t].set(True)
+    cmask = multimodal.cache_mask(valid, 0, t)
+    zk, zv = jnp.zeros((1, n, s, h)), jnp.zeros((1, n, h, s))
+    forms = {
+        "jax.nn.dot_product_attention, [T, T] mask (the forward before)":
+            lambda q, k, v, m, zk, zv: jax.nn.dot_product_attention(q, k, v, mask=m[..., :t], scale=h**-0.5),
+        "cache (empty, 704 slots) + new keys, concatenated (the prefill before)":
+            lambda q, k, v, m, zk, zv: layers.cached_attention(q, k, v, zk, zv, m, jnp.int32(0), h**-0.5),
+        "heads-first einsum, one block":
+            lambda q, k, v, m, zk, zv: layers.heads_first_attention(q, k, v, m[..., :t], h**-0.5),
+        "heads-first einsum, causal blocks of 128 queries (now)":
+            lambda q, k, v, m, zk, zv: layers.causal_attention(q, k, v, m[..., :t], h**-0.5),
+    }
+    args = (q, k, v, cmask, zk, zv)  # arguments, not constants (XLA would fold the whole computation)
+    for name, fn in forms.items():
+        f = jax.jit(fn)
+        out["prefill_T640: " + name] = round(_best(lambda: f(*args).block_until_ready()) * 1000, 1)
+    tq, tk, tv = (torch.from_numpy(np.array(x)).transpose(1, 2) for x in (q, k, v))
+    out["prefill_T640: torch SDPA is_causal (transformers)"] = round(_best(
+        lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True)) * 1000, 1)
+    t, n = 576, 12
+    q, k, v = (jnp.asarray(rng.standard_normal((1, t, n, h), dtype=np.float32)) for _ in range(3))
+    for name, fn in {"jax.nn.dot_product_attention (before)": lambda q, k, v: jax.nn.dot_product_attention(q, k, v),
+                     "heads-first einsum (now)":
+                         lambda q, k, v: layers.heads_first_attention(q, k, v, None, h**-0.5)}.items():
+        f = jax.jit(fn)
+        out["siglip_T576: " + name] = round(_best(lambda: f(q, k, v).block_until_ready()) * 1000, 1)
+    tq, tk, tv = (torch.from_numpy(np.array(x)).transpose(1, 2) for x in (q, k, v))
+    out["siglip_T576: torch SDPA"] = round(_best(
+        lambda: torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)) * 1000, 1)
+    return out
+
+
+def decode_dot_forms() -> dict:
+    """GB/s of weight read for a decode step's dots, x [B, 1024] by a [1024, 2816] weight and the LM head's
+    [1024, 102400]: flax's kernel [in, out] (`bi,io->bo`, what runs) vs a kernel stored [out, in] with the output
+    transposed (`oi,bi->ob`), and torch's Linear."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    io = jax.jit(lambda x, w: jnp.einsum("bi,io->bo", x, w))
+    oi = jax.jit(lambda x, w: jnp.einsum("oi,bi->ob", w, x))
+    out = {}
+    for n in (2816, 102400):
+        w = rng.standard_normal((1024, n), dtype=np.float32)
+        wj, wt = jnp.asarray(w), jnp.asarray(np.ascontiguousarray(w.T))
+        tw = torch.from_numpy(np.ascontiguousarray(w.T))
+        for b in (1, 8):
+            x = rng.standard_normal((b, 1024), dtype=np.float32)
+            xj, tx = jnp.asarray(x), torch.from_numpy(x)
+            reps = 10 if n == 2816 else 2
+            for name, fn in (("bi,io->bo", lambda: io(xj, wj).block_until_ready()),
+                             ("oi,bi->ob", lambda: oi(xj, wt).block_until_ready()),
+                             ("torch_linear", lambda: torch.nn.functional.linear(tx, tw))):
+                t = _best(lambda: [fn() for _ in range(reps)], 3) / reps
+                out[f"1024x{n}_batch{b}_{name}_GBps"] = round(w.nbytes / t / 1e9, 1)
+        del wj, wt
+    return out
