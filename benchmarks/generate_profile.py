@@ -118,7 +118,21 @@ CATEGORIES = (
 
 
 def _op_names(hlo_text: str) -> dict:
-    return {m.group(1): m.group(2) for m in re.finditer(r"%([\w.\-]+) = .*?op_name=\"([^\"]*)\"", hlo_text)}
+    """instruction name -> its op_name metadata; a dot without metadata (XLA:CPU's plain matrix-vector `dot`) is
+    named after the weight it reads (`.../lm_head/...` or `.../<x>_proj/dot_general`)."""
+    names = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+        if not m:
+            continue
+        meta = re.search(r'op_name="([^"]*)"', line)
+        if meta:
+            names[m.group(1)] = meta.group(1)
+        elif " dot(" in line:
+            weight = re.search(r"(lm_head|\w+_proj)_+kernel", line)
+            names[m.group(1)] = ("lm_head/" if weight and weight.group(1) == "lm_head" else
+                                 f"{weight.group(1) if weight else 'unknown'}/dot_general")
+    return names
 
 
 def xla_breakdown(jitted, args: tuple, runs: int = 2) -> dict:
