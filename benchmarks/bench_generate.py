@@ -543,6 +543,8 @@ def write(args, result: dict, start: float) -> int:
         result["xla_cpu_option_sweep"] = before["xla_cpu_option_sweep"]
     if "notes" in before:
         result["notes"] = before["notes"]
+    if "breakdown" not in result and "breakdown" in before:  # --no-profile keeps the last profiled breakdown
+        result["breakdown"] = dict(before["breakdown"], from_an_earlier_run=True)
     result["total_wall_s"] = round(time.perf_counter() - start, 1)
     result["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     machines[key] = result
