@@ -68,8 +68,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
 
     mask: bool, broadcastable to [B, N, T, S], True where a query may attend. bias: added to the logits.
     Uses `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPU where the inputs allow it and
-    XLA's fused path on TPU; on CPU `heads_first_attention` (faster there); logits and softmax run in float32. float16 on CPU takes `attention_with_probs`
-    (XLA:CPU has no float16 x float16 -> float32 dot, which jax's attention asks for).
+    XLA's fused path on TPU; on CPU `heads_first_attention` (faster there). Logits and softmax run in float32.
+    float16 on CPU takes `attention_with_probs` (XLA:CPU has no float16 x float16 -> float32 dot, which jax's
+    attention asks for).
     """
     out_dtype = q.dtype
     if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
