@@ -11,7 +11,11 @@ bytes read per token / bandwidth), batch-8 decode throughput, time to first toke
 compile time of the first call, compilations over a run of varied prompts, bfloat16 weights (correctness, speed).
 Decode rates are differences of two generation lengths (prefill cancels), best of `--repeats`.
 `--sweep` also times the decode step under XLA CPU option sets, each in a fresh subprocess (flags are read once).
-Writes benchmarks/results/generate.json.
+`--isa avx2` reruns itself with XLA, torch, oneDNN and MKL limited to AVX2 (an AVX2 machine approximated on an
+AVX-512 one; `machine.torch_cpu_capability` and `gemm_GFLOPs` show what took effect).
+Also records the machine (CPU model, vector extensions, cores, versions, flags) and a profile of the prefill and
+the decode step by what the time goes to, ours (jax's profiler) and transformers' (torch's profiler).
+Writes benchmarks/results/generate.json, one entry per machine key (`generate_profile.machine_key`).
 """
 
 from __future__ import annotations
@@ -27,7 +31,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import torchvision_ops  # noqa: E402  transformers imports torchvision: see tests/torchvision_ops.py
+import generate_profile as P  # noqa: E402
 
 torchvision_ops.ensure_importable()
 
@@ -37,6 +43,7 @@ TEXT = dict(vocab_size=102400, hidden_size=1024, intermediate_size=2816, num_hid
 VISION = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, image_size=384,
               patch_size=16, vision_use_head=False)
 IMAGE_TOKEN = 100015
+UNRECORDED = "machine not recorded (runs up to 2026-11-30; README's first figures)"
 NUM_IMAGE_TOKENS = 576
 
 
@@ -258,6 +265,41 @@ def kv_bytes(config, context: int, batch: int = 1) -> int:
     return 2 * t.num_hidden_layers * batch * context * t.num_key_value_heads * t.head_dim * 4
 
 
+def breakdown(model, hf, img: dict, batch8: dict) -> dict:
+    """Where the time goes: our prefill program (1 image, the TTFT prompt) and decode step (batch 1 on that prompt,
+    batch 8 on the text prompts) under jax's profiler, by category; transformers' prefill under torch's profiler."""
+    import jax
+    import torch
+
+    from deepseek_vl_jax.generation import kv_cache, loop, sampling, weights
+    from deepseek_vl_jax.generation.inputs import place, prepare_inputs
+
+    sampler, sp = sampling.Sampler(), sampling.SamplingParams.create()
+    stop = loop.StopParams(eos=jax.numpy.full((4,), -1, jax.numpy.int32), pad=jax.numpy.int32(TEXT["pad_token_id"]),
+                           max_new_tokens=jax.numpy.int32(64))
+    progs = loop.programs(model.config, sampler, None)
+    params = weights.generation_params(model)
+    out = {}
+    for name, batch in (("batch1_image_prompt", img), ("batch8_text_prompts", batch8)):
+        inputs = place(prepare_inputs(model, batch, 8)[0], None)
+        gen_len = kv_cache.gen_buffer_length(8)
+        args = (params, inputs, jax.random.key(0), sp, stop, gen_len)
+        if name.startswith("batch1"):
+            out["ours_prefill_" + name] = P.xla_breakdown(progs.prefill, args)
+        state = progs.prefill(*args)
+        step = jax.jit(lambda p, s: progs.step(p, s, sp, stop))  # not donated: the same state is rerun
+        out["ours_decode_step_" + name] = P.xla_breakdown(step, (params, state), runs=5)
+    kw = {k: torch.from_numpy(v) for k, v in img.items()}
+    with torch.no_grad():
+        out["transformers_prefill_batch1_image_prompt"] = P.torch_breakdown(lambda: hf(**kw, use_cache=True))
+        out["transformers_image_encoder_s"] = round(P._best(
+            lambda: hf.model.get_image_features(pixel_values=kw["pixel_values"]), 2), 3)
+    enc = jax.jit(lambda p, x: model.module.apply({"params": p}, x, method="encode_images"))
+    pix = jax.numpy.asarray(img["pixel_values"])
+    out["ours_image_encoder_s"] = round(P._best(lambda: enc(model.params, pix).block_until_ready(), 2), 3)
+    return out
+
+
 def probe(args) -> dict:
     """Decode rates of ours only (for the XLA option sweep, run in a fresh process per option set)."""
     import deepseek_vl_jax as D
@@ -306,8 +348,19 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true", help="also time XLA CPU option sets (subprocesses)")
     parser.add_argument("--sweep-only", action="store_true", help="run only the sweep, merged into the results file")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--isa", choices=("native", "avx2"), default="native",
+                        help="avx2: emulate an AVX2 machine (XLA, torch, oneDNN, MKL limited to AVX2)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the profiled breakdown")
+    parser.add_argument("--breakdown-only", action="store_true",
+                        help="rerun only the profiled breakdown, merged into this machine's entry")
+    parser.add_argument("--speed-only", action="store_true",
+                        help="skip the compilation count, layout experiments and bfloat16 (a shorter run)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "generate.json"))
     args = parser.parse_args(argv)
+    if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in P.AVX2_ENV.items()):
+        # the flags are read once, when the libraries load: run again in a process that has them from the start
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__)] + list(argv or sys.argv[1:]),
+                  dict(os.environ, **P.AVX2_ENV))
     build_checkpoint(args.checkpoint)
     if args.probe:
         print(json.dumps(probe(args)))
@@ -341,11 +394,13 @@ def main(argv=None) -> int:
                         "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
                         "xla_flags": os.environ.get("XLA_FLAGS", ""),
                         "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
+        "machine": P.machine(),
         "method": "decode rate = (t(long) - t(short)) / (long - short) steps, each t best of --repeats full "
                   "generate calls (prefill cancels); eos disabled; time to first token = generate with 1 new token",
     }
     print("bandwidth ...", flush=True)
     result["bandwidth"] = bw = measure_bandwidth()
+    result["gemm_GFLOPs"] = P.gemm_rates()
     bandwidth = bw["read_GBps"] * 1e9
 
     t0 = time.perf_counter()
@@ -358,6 +413,16 @@ def main(argv=None) -> int:
     result["sizes"] = sizes = weight_bytes(ours)
     runner = Runner(ours, hf)
     result["transformers_threads"] = pick_torch_threads(hf)
+    if args.breakdown_only:
+        with open(args.out) as f:
+            stored = json.load(f)
+        entry = stored["machines"][P.machine_key(result["machine"])]
+        entry["breakdown"] = breakdown(ours, hf, image_batch(40), text_batch(8, 64, seed=1))
+        entry["breakdown"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        with open(args.out, "w") as f:
+            json.dump(stored, f, indent=2)
+            f.write("\n")
+        return 0
 
     # First call: splitting the layers + compiling prefill and the decode loop (one bucket).
     img = image_batch(40)
@@ -409,6 +474,15 @@ def main(argv=None) -> int:
                                "speedup_ours_over_transformers": round(ours_b8 / hf_b8, 3),
                                "ours_vs_own_batch1": round(ours_b8 / ours_b1, 2)}
 
+    if not args.no_profile:
+        print("profile ...", flush=True)
+        result["breakdown"] = breakdown(ours, hf, img, b8)
+    print("attention and dot forms ...", flush=True)
+    result["attention_forms_ms"] = P.attention_forms()
+    result["decode_dot_forms"] = P.decode_dot_forms()
+    if args.speed_only:
+        return write(args, result, start)
+
     print("compilations over varied prompts ...", flush=True)
     lengths = [3, 17, 30, 41, 58, 77, 90, 120, 150]
     buckets = sorted({G.bucket_length(1 + NUM_IMAGE_TOKENS + n) for n in lengths})
@@ -450,22 +524,34 @@ def main(argv=None) -> int:
     }
     del bf16, hf16
 
+    return write(args, result, start)
+
+
+def write(args, result: dict, start: float) -> int:
+    """Store `result` under this machine's key in --out (other machines' entries kept) and print a summary."""
     previous = {}
     if os.path.isfile(args.out):
         with open(args.out) as f:
             previous = json.load(f)
+    machines = previous.get("machines") or ({UNRECORDED: previous} if previous else {})
+    key = P.machine_key(result["machine"])
+    before = machines.get(key, {})
     if args.sweep:
         print("XLA CPU option sweep (subprocesses) ...", flush=True)
         result["xla_cpu_option_sweep"] = sweep(args)
-    elif "xla_cpu_option_sweep" in previous:
-        result["xla_cpu_option_sweep"] = previous["xla_cpu_option_sweep"]
-    if "notes" in previous:
-        result["notes"] = previous["notes"]
+    elif "xla_cpu_option_sweep" in before:
+        result["xla_cpu_option_sweep"] = before["xla_cpu_option_sweep"]
+    if "notes" in before:
+        result["notes"] = before["notes"]
+    if "breakdown" not in result and "breakdown" in before:  # --no-profile keeps the last profiled breakdown
+        result["breakdown"] = dict(before["breakdown"], from_an_earlier_run=True)
     result["total_wall_s"] = round(time.perf_counter() - start, 1)
     result["environment"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    machines[key] = result
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
+        json.dump({"benchmark": result["benchmark"], "keyed_by": "CPU model / best vector extension / cores "
+                   "[/ emulated ISA]: figures from different machines never mix", "machines": machines}, f, indent=2)
         f.write("\n")
 
     d1, d8, tt = result["decode_batch1"], result["decode_batch8"], result["time_to_first_token_s"]
@@ -477,9 +563,14 @@ def main(argv=None) -> int:
           f" -> {d8['speedup_ours_over_transformers']}x")
     print(f"time to first token: ours {tt['ours']} s, transformers {tt['transformers']} s -> "
           f"{tt['speedup_ours_over_transformers']}x")
+    print(f"machine: {key}")
+    if args.speed_only:
+        print(f"wrote {args.out} ({result['total_wall_s']} s)")
+        return 0
+    varied = result["compilations_over_varied_prompts"]
     print(f"first call {result['first_call']['first_call_s']} s (compile + split "
-          f"{result['first_call']['compile_and_layer_split_s']} s); compilations over {len(lengths)} prompts in "
-          f"{len(buckets)} buckets: {result['compilations_over_varied_prompts']['new_compilations']}")
+          f"{result['first_call']['compile_and_layer_split_s']} s); compilations over {len(varied['prompt_tokens'])} "
+          f"prompts in {len(varied['buckets'])} buckets: {varied['new_compilations']}")
     print(f"bfloat16: {result['bfloat16']}")
     print(f"wrote {args.out} ({result['total_wall_s']} s)")
     return 0

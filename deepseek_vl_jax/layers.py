@@ -70,12 +70,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
 
     mask: bool, broadcastable to [B, N, T, S], True where a query may attend. bias: added to the logits.
     Uses `jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPU where the inputs allow it and
-    XLA's fused path elsewhere; logits and softmax run in float32. float16 on CPU takes `attention_with_probs`
-    (XLA:CPU has no float16 x float16 -> float32 dot, which jax's attention asks for).
+    XLA's fused path on TPU; on CPU `heads_first_attention` (faster there). Logits and softmax run in float32.
+    float16 on CPU takes `attention_with_probs` (XLA:CPU has no float16 x float16 -> float32 dot, which jax's
+    attention asks for).
     """
     out_dtype = q.dtype
     if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
         return attention_with_probs(q, k, v, mask, scale, bias)[0]
+    if jax.default_backend() == "cpu":  # faster there; long sequences (SAM's global attention) in query blocks
+        h = q.shape[-1]
+        block = prefill_block(q.shape[1]) if q.shape[1] > LONG_ATTENTION else None
+        return heads_first_attention(q, k, v, mask, h**-0.5 if scale is None else scale, bias, block)
     if q.dtype != jnp.float32 and bias is not None:
         bias = bias.astype(q.dtype)
     out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale)
@@ -101,6 +106,63 @@ def attention_with_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     return out.astype(q.dtype), probs
 
 
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+                     block: int | None = None) -> jax.Array:
+    """Causal self-attention of T tokens: q [B, T, N, H], k/v [B, T, K, H], mask bool broadcastable to [B, 1, T, T]
+    (causal: query t may see no key after t; padding masked as well) -> [B, T, N, H].
+
+    The same math as `attention` (logits and softmax in float32, query heads grouped as [K, G]), in blocks of
+    `block` queries (default `prefill_block(T)`), block i reading only keys [0, end of block i): the keys above the
+    diagonal are never multiplied, and each block's logits [B, K, G, block, S_i] stay small enough for the caches.
+    On XLA:CPU (0.45B shape, T = 640) this is ~2x faster than `jax.nn.dot_product_attention`.
+    """
+    return heads_first_attention(q, k, v, mask, scale, block=block or prefill_block(q.shape[1]), causal=True)
+
+
+def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
+                          bias: jax.Array | None = None, block: int | None = None, causal: bool = False) -> jax.Array:
+    """`attention` with the heads moved first ([B, K, G, T, H]), so that both dots are plain batched matrix
+    products and XLA:CPU copies no transposed logits; q [B, T, N, H], k/v [B, S, K, H], mask bool / bias
+    broadcastable to [B, N, T, S] -> [B, T, N, H]. Queries in blocks of `block` (default all); with `causal`
+    (S = T) block i reads only keys [0, end of block i)."""
+    b, t, n, h = q.shape
+    kh, s = k.shape[2], k.shape[1]
+    block = block or t
+    qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    outs = []
+
+    def grouped(x):  # broadcastable to [B, N, T, S] -> [B or 1, K or 1, G or 1, T, S] (heads kept unbroadcast)
+        x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+        x = jnp.broadcast_to(x, x.shape[:2] + (t, s))
+        return x[:, :, None] if x.shape[1] == 1 else x.reshape(x.shape[0], kh, n // kh, t, s)
+
+    mask = None if mask is None else grouped(mask)
+    bias = None if bias is None else grouped(bias)
+    for start in range(0, t, block):
+        end = min(start + block, t)
+        keys = end if causal else s
+        logits = jnp.einsum("bkgth,bksh->bkgts", qg[:, :, :, start:end], kt[:, :, :keys],
+                            preferred_element_type=jnp.float32) * scale
+        if bias is not None:
+            logits = logits + bias[..., start:end, :keys].astype(jnp.float32)
+        if mask is not None:
+            logits = jnp.where(mask[..., start:end, :keys], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, vt[:, :, :keys], preferred_element_type=jnp.float32))
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+PREFILL_BLOCK = 128  # queries per block of `causal_attention`
+MAX_PREFILL_BLOCKS = 8  # longer prompts take longer blocks (the program's size stays bounded)
+LONG_ATTENTION = 1024  # `attention` on CPU splits longer query sequences into blocks (logits ~1/8 the size)
+
+
+def prefill_block(t: int) -> int:
+    return max(PREFILL_BLOCK, -(-t // MAX_PREFILL_BLOCKS))
+
+
 def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      mask: jax.Array, cache_index: jax.Array, scale: float) -> jax.Array:
     """Attention of T new tokens over a KV cache they are being written into, at slots [cache_index, cache_index + T).
@@ -115,8 +177,13 @@ def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: 
     XLA:CPU's batched dots take without transposing the cache.
     A prompt (T > QUERY_BLOCK) is attended in blocks of queries (`lax.map`): the logits and probabilities
     [B, N, T, S + T] are then never all live at once (one block's, [B, N, QUERY_BLOCK, S + T], at a time).
+    From slot 0 (a static 0: the prefill of a fresh cache) it is `causal_attention` over the new tokens alone, also
+    in query blocks.
     """
     b, t, n, h = q.shape
+    if isinstance(cache_index, int) and cache_index == 0:
+        # From slot 0, query t sees only slots <= t, all of them new tokens: the old cache is masked out whole.
+        return causal_attention(q, k_new, v_new, mask[..., :t], scale)
     block = math.gcd(t, QUERY_BLOCK)
     if t > QUERY_BLOCK and block >= 32:  # a prompt: blocks of queries (softmax rows are independent)
         nb = t // block

@@ -49,6 +49,8 @@ class LlamaAttention(nn.Module):
         if cache_kv is None and self.is_mutable_collection(common.ATTENTIONS):
             out, probs = layers.attention_with_probs(q, k, v, mask, h**-0.5)
             self.sow(common.ATTENTIONS, "probs", probs)
+        elif cache_kv is None and jax.default_backend() == "cpu":  # (GPU: jax's attention may pick cuDNN's)
+            out = layers.causal_attention(q, k, v, mask, h**-0.5)
         elif cache_kv is None:
             out = layers.attention(q, k, v, mask=mask, scale=h**-0.5)
         else:

@@ -1,0 +1,81 @@
+"""The attention forms of `layers` against transformers' eager attention (`eager_attention_forward`, the reference
+LLaMA's attention), float32: the blocked causal prefill form and the cached form from slot 0, over several
+blocks, grouped-query heads and left padding."""
+
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import eager_attention_forward
+
+from deepseek_vl_jax import layers, multimodal
+
+B, T, N, K, H = 2, 300, 4, 2, 16
+TOL = 1e-6  # measured max abs error 4.2e-7 (outputs of order 1)
+
+
+def _inputs(seed=0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((B, T, n, H)).astype(np.float32) for n in (N, K, K))
+    mask = np.ones((B, T), np.int64)
+    mask[1, :37] = 0  # left padding
+    return q, k, v, mask
+
+
+def _reference(q, k, v, mask):
+    """transformers' eager attention with its additive causal + padding mask: [B, T, N, H]."""
+    allowed = np.tril(np.ones((T, T), bool))[None, None] & mask.astype(bool)[:, None, None, :]
+    additive = torch.from_numpy(np.where(allowed, 0.0, np.finfo(np.float32).min).astype(np.float32))
+    module = types.SimpleNamespace(num_key_value_groups=N // K, training=False)
+    t = lambda x: torch.from_numpy(x).transpose(1, 2)  # [B, heads, T, H]
+    out, _ = eager_attention_forward(module, t(q), t(k), t(v), additive, scaling=H**-0.5, dropout=0.0)
+    return out.numpy()
+
+
+def _real(x, mask):
+    """The rows' real query positions (a padded query sees no key at all: its output is unused garbage)."""
+    return x[mask.astype(bool)]
+
+
+@pytest.mark.parametrize("block", [64, 128, None])
+def test_causal_attention_matches_eager_attention(block):
+    q, k, v, mask = _inputs()
+    out = layers.causal_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                  multimodal.causal_mask(jnp.asarray(mask)), H**-0.5, block)
+    np.testing.assert_allclose(_real(np.asarray(out), mask), _real(_reference(q, k, v, mask), mask), atol=TOL,
+                               rtol=0)
+
+
+def test_cached_attention_from_slot_zero_reads_only_the_new_tokens():
+    """Prefill into a fresh cache of S > T slots whose contents would change the result if they were read."""
+    q, k, v, mask = _inputs(1)
+    s = T + 64
+    key_valid = jnp.zeros((B, s), bool).at[:, :T].set(jnp.asarray(mask, bool))
+    garbage = np.random.default_rng(2).standard_normal((B, K, s, H)).astype(np.float32) * 100
+    out = layers.cached_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(garbage),
+                                  jnp.asarray(garbage.transpose(0, 1, 3, 2)), multimodal.cache_mask(key_valid, 0, T),
+                                  0, H**-0.5)
+    np.testing.assert_allclose(_real(np.asarray(out), mask), _real(_reference(q, k, v, mask), mask), atol=TOL,
+                               rtol=0)
+
+
+def test_prefill_blocks_stay_few():
+    assert layers.prefill_block(640) == 128
+    assert -(-4096 // layers.prefill_block(4096)) == layers.MAX_PREFILL_BLOCKS
+
+
+@pytest.mark.parametrize("block", [None, 64])
+def test_heads_first_attention_with_a_bias_matches_torch(block):
+    """Bidirectional attention with an additive bias (SAM's relative positions) in query blocks or not, against
+    torch's scaled_dot_product_attention with the same float mask."""
+    q, k, v, _ = _inputs(3)
+    k, v = np.repeat(k, N // K, axis=2), np.repeat(v, N // K, axis=2)
+    bias = np.random.default_rng(4).standard_normal((B, N, T, T)).astype(np.float32)
+    out = layers.heads_first_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), None, H**-0.5,
+                                       jnp.asarray(bias), block)
+    t = lambda x: torch.from_numpy(x).transpose(1, 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=torch.from_numpy(bias),
+                                                           scale=H**-0.5).transpose(1, 2).numpy()
+    np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
