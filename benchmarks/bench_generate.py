@@ -62,13 +62,7 @@ def build_checkpoint(path: str) -> str:
     return path
 
 
-def best_time(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+best_time = P.best_time
 
 
 def measure_bandwidth() -> dict:

@@ -71,14 +71,19 @@ def machine_key(info: dict) -> str:
     return key
 
 
-def _best(fn, repeats: int = 5) -> float:
-    fn()
+def best_time(fn, repeats: int) -> float:
+    """The shortest of `repeats` timed calls of fn."""
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def _best(fn, repeats: int = 5) -> float:
+    fn()  # warm-up (compilation)
+    return best_time(fn, repeats)
 
 
 def gemm_rates() -> dict:

@@ -112,12 +112,9 @@ class Interrupt(Exception):
     pass
 
 
-def test_one_device_interrupted_and_resumed_equals_eight_devices(data, straight, monkeypatch):
-    """On one device: stopped after step 3 (checkpoint 2 written, step 3 lost), then resumed: the resumed step 3 is
-    bit-identical to the lost one, and every loss and adapter equals the 8-device (fsdp x tensor) run's."""
-    model, path = data
-    out = H.scratch("lora_resume")
-    cfg = H.tiny_config(**{**SECTIONS, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
+def interrupted_then_resumed(monkeypatch, run):
+    """run() stopped after step 3 (checkpoint 2 written, step 3 lost), then run() again: (the first run's losses by
+    step, the resumed run)."""
     real_log, seen = loop.MetricsLogger.log, {}
 
     def log(self, step, record, kind="train"):
@@ -128,9 +125,19 @@ def test_one_device_interrupted_and_resumed_equals_eight_devices(data, straight,
 
     monkeypatch.setattr(loop.MetricsLogger, "log", log)
     with pytest.raises(Interrupt):
-        train(cfg, model, path, out, devices=jax.devices()[:1])
+        run()
     monkeypatch.setattr(loop.MetricsLogger, "log", real_log)
-    resumed = train(cfg, model, path, out, devices=jax.devices()[:1])
+    return seen, run()
+
+
+def test_one_device_interrupted_and_resumed_equals_eight_devices(data, straight, monkeypatch):
+    """On one device: stopped after step 3 (checkpoint 2 written, step 3 lost), then resumed: the resumed step 3 is
+    bit-identical to the lost one, and every loss and adapter equals the 8-device (fsdp x tensor) run's."""
+    model, path = data
+    out = H.scratch("lora_resume")
+    cfg = H.tiny_config(**{**SECTIONS, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
+    seen, resumed = interrupted_then_resumed(monkeypatch, lambda: train(cfg, model, path, out,
+                                                                        devices=jax.devices()[:1]))
     assert resumed.start_step == 2 and resumed.steps == [3, 4]
     assert resumed.losses[0] == seen[3]  # bit-identical
     np.testing.assert_allclose([seen[1], seen[2], *resumed.losses], straight.losses, rtol=2e-5)
@@ -227,20 +234,9 @@ def test_qlora_from_a_quantized_converted_checkpoint_equals_it_and_resumes_exact
     converted = H.scratch("qlora_converted") + "/int4"
     assert main(["convert", qlora.model, converted, "--quantize", "int4", "--group-size", "32", "--no-progress"]) == 0
     out = H.scratch("qlora_resume")
-    real_log, seen = loop.MetricsLogger.log, {}
-
-    def log(self, step, record, kind="train"):
-        real_log(self, step, record, kind)
-        seen[step] = record["loss"]
-        if step == 3:
-            raise Interrupt
-
     one = H.tiny_config(**{**QLORA, "mesh": {"data": 1, "fsdp": 1, "tensor": 1}})
-    monkeypatch.setattr(loop.MetricsLogger, "log", log)
-    with pytest.raises(Interrupt):
-        train(one, converted, qlora.rows, out, devices=jax.devices()[:1])
-    monkeypatch.setattr(loop.MetricsLogger, "log", real_log)
-    resumed = train(one, converted, qlora.rows, out, devices=jax.devices()[:1])
+    seen, resumed = interrupted_then_resumed(monkeypatch, lambda: train(one, converted, qlora.rows, out,
+                                                                        devices=jax.devices()[:1]))
     assert resumed.start_step == 2 and resumed.losses[0] == seen[3]  # bit-identical
     np.testing.assert_allclose([seen[1], seen[2], *resumed.losses], qlora.losses, rtol=0,
                                atol=2e-5 * max(qlora.losses))  # the last loss is ~1e-3: relative to the scale

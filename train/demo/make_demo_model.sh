@@ -12,7 +12,7 @@ OUT=${1:-models/deepseek-vl-tiny}
 WORK=${WORK:-runs/demo}
 DEMO=train/demo
 mkdir -p "$WORK"
-run() { echo "+ $*" >&2; "$@"; }
+source train/stages.sh
 
 [ -f "$WORK/data/heldout.jsonl" ] || run deepseek-vl-jax synthetic "$WORK/data" --train 10000 --turns 4 --heldout 300 \
   --pretrain 6000 --image-size 64 --patch-size 16 --seed 0
@@ -22,18 +22,9 @@ run() { echo "+ $*" >&2; "$@"; }
 [ -f "$WORK/init/config.json" ] || run deepseek-vl-jax init "$WORK/init" --config "$DEMO/model_config.json" \
   --processor "$WORK/data/processor" --seed 0
 
-prev="$WORK/init"
-for stage in stage1_aligner:data/pretrain stage2_pretrain:data/pretrain stage3_sft:data/train \
-             stage4_styles_sft:styled/train; do
-  name=${stage%%:*}; data=${stage##*:}
-  # Re-running resumes an interrupted stage; a finished stage's export is reused.
-  if [ ! -f "$WORK/$name-hf/config.json" ]; then
-    run deepseek-vl-jax train --model "$prev" --data "$WORK/$data.jsonl" --output "$WORK/$name" \
-      --config "$DEMO/$name.json" --eval-data "$WORK/${data%/*}/heldout.jsonl"
-    run deepseek-vl-jax export "$WORK/$name" "$WORK/$name-hf"
-  fi
-  prev="$WORK/$name-hf"
-done
+run_stages "$WORK" "$DEMO" "$WORK/init" stage1_aligner:data/pretrain stage2_pretrain:data/pretrain \
+  stage3_sft:data/train stage4_styles_sft:styled/train
+prev=$STAGES_OUT
 
 rm -rf "$OUT.new" && cp -r "$prev" "$OUT.new" && rm -rf "$OUT" && mv "$OUT.new" "$OUT"
 run deepseek-vl-jax evaluate --model "$OUT" --data "$WORK/data/heldout.jsonl" --batch-size 50 --max-new-tokens 6

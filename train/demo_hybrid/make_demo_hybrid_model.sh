@@ -14,7 +14,7 @@ DONOR=${DONOR:-runs/demo/stage3_sft-hf}
 PYTHON=${PYTHON:-python}
 DEMO=train/demo_hybrid
 mkdir -p "$WORK"
-run() { echo "+ $*" >&2; "$@"; }
+source train/stages.sh
 [ -f "$DONOR/config.json" ] || { echo "error: no donor model at $DONOR; run train/demo/make_demo_model.sh first" >&2; exit 2; }
 
 [ -f "$WORK/data/heldout.jsonl" ] || run deepseek-vl-jax synthetic "$WORK/data" --train 8000 --turns 4 --heldout 300 \
@@ -27,16 +27,9 @@ if [ ! -f "$WORK/init/config.json" ]; then
   mv "$WORK/init.tmp" "$WORK/init"
 fi
 
-prev="$WORK/init"
-for stage in stage1_aligner:pretrain stage2_pretrain:pretrain stage3_sft:train; do
-  name=${stage%%:*}; data=${stage##*:}
-  if [ ! -f "$WORK/$name-hf/config.json" ]; then
-    run deepseek-vl-jax train --model "$prev" --data "$WORK/data/$data.jsonl" --output "$WORK/$name" \
-      --config "$DEMO/$name.json" --eval-data "$WORK/data/heldout.jsonl"
-    run deepseek-vl-jax export "$WORK/$name" "$WORK/$name-hf"
-  fi
-  prev="$WORK/$name-hf"
-done
+run_stages "$WORK" "$DEMO" "$WORK/init" stage1_aligner:data/pretrain stage2_pretrain:data/pretrain \
+  stage3_sft:data/train
+prev=$STAGES_OUT
 
 rm -rf "$OUT.new" && cp -r "$prev" "$OUT.new" && rm -rf "$OUT" && mv "$OUT.new" "$OUT"
 for split in heldout heldout_solid heldout_noise heldout_gradient; do
