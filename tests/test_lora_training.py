@@ -143,13 +143,15 @@ def test_one_device_interrupted_and_resumed_equals_eight_devices(data, straight,
     np.testing.assert_allclose([seen[1], seen[2], *resumed.losses], straight.losses, rtol=2e-5)
     a = straight.state.params["lora"]["language_model"]["layers"]["self_attn"]["q_proj"]["lora_a"]
     assert a.addressable_shards[0].data.shape != a.shape  # the adapters really are sharded (by the rules table)
-    # Adam moves each element by ~lr / step, normalised by its own gradient's RMS, so an element whose gradient is
-    # near float32 noise moves by a noise-dominated fraction of lr: the bound is in units of the learning rate, not
-    # of the adapter's size (measured: 4.1e-6, 0.4% of one step, on 1 of 768 elements; most agree to ~1e-8).
+    # Adam moves each element by ~lr a step, normalised by its own gradient's RMS, so an element whose gradient is
+    # near float32 noise moves by a noise-dominated fraction of lr. Nearly every element agrees to 2e-5 of its
+    # leaf's scale; the few such elements (measured: 1 of 768, off by 4.1e-6 = 0.4% of one step) within 1% of a step.
     lr = cfg.optimizer.learning_rate
     for x, y in zip(jax.tree.leaves(jax.device_get(resumed.state.params["lora"])),
                     jax.tree.leaves(jax.device_get(straight.state.params["lora"]))):
-        np.testing.assert_allclose(x, y, rtol=0, atol=1e-2 * lr)
+        diff = np.abs(x - y)
+        assert diff.max() <= 1e-2 * lr, diff.max()
+        assert np.mean(diff > 2e-5 * np.abs(y).max()) <= 0.005, np.mean(diff > 2e-5 * np.abs(y).max())
 
 
 QLORA = dict(steps=4, trainable={"vision": False, "aligner": False, "language": False},
