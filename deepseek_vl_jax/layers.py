@@ -19,7 +19,6 @@ import jax.numpy as jnp
 from deepseek_vl_jax import common
 
 Dtype = Any
-QUERY_BLOCK = 128  # queries per block of a prompt's cached attention (`cached_attention`)
 
 
 def dense(features: int, axes: tuple[str, str], use_bias: bool, dtype: Dtype, param_dtype: Dtype, name: str,
@@ -154,7 +153,7 @@ def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
-PREFILL_BLOCK = 128  # queries per block of `causal_attention`
+PREFILL_BLOCK = 128  # queries per block of a prompt's attention (`causal_attention`, `cached_attention`)
 MAX_PREFILL_BLOCKS = 8  # longer prompts take longer blocks (the program's size stays bounded)
 LONG_ATTENTION = 1024  # `attention` on CPU splits longer query sequences into blocks (logits ~1/8 the size)
 
@@ -175,8 +174,8 @@ def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: 
     in place: a dot reading the updated cache makes XLA:CPU duplicate the update into the dot's fusion and copy every
     layer's cache at every decode step. Both cache dots contract its minor dimension (H for k, S for v), the form
     XLA:CPU's batched dots take without transposing the cache.
-    A prompt (T > QUERY_BLOCK) is attended in blocks of queries (`lax.map`): the logits and probabilities
-    [B, N, T, S + T] are then never all live at once (one block's, [B, N, QUERY_BLOCK, S + T], at a time).
+    A prompt (T > PREFILL_BLOCK) is attended in blocks of queries (`lax.map`): the logits and probabilities
+    [B, N, T, S + T] are then never all live at once (one block's, [B, N, PREFILL_BLOCK, S + T], at a time).
     From slot 0 (a static 0: the prefill of a fresh cache) it is `causal_attention` over the new tokens alone, also
     in query blocks.
     """
@@ -184,8 +183,8 @@ def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: 
     if isinstance(cache_index, int) and cache_index == 0:
         # From slot 0, query t sees only slots <= t, all of them new tokens: the old cache is masked out whole.
         return causal_attention(q, k_new, v_new, mask[..., :t], scale)
-    block = math.gcd(t, QUERY_BLOCK)
-    if t > QUERY_BLOCK and block >= 32:  # a prompt: blocks of queries (softmax rows are independent)
+    block = math.gcd(t, PREFILL_BLOCK)
+    if t > PREFILL_BLOCK and block >= 32:  # a prompt: blocks of queries (softmax rows are independent)
         nb = t // block
         mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, mask.shape[-1]))
         qs = q.reshape(b, nb, block, n, h).swapaxes(0, 1)

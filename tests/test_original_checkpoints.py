@@ -9,6 +9,7 @@ Llama, the original image processor, conversation format and VLChatProcessor). T
 (`load_processor`), converts it (`convert`) and must give the original's input ids, pixels, logits and tokens.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -63,15 +64,12 @@ CHATS = [([PICTURES[0]], "Describe the picture.", None, None),
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory, original_dirs):
     """kind -> (original dir, converted Flax dir, reference model, reference processor)."""
-    cache = {}
-
+    @functools.cache
     def get(kind):
-        if kind not in cache:
-            root = tmp_path_factory.mktemp(f"conv{kind}")
-            src = original_dirs(kind)
-            convert(src, root / "flax", progress=False)
-            cache[kind] = (src, str(root / "flax"), C.load_reference(src), P.VLChatProcessor(src))
-        return cache[kind]
+        root = tmp_path_factory.mktemp(f"conv{kind}")
+        src = original_dirs(kind)
+        convert(src, root / "flax", progress=False)
+        return src, str(root / "flax"), C.load_reference(src), P.VLChatProcessor(src)
 
     return get
 

@@ -2,6 +2,7 @@
 a chat template (rendered identically by this library, by transformers and by the original conversation code), the
 converted processor as transformers reads it, per-resolution normalisation, errors."""
 
+import functools
 import json
 import os
 import shutil
@@ -75,15 +76,12 @@ def test_system_message_replaces_the_system_prompt():
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, original_dirs):
     """kind -> (original dir, converted dir): the processor files only (weights are not needed here)."""
-    cache = {}
-
+    @functools.cache
     def get(kind):
-        if kind not in cache:
-            root = tmp_path_factory.mktemp(f"proc{kind}")
-            src = original_dirs(kind)
-            D.load_processor(src).save_pretrained(str(root / "converted"))  # what convert writes
-            cache[kind] = (src, str(root / "converted"))
-        return cache[kind]
+        root = tmp_path_factory.mktemp(f"proc{kind}")
+        src = original_dirs(kind)
+        D.load_processor(src).save_pretrained(str(root / "converted"))  # what convert writes
+        return src, str(root / "converted")
 
     return get
 
