@@ -21,7 +21,12 @@ MODEL = os.path.join(REPO, "models", "deepseek-vl-tiny")
 EXAMPLE = os.path.join(REPO, "examples", "shapes.png")
 HELDOUT_SEED = 0 + 1_000_003  # what `deepseek-vl-jax synthetic --seed 0` uses for its held-out split
 UNSEEN_SEED = 0 + 3_000_017 + 1009 * FAMILIES.index(HELDOUT_FAMILY)  # ... and for --heldout-styles gradient
-STYLED_THRESHOLD, UNSEEN_THRESHOLD = 0.80, 0.75  # measured 0.84, 0.79 (the issue asks 0.90, 0.80: not reached yet)
+CAPTION_SEED = 4_000_037  # no split of the recipe draws from it
+CAPTION_THRESHOLD = 0.45  # measured 0.56 (the stage-4 model gave one word)
+GRID_THRESHOLD = 0.85  # measured 0.90
+# measured 0.865, 0.825: the never-trained family meets the issue's 0.80; the training styles are short of its 0.90,
+# so their guard sits below the measured value
+STYLED_THRESHOLD, UNSEEN_THRESHOLD = 0.85, 0.80
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,7 @@ def _accuracy(shipped, rows):
 def test_exact_match_on_fixed_heldout_set(shipped, heldout):
     """The first demo model's held-out set (the original grid layout alone)."""
     accuracy, wrong = _accuracy(shipped, heldout)
-    assert accuracy >= 0.80, (accuracy, wrong)
+    assert accuracy >= GRID_THRESHOLD, (accuracy, wrong)
 
 
 def test_exact_match_in_the_training_styles(shipped, tmp_path_factory):
@@ -65,6 +70,24 @@ def test_exact_match_in_a_never_trained_style(shipped, tmp_path_factory):
     accuracy, wrong = _accuracy(shipped, _split(tmp_path_factory, "heldout_gradient", UNSEEN_SEED,
                                                 (HELDOUT_FAMILY,)))
     assert accuracy >= UNSEEN_THRESHOLD, (accuracy, wrong)
+
+
+def _shapes_named(caption: str) -> list[str]:
+    """The shape phrases of a `describe` caption ("a big red circle on the left"), sorted: a caption names every
+    shape once, in an order (top to bottom, then left to right) that is a matter of rounding on free layouts."""
+    return sorted(p.strip() for p in caption.replace(" and ", ", ").split(","))
+
+
+def test_describes_pictures_in_the_training_styles(shipped, tmp_path_factory):
+    """"Describe the picture." names every shape with its size, colour, kind and side (stage 5 keeps captions)."""
+    model, processor = shipped
+    path = write_split(str(tmp_path_factory.mktemp("captions")), "captions", 100, CAPTION_SEED, captions=True,
+                       families=TRAIN_FAMILIES)
+    rows = train_data.read_rows(path, 1, BadRows.FAIL).rows
+    _, records = exact_match(model, processor, rows, max_new_tokens=40, batch_size=50)
+    right = [_shapes_named(r["prediction"]) == _shapes_named(r["reference"]) for r in records]
+    wrong = [(r["reference"], r["prediction"]) for r, ok in zip(records, right) if not ok][:5]
+    assert sum(right) / len(right) >= CAPTION_THRESHOLD, (sum(right), wrong)
 
 
 def test_transformers_gives_the_same_answers(shipped, heldout):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduce the demo model shipped in models/deepseek-vl-tiny: synthetic data -> tokenizer -> random init ->
-# DeepSeek-VL's three training stages -> a fourth stage on pictures drawn in randomised styles -> export ->
-# evaluation. Every step is this project's own CLI.
+# DeepSeek-VL's three training stages -> a fourth stage on pictures drawn in randomised styles -> a fifth, longer one
+# on the styled questions with styled captions mixed back in -> export -> evaluation. Every step is this project's
+# own CLI.
 #   bash train/demo/make_demo_model.sh [OUT=models/deepseek-vl-tiny]   (WORK=runs/demo by default)
 # Stages 1-3 learn the vocabulary on the original 2 x 3 grid pictures ($WORK/data); stage 4 fine-tunes on three style
 # families ($WORK/styled: the grid, and free layouts on solid or noisy backgrounds). A fourth family (gradient
@@ -19,11 +20,15 @@ source train/stages.sh
 [ -f "$WORK/styled/heldout.jsonl" ] || run deepseek-vl-jax synthetic "$WORK/styled" --train 20000 --turns 4 \
   --heldout 300 --pretrain 10000 --image-size 64 --patch-size 16 --seed 0 --styles grid,solid,noise \
   --heldout-styles grid,solid,noise,gradient
+# Stage 5's data: the styled question chats and the first 4000 styled captions ("Describe the picture."), shuffled
+# together by the trainer.
+[ -f "$WORK/styled/mixed5.jsonl" ] || { cat "$WORK/styled/train.jsonl"; head -n 4000 "$WORK/styled/pretrain.jsonl"; } \
+  > "$WORK/styled/mixed5.jsonl"
 [ -f "$WORK/init/config.json" ] || run deepseek-vl-jax init "$WORK/init" --config "$DEMO/model_config.json" \
   --processor "$WORK/data/processor" --seed 0
 
 run_stages "$WORK" "$DEMO" "$WORK/init" stage1_aligner:data/pretrain stage2_pretrain:data/pretrain \
-  stage3_sft:data/train stage4_styles_sft:styled/train
+  stage3_sft:data/train stage4_styles_sft:styled/train stage5_mixed_sft:styled/mixed5
 prev=$STAGES_OUT
 
 rm -rf "$OUT.new" && cp -r "$prev" "$OUT.new" && rm -rf "$OUT" && mv "$OUT.new" "$OUT"
