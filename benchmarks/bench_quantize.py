@@ -13,6 +13,14 @@
   |logit|, top-1 agreement). Then, after those measurements, the generate program's `memory_analysis()` (its
   temporaries hold the KV cache), and for int8/int4 the decode rate of the whole-kernel form
   (`quantization.ops.BLOCKED_ROWS = 0`) in the same process, side by side with the blocked form.
+The peak is accounted for (`peak_account_bytes`, heap trimmed at each point so only resident memory counts):
+parameters; what loading leaves besides them; what the first generate calls keep (the compiled executable,
+jax's trace caches, new threads' stacks); the transient while generating (sampled RssAnon peak minus idle: the
+program's temporaries, KV cache included); library code pages (RssFile growth); `memory_analysis()` of the
+generate program and, alone, of its parts (image encoder, prefill, one decode step); and what dropping every
+program and jax's caches gives back. `runtime_probe_no_model_code` (a fresh process, pure jnp, no model code)
+shows what XLA:CPU keeps per compiled program: its executable grows with the program's size, and a program's
+temporaries stay allocated after it ran until the executable is deleted.
 `--modes` runs some modes only (each locked run stays under 10 minutes on a loaded machine); the results of the
 others are kept from the previous run of that mode. Writes benchmarks/results/quantize.json.
 """
@@ -67,6 +75,49 @@ def status_all() -> dict:
     return {f: status_kb(f) for f in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
 
 
+def rss_file_anon() -> tuple[int, int]:
+    """(RssAnon, RssFile) in bytes after giving the heap's free pages back (`malloc_trim`): what stays resident."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return status_kb("RssAnon"), status_kb("RssFile")
+
+
+def malloc_bytes() -> dict:
+    """glibc's `mallinfo2`: bytes malloc hands out (in use) and holds free, all arenas, mmapped chunks included."""
+    import ctypes
+
+    class Info(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallinfo2.restype = Info
+    m = libc.mallinfo2()
+    return {"in_use": m.uordblks + m.hblkhd, "free_in_heap": m.fordblks}
+
+
+def live_bytes_besides(params) -> int:
+    """Bytes of the live jax arrays that are neither a parameter nor a view into one (the per-layer trees)."""
+    import jax
+
+    leaves = jax.tree.leaves(params)  # a QTensor's values and scales
+    spans = [(x.unsafe_buffer_pointer(), x.nbytes) for x in leaves]
+    ids = {id(x) for x in leaves}
+    total = 0
+    for x in jax.live_arrays():
+        if id(x) in ids:
+            continue
+        p = x.unsafe_buffer_pointer()
+        if not any(start <= p < start + n for start, n in spans):
+            total += x.nbytes
+    return total
+
+
+def threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
 def reset_peak() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
@@ -114,7 +165,8 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
     from deepseek_vl_jax.generation.inputs import prepare_inputs
 
     jax.numpy.zeros(1).block_until_ready()
-    before, before_anon = status_kb("VmRSS"), status_kb("RssAnon")
+    before, before_anon, before_file = status_kb("VmRSS"), status_kb("RssAnon"), status_kb("RssFile")
+    before_threads = threads()
     reset_peak()
     t0 = time.perf_counter()
     scheme = None if mode.startswith("float32") else mode
@@ -126,6 +178,10 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
     largest = max(int(np.prod(x.shape)) * 4 for x in jax.tree.leaves(
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype) if not isinstance(x, Q.QTensor) else
                      jax.ShapeDtypeStruct(x.shape, np.float32), model.params, is_leaf=lambda x: isinstance(x, Q.QTensor))))
+    from deepseek_vl_jax.generation import weights
+
+    weights.release_heap_after_compiles()  # what generate installs first; here so the next line is trimmed too
+    loaded_anon, _ = rss_file_anon()
     batch = image_batch(16)
     runner = Runner(model, None)
     inputs, _ = prepare_inputs(model, batch, LONG)
@@ -134,12 +190,16 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
     cache_bytes = 2 * t.num_hidden_layers * t.num_key_value_heads * slots * t.head_dim * 4
     runner.run_ours(batch, SHORT)  # compile both lengths' programs (one bucket) before measuring
     runner.run_ours(batch, LONG)
+    idle_anon, idle_file = rss_file_anon()
+    idle_malloc, idle_threads = malloc_bytes(), threads()
+    live = live_bytes_besides(model.params)
     before_gen = status_all()
     reset_peak()
     anon = Sampler()
     with anon:
         rate = runner.decode_rate(batch, SHORT, LONG, repeats, "ours")
     gen_peak = status_kb("VmHWM")
+    peak_file = status_kb("RssFile")
     program = program_memory(model, batch)
     whole_rate = None
     if scheme is not None:  # the whole-kernel form, side by side in this process
@@ -155,6 +215,29 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
         rate = max(rate, runner.decode_rate(batch, SHORT, LONG, repeats, "ours"))  # blocked again, after it
     logits = np.asarray(model(**batch))[0, -32:]
     np.save(out + ".npy", logits)
+    kept_anon, _ = rss_file_anon()
+    from deepseek_vl_jax.generation import loop
+
+    loop.programs.cache_clear()
+    jax.clear_caches()
+    import gc
+
+    gc.collect()
+    dropped_anon, _ = rss_file_anon()
+    account = {
+        "params": param_bytes, "kv_cache": cache_bytes,
+        "load_leftover_anon": loaded_anon - before_anon - param_bytes,
+        "kept_after_first_generates_anon": idle_anon - loaded_anon,
+        "freed_by_dropping_every_program_and_trace_cache_anon": kept_anon - dropped_anon,
+        "transient_while_generating_anon": anon.peak - idle_anon,
+        "generate_temps_besides_kv_cache": program["generate"]["temp"] - cache_bytes,
+        "library_code_pages_file": peak_file - before_file,
+        "live_jax_arrays_besides_params_and_their_views_at_idle": live,
+        "malloc_at_idle": idle_malloc, "threads_before_load": before_threads, "threads_at_idle": idle_threads,
+    }
+    explained = (param_bytes + account["load_leftover_anon"] + account["kept_after_first_generates_anon"]
+                 + account["transient_while_generating_anon"] + account["library_code_pages_file"])
+    account["unexplained"] = (gen_peak - before) - explained
     result = {
         "mode": mode, "load_seconds": load_s, "param_bytes": param_bytes, "largest_tensor_float32_bytes": largest,
         "load_peak_bytes_over_start": load_peak,
@@ -166,7 +249,9 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
         "generate_peak_ratio_to_params_plus_cache": (gen_peak - before) / (param_bytes + cache_bytes),
         "generate_peak_anon_over_start_bytes": anon.peak - before_anon,
         "generate_peak_anon_ratio_to_params_plus_cache": (anon.peak - before_anon) / (param_bytes + cache_bytes),
-        "generate_program_memory_analysis_bytes": program,
+        "generate_program_memory_analysis_bytes": program["generate"],
+        "programs_memory_analysis_bytes": program,
+        "peak_account_bytes": account,
         "decode_tokens_per_s": rate,
         "decode_tokens_per_s_whole_kernel_form": whole_rate,
         "load_average_after": os.getloadavg(),
@@ -198,7 +283,9 @@ class Sampler:
 
 
 def program_memory(model, batch) -> dict:
-    """memory_analysis() of the compiled generate program (LONG tokens) for `batch` (compiled again here)."""
+    """memory_analysis() (argument / output / alias / temp bytes) of each program generation compiles for `batch`
+    (LONG tokens; compiled again here): the whole generate program (prefill + decode loop, what `generate`
+    runs), and for the account its parts alone: the image encoder, the prefill, one decode step."""
     import jax
     import jax.numpy as jnp
 
@@ -211,10 +298,71 @@ def program_memory(model, batch) -> dict:
     stop = loop.StopParams(eos=jnp.full((MAX_EOS,), -1, jnp.int32), pad=jnp.int32(c.text.pad_token_id),
                            max_new_tokens=jnp.int32(LONG))
     inputs = place(prepare_inputs(model, batch, LONG)[0], None)
-    ma = loop.programs(c, sampler, None).generate.lower(
-        weights.generation_params(model), inputs, jax.random.key(0), sp, stop,
-        kv_cache.gen_buffer_length(LONG)).compile().memory_analysis()
-    return {k: getattr(ma, k + "_size_in_bytes") for k in ("argument", "output", "alias", "temp")}
+    progs, params, gen_len = loop.programs(c, sampler, None), weights.generation_params(model), \
+        kv_cache.gen_buffer_length(LONG)
+    args = (params, inputs, jax.random.key(0), sp, stop, gen_len)
+    state = jax.eval_shape(progs.prefill, *args)
+    compiled = {"generate": progs.generate.lower(*args), "prefill": progs.prefill.lower(*args),
+                "decode_step": progs.step.lower(params, state, sp, stop),
+                "image_encoder": model._image_features.lower(model.params, inputs["pixel_values"], None)}
+    out = {}
+    for name, lowered in compiled.items():
+        ma = lowered.compile().memory_analysis()
+        out[name] = {k: getattr(ma, k + "_size_in_bytes") for k in ("argument", "output", "alias", "temp")}
+    return out
+
+
+def runtime_probe(out: str) -> None:
+    """No model code (a fresh process): one program of 84 steps, each a `fori_loop` of 16 small dots over int8
+    blocks (the shape of the decode form, pure jnp), compiled three times in a row; what each compile leaves
+    resident (executable and runtime state, heap trimmed), what deleting the executable gives back, and the same
+    for a program of 84 plain dots. The first compile of a process also leaves the runtime's one-time state."""
+    import gc
+
+    import jax
+    import jax.numpy as jnp
+
+    from deepseek_vl_jax.generation import weights
+
+    weights.release_heap_after_compiles()
+
+    def program(loops: bool):
+        def f(x, ws):
+            for w in ws:
+                if not loops:
+                    x = jnp.tanh(x @ w.astype(jnp.float32))
+                    continue
+
+                def body(i, acc, w=w, x=x):
+                    return acc + jax.lax.dynamic_slice_in_dim(x, i * 64, 64, 1) @ jax.lax.dynamic_slice_in_dim(
+                        w, i * 64, 64, 0).astype(jnp.float32)
+
+                x = jnp.tanh(jax.lax.fori_loop(0, 16, body, jnp.zeros_like(x)))
+            return x
+        return f
+
+    x, ws = jnp.ones((1, 1024)), [jnp.ones((1024, 1024), jnp.int8) for _ in range(84)]
+    jax.block_until_ready(ws)
+    runs = []
+    for loops in (True, True, True, False):
+        a0, f0 = rss_file_anon()
+        t0 = threads()
+        compiled = jax.jit(program(loops)).lower(x, ws).compile()
+        jax.clear_caches()  # the trace caches go; the executable stays
+        gc.collect()
+        a1, f1 = rss_file_anon()
+        compiled(x, ws).block_until_ready()
+        a2, _ = rss_file_anon()
+        hlo_lines = compiled.as_text().count("\n")
+        del compiled
+        gc.collect()
+        a3, _ = rss_file_anon()
+        runs.append({"form": "84 fori_loops" if loops else "84 dots", "optimized_hlo_lines": hlo_lines,
+                     "kept_after_compile_anon": a1 - a0, "kept_after_one_run_anon": a2 - a0,
+                     "freed_by_deleting_the_executable_anon": a2 - a3, "library_code_pages_file": f1 - f0,
+                     "new_threads": threads() - t0})
+    with open(out, "w") as f:
+        json.dump(runs, f)
 
 
 def main() -> None:
@@ -223,10 +371,14 @@ def main() -> None:
                    "(built by bench_generate.build_checkpoint if absent)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--child", nargs=2, metavar=("MODE", "OUT"))
+    p.add_argument("--probe", metavar="OUT", help=argparse.SUPPRESS)
     p.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     args = p.parse_args()
     if args.child:
         child(args.child[0], args.checkpoint, args.child[1], args.repeats)
+        return
+    if args.probe:
+        runtime_probe(args.probe)
         return
     import numpy as np
 
@@ -249,6 +401,10 @@ def main() -> None:
             runs[mode] = json.load(f)
         runs[mode]["uptime_before"] = uptime_start
         print(json.dumps(runs[mode]), flush=True)
+    probe = "/tmp/bench_quantize_probe.json"
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--probe", probe], check=True)
+    with open(probe) as f:
+        probe_runs = json.load(f)
     ref = np.load("/tmp/bench_quantize_float32.json.npy")
     for mode in args.modes.split(","):
         got = np.load(f"/tmp/bench_quantize_{mode}.json.npy")
@@ -262,6 +418,7 @@ def main() -> None:
         "benchmark_shape": {"text": TEXT, "vision": VISION, "image_tokens": 576, "random_weights": True,
                             "decode": f"batch 1, one image + 16 text tokens, {SHORT} vs {LONG} new tokens"},
         "runs": runs,
+        "runtime_probe_no_model_code": probe_runs,
         "environment": {"python": platform.python_version(), "jax": jax.__version__,
                         "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
                         "load_average_at_start": load_start, "load_average_at_end": os.getloadavg(),

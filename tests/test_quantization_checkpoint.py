@@ -91,11 +91,6 @@ def test_clear_errors(source, tmp_path, capsys):
     assert not os.path.exists(dst)  # nothing half-written
     assert main(["convert", path, dst, "--quantize", "int3"]) == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err
-    qdst = str(tmp_path / "q8")
-    D.convert(path, qdst, quantize="int8", progress=False)
-    assert main(["export", qdst, str(tmp_path / "hf"), "--no-progress"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "is a quantized checkpoint; export writes float HF checkpoints" in err and "\n" not in err
 
 
 def test_generate_cli_conflicting_quantize_is_one_line(source, tmp_path):
@@ -114,3 +109,33 @@ def test_generate_cli_conflicting_quantize_is_one_line(source, tmp_path):
     assert out.stderr.strip().startswith("error: cannot load the model") and "conflicts" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     shutil.rmtree(model_dir)
+
+
+def test_export_dequantizes(source, tmp_path, capsys):
+    """`export` of a quantized checkpoint writes float HF tensors, says so, and each tensor is the original HF one
+    within the scheme's closed-form bound (int4: half a step, absmax / 14 of its group at most; int8: absmax / 254
+    of its channel); tensors left unquantized (norms, biases) are the originals exactly."""
+    from safetensors.numpy import load_file
+
+    cfg, path = source
+    original = load_file(os.path.join(path, "model.safetensors"))
+    for spec, qmax in ((ALL, 7), ("int8", 127)):
+        qdst, hf = str(tmp_path / f"q{qmax}"), str(tmp_path / f"hf{qmax}")
+        D.convert(path, qdst, quantize=spec, progress=False)
+        capsys.readouterr()
+        assert main(["export", qdst, hf, "--no-progress"]) == 0
+        out = capsys.readouterr().out.strip()
+        scheme = "int4" if qmax == 7 else "int8"
+        assert out == f"wrote {hf} (dequantized from {scheme}: float weights that keep its rounding error)"
+        got = load_file(os.path.join(hf, "model.safetensors"))
+        assert got.keys() == original.keys()
+        changed = 0
+        for k, x in got.items():
+            w = original[k].astype(np.float32)
+            assert x.shape == w.shape and x.dtype == np.float32, k
+            err = np.abs(x - w).max()
+            assert err <= np.abs(w).max() / (2 * qmax) * (1 + 1e-6), (k, err)
+            if w.ndim == 1:
+                np.testing.assert_array_equal(x, w, err_msg=k)
+            changed += bool(err)
+        assert changed >= 7 * cfg.text_config.num_hidden_layers  # every decoder linear layer went through it

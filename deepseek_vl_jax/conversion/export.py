@@ -42,14 +42,11 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int |
            dtype: str | None = None, force: bool = False, step: int | None = None, progress: bool = True,
            merge=None) -> list[str]:
     """Export a Flax checkpoint directory / training output (latest step, or `step`) to an HF directory at `dst`.
-    `merge`: a LoRA run's `lora.export.MergedView` (its adapters folded in, leaf by leaf). Returns the weight files
-    written."""
+    `merge`: a LoRA run's `lora.export.MergedView` (its adapters folded in, leaf by leaf). A quantized checkpoint
+    (`convert --quantize`) is dequantized leaf by leaf: float weights (the scales' dtype) that keep the
+    quantization's rounding error. Returns the weight files written."""
     source = flax_checkpoint.resolve(src, step)
-    if source.kind == "flax":
-        from deepseek_vl_jax.quantization import checkpoint as quantized
-        if quantized.stored_config(flax_checkpoint.read_marker(source.root)) is not None:
-            raise ValueError(f"{source.root} is a quantized checkpoint; export writes float HF checkpoints and does "
-                             "not dequantize: export the float checkpoint it was converted from")
+    qconfig = quantized_config(source)
     dst = os.path.abspath(os.fspath(dst))
     atomic.check_destination(dst, force)
     sw.parse_size(max_shard_size)
@@ -57,6 +54,9 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int |
     config = ModelConfig.from_hf(config_dict)
     stored = orbax_io.leaf_metadata(source.params_dir)
     sources = {}  # merged leaf -> the stored leaves it is made from
+    if qconfig is not None and merge is None:  # a quantized checkpoint: dequantized, leaf by leaf
+        from deepseek_vl_jax.quantization import checkpoint as quantized
+        merge = quantized.dequantized_view(stored, flax_checkpoint.abstract(config), qconfig)
     if merge is not None:
         stored, sources = merge.shapes, merge.sources
     elif any(path[0] == "lora" for path in stored):
@@ -107,6 +107,14 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int |
     return files
 
 
+def quantized_config(source):
+    """The quantization settings a Flax checkpoint's marker records (None for a float one or a training output)."""
+    if source.kind != "flax":
+        return None
+    from deepseek_vl_jax.quantization import checkpoint as quantized
+    return quantized.stored_config(flax_checkpoint.read_marker(source.root))
+
+
 def _shape_tree(stored: dict) -> dict:
     tree: dict = {}
     for path, (shape, _) in stored.items():
@@ -150,5 +158,9 @@ def run(args: Any) -> int:
         status = report_errors(export, args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
                                force=args.force, step=args.step, progress=args.progress)
     if status == 0:
-        print(f"wrote {args.dst}")
+        qconfig = None if getattr(args, "adapter", False) or getattr(args, "merge", False) else quantized_config(flax_checkpoint.resolve(args.src,
+                                                                                                   args.step))
+        note = f" (dequantized from {qconfig.scheme.value}: float weights that keep its rounding error)" if qconfig \
+            else ""
+        print(f"wrote {args.dst}{note}")
     return status

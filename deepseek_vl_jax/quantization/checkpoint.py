@@ -7,15 +7,17 @@ two int4) and `<path>/q_scales`, sharded like their parameter on restore; the ma
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from flax.core import meta
 
 from deepseek_vl_jax import common, hf_mapping
 from deepseek_vl_jax.quantization.params import (
-    QuantizeConfig, abstract_quantized, from_checkpoint_tree, plan, quantize_leaf, shardings_for,
+    SCALES, VALUES, QuantizeConfig, abstract_quantized, from_checkpoint_tree, plan, quantize_leaf, shardings_for,
     to_checkpoint_tree)
-from deepseek_vl_jax.quantization.qtensor import QuantizationError
+from deepseek_vl_jax.quantization.qtensor import QTensor, QuantizationError, dequantize
 
 MARKER_KEY = "quantization"
 
@@ -97,4 +99,40 @@ def template_shapes(boxed, qconfig: QuantizeConfig, scale_dtype) -> dict[tuple[s
     return {k: tuple(v.shape) for k, v in hf_mapping._flatten(to_checkpoint_tree(target))}
 
 
-__all__ = ["MARKER_KEY", "choose", "restore", "stored_config", "template_shapes"]
+@dataclasses.dataclass(frozen=True)
+class DequantizedView:
+    """A quantized checkpoint's leaves as `conversion.export` reads them (a float tree): `shapes` {path: (shape,
+    dtype)}, `sources` {path: the stored leaves it is made from}, `build(path, restored)` makes one leaf, a
+    quantized one dequantized (values x scales, in the scales' dtype: the stored float dtype)."""
+
+    shapes: dict
+    sources: dict
+    leaves: dict  # {path: LeafPlan} of the quantized parameters
+
+    def build(self, path, restored: dict) -> np.ndarray:
+        if path not in self.leaves:
+            return restored.pop(path)
+        values, scales = restored.pop(path + (VALUES,)), restored.pop(path + (SCALES,))
+        leaf = self.leaves[path]
+        qt = QTensor(values, scales, leaf.scheme, leaf.group_size, leaf.axis)
+        return np.asarray(dequantize(qt, scales.dtype))
+
+
+def dequantized_view(stored: dict, boxed, qconfig: QuantizeConfig) -> DequantizedView:
+    """The DequantizedView of a quantized checkpoint's stored leaves {path: (shape, dtype)}; `boxed`: the model's
+    abstract parameters (their float shapes), `qconfig`: the settings its marker records."""
+    leaves = plan(boxed, qconfig)
+    float_shapes = dict(hf_mapping._flatten(meta.unbox(boxed)))
+    shapes, sources = {}, {}
+    for path, (shape, dtype) in stored.items():
+        if path[:-1] in leaves and path[-1] in (VALUES, SCALES):
+            if path[-1] == SCALES:
+                shapes[path[:-1]] = (tuple(float_shapes[path[:-1]].shape), np.dtype(dtype))
+                sources[path[:-1]] = [path[:-1] + (VALUES,), path]
+            continue
+        shapes[path], sources[path] = (tuple(shape), np.dtype(dtype)), [path]
+    return DequantizedView(shapes, sources, leaves)
+
+
+__all__ = ["MARKER_KEY", "DequantizedView", "choose", "dequantized_view", "restore", "stored_config",
+           "template_shapes"]
