@@ -418,12 +418,14 @@ class Engine:
 
     def _chunks(self, slot: int, ids: np.ndarray, slab: np.ndarray, is_image: np.ndarray, bounds, blocks):
         """Prefill blocks [bounds[j], bounds[j + 1]) (j in `blocks`, in order) of ids [n] into row `slot`, each as
-        one chunk of C slots. Returns the logits [V] at the last real token of the last block."""
-        c, n, logits = self.shapes.chunk, len(ids), None
+        one chunk of C slots (C/4 for a short piece). Returns the logits [V] at the last real token of the last
+        block."""
+        n, logits = len(ids), None
         put = lambda x: programs.replicated_put(self.model.mesh, x)
         for j in blocks:
             start = bounds[j]
             m = min(bounds[j + 1], n) - start
+            c = self.shapes.chunk_for(m)
             chunk_ids = np.zeros(c, np.int32)
             chunk_ids[:m] = ids[start:start + m]
             f = np.zeros((c, slab.shape[1]), np.float32)
