@@ -2,7 +2,7 @@
 sending chats with one image; side by side in the same run, this project's offline `generate` on the same requests
 batched, and transformers' `generate` one request at a time (what its `pipeline` does).
 
-    flock /work/wt/bench.lock python benchmarks/bench_serve.py [--checkpoint DIR] [--max-tokens 64]
+    flock /work/wt/bench.lock python benchmarks/bench_serve.py [--checkpoint DIR] [--max-tokens 64,256]
 
 Model (default): LLaMA 8 layers, hidden 1024, 16 heads, intermediate 2816 (~104M parameters), SigLIP 6 layers,
 hidden 384, 224 px, patch 16 -> 196 image tokens; the tiny byte-level BPE tokenizer of tests/processing_fixtures
@@ -10,6 +10,11 @@ hidden 384, 224 px, patch 16 -> 196 image tokens; the tiny byte-level BPE tokeni
 this 2-core machine, but large enough that a decode step is dominated by reading the weights, as it is for the real
 models (`--layers 6 --hidden 512 --heads 8 --ffn 1408 --max-tokens 32` is the ~20M shape of the first runs, where
 per-step overhead dominates). The engine's --max-seq-len is what the workload needs (prompt + max tokens).
+
+Two answer lengths, each with its own engine (--max-seq-len sized to it): 64 tokens, where prefill is most of the
+work (a prompt is ~250 tokens), and 256, nearer real chat answers, where decoding is. The 1- and 4-client runs and the
+second turn use the first length; 16 clients, offline batched and transformers run at every length, one after the
+other, so each ratio compares runs minutes apart under the same load.
 
 Measures per concurrency: output tokens/s, requests/s, time to first token p50/p99, inter-token latency p50/p99
 (from the SSE stream on the client side, one chunk per token as log-probabilities are asked for); and a two-turn
@@ -143,7 +148,7 @@ async def second_turn(url, engine, max_tokens, seed):
 
     async with httpx.AsyncClient(base_url=url, timeout=600) as client:
         first = [user(seed)]
-        _, _, _, answer = await one_request(client, first, max_tokens)
+        _, _, _, answer = await one_request(client, first, min(max_tokens, 64))  # the turn fits any --max-seq-len
         turn2 = first + [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the colours?"}]
         await asyncio.sleep(THINK_S)  # the user reads the answer; meanwhile the engine caches its KV
         warm = (await one_request(client, turn2, SECOND_TURN_TOKENS))[0]
@@ -190,16 +195,26 @@ def transformers_one_at_a_time(path, chats, max_tokens):
             "output_tokens_per_s": tokens / sum(times), "torch_threads": torch.get_num_threads()}
 
 
+def uptime() -> str:
+    import subprocess
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="/tmp/dsvl_bench_serve")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", default="64,256", help="answer lengths, comma-separated")
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--ffn", type=int, default=2816)
     parser.add_argument("--chunk", type=int, default=64, help="the engine's prefill chunk (prefix-cache block)")
     parser.add_argument("--hf-requests", type=int, default=4, help="transformers requests (one at a time)")
+    parser.add_argument("--prefill-budget", type=int,
+                        help="the engine's prompt tokens between two decode steps (default: EngineConfig's)")
+    parser.add_argument("--clients", default="1,4,16",
+                        help="concurrencies at the first answer length (later lengths run only the last)")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "serve.json"))
     args = parser.parse_args()
 
     import jax
@@ -209,48 +224,56 @@ def main() -> None:
     from deepseek_vl_jax.serving import Engine, EngineConfig, ServerConfig, create_app
     from deepseek_vl_jax.serving.server import BackgroundServer
 
+    budget = args.prefill_budget or EngineConfig.prefill_budget
     path = build_checkpoint(args.checkpoint, args.layers, args.hidden, args.heads, args.ffn)
     model, proc = D.load_pretrained(path, progress=False), load_processor(path)
-    # the positions the workload needs: a one-image prompt (~250 tokens) + max tokens + a short second turn
-    seq = -(-(256 + args.max_tokens + 32 + SECOND_TURN_TOKENS) // args.chunk) * args.chunk
-    engine = Engine(model, proc, EngineConfig(max_batch=16, prefill_chunk=args.chunk, max_seq_len=seq, max_queue=256))
-    load_before = os.getloadavg()
-    t0 = time.perf_counter()
-    programs = engine.warmup()
-    warmup_s = time.perf_counter() - t0
     params = sum(x.size for x in jax.tree.leaves(model.params))
+    lengths = [int(x) for x in args.max_tokens.split(",")]
+    concurrencies = [int(x) for x in args.clients.split(",")]
     result = {"shape": f"LLaMA {args.layers}x{args.hidden} ({args.heads} heads, ffn {args.ffn}), SigLIP 6x384 "
                        f"224px/16 -> 196 image tokens, vocab {model.config.text.vocab_size}, {params / 1e6:.0f}M "
-                       "parameters, float32", "max_tokens": args.max_tokens,
-              "engine": {"slots": 16, "prefill_chunk": args.chunk, "max_seq_len": seq, "programs": programs,
-                         "warmup_s": warmup_s},
-              "second_turn_think_s": THINK_S,
-              "platform": platform.platform(), "devices": str(jax.devices()[0]), "cpus": os.cpu_count()}
-    app = create_app(engine, ServerConfig(model_names=("bench",)))
-    with BackgroundServer(app) as srv:
-        result["server"] = []
-        for clients, per in ((1, 2), (4, 1), (16, 1)):
-            r = asyncio.run(load_test(srv.url, clients, per, args.max_tokens, seed0=1000 * clients))
-            print(json.dumps(r), flush=True)
-            result["server"].append(r)
-        result["prefix_cache"] = asyncio.run(second_turn(srv.url, engine, args.max_tokens, seed=7))
-        print(json.dumps(result["prefix_cache"]), flush=True)
-    engine.stop()
-    result["offline_generate_batched"], chats = offline_generate(model, proc, 16, args.max_tokens, seed0=16000)
-    print(json.dumps(result["offline_generate_batched"]), flush=True)
-    result["transformers_one_at_a_time"] = transformers_one_at_a_time(path, chats[:args.hf_requests], args.max_tokens)
-    print(json.dumps(result["transformers_one_at_a_time"]), flush=True)
-    at16 = result["server"][-1]["output_tokens_per_s"]
-    result["ratios"] = {
-        "server16_vs_offline_batched": at16 / result["offline_generate_batched"]["output_tokens_per_s"],
-        "server16_vs_transformers": at16 / result["transformers_one_at_a_time"]["output_tokens_per_s"],
-        "second_turn_ttft_cache_vs_none": result["prefix_cache"]["ratio"]}
-    print(json.dumps(result["ratios"]), flush=True)
-    result["load_average_1_5_15"] = {"start": load_before, "end": os.getloadavg()}
-    out = os.path.join(ROOT, "benchmarks", "results", "serve.json")
-    with open(out, "w") as f:
+                       "parameters, float32", "second_turn_think_s": THINK_S,
+              "platform": platform.platform(), "devices": str(jax.devices()[0]), "cpus": os.cpu_count(),
+              "uptime_start": uptime(), "load_average_1_5_15": {"start": os.getloadavg()}, "runs": {}}
+    for n, max_tokens in enumerate(lengths):
+        run = result["runs"][str(max_tokens)] = {"max_tokens": max_tokens}
+        # the positions the workload needs: a one-image prompt (~250 tokens) + max tokens + a short second turn
+        seq = -(-(256 + max_tokens + 32 + SECOND_TURN_TOKENS) // args.chunk) * args.chunk
+        engine = Engine(model, proc, EngineConfig(max_batch=16, prefill_chunk=args.chunk, max_seq_len=seq,
+                                                  max_queue=256, prefill_budget=budget))
+        t0 = time.perf_counter()
+        programs = engine.warmup()
+        run["engine"] = {"slots": 16, "prefill_chunk": args.chunk, "max_seq_len": seq,
+                         "prefill_budget": budget, "programs": programs,
+                         "warmup_s": time.perf_counter() - t0}
+        app = create_app(engine, ServerConfig(model_names=("bench",)))
+        with BackgroundServer(app) as srv:
+            run["server"] = []
+            for clients in concurrencies if n == 0 else concurrencies[-1:]:
+                per = 2 if clients == 1 else 1
+                r = asyncio.run(load_test(srv.url, clients, per, max_tokens, seed0=1000 * clients))
+                print(json.dumps(r), flush=True)
+                run["server"].append(r)
+            if n == 0:
+                result["prefix_cache"] = asyncio.run(second_turn(srv.url, engine, max_tokens, seed=7))
+                print(json.dumps(result["prefix_cache"]), flush=True)
+        engine.stop()
+        del engine
+        run["offline_generate_batched"], chats = offline_generate(model, proc, 16, max_tokens, seed0=16000)
+        print(json.dumps(run["offline_generate_batched"]), flush=True)
+        run["transformers_one_at_a_time"] = transformers_one_at_a_time(path, chats[:args.hf_requests], max_tokens)
+        print(json.dumps(run["transformers_one_at_a_time"]), flush=True)
+        at16 = run["server"][-1]["output_tokens_per_s"]  # the largest concurrency (16 by default)
+        run["ratios"] = {
+            "server16_vs_offline_batched": at16 / run["offline_generate_batched"]["output_tokens_per_s"],
+            "server16_vs_transformers": at16 / run["transformers_one_at_a_time"]["output_tokens_per_s"]}
+        run["uptime_end"] = uptime()
+        print(json.dumps(run["ratios"]), flush=True)
+    result["second_turn_ttft_cache_vs_none"] = result["prefix_cache"]["ratio"]
+    result["load_average_1_5_15"]["end"] = os.getloadavg()
+    with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
-    print("wrote", out)
+    print("wrote", args.out)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ def test_batch_invariance_cold_and_warm_prefix_cache(serving_engine, serving_mod
     _, _, proc = serving_models("vl")
     reqs = requests(proc)
     programs = engine.warmup()  # compiles every program (and empties the caches)
-    assert programs == 6
+    assert programs == 7  # encode, chunk of C and of C/4 tokens, step, pick, save and load a block
     alone = []
     for r in reqs:  # one at a time, each into an otherwise idle engine (and no prefix cache hits beyond its own)
         engine.prefix_cache.entries.clear()
@@ -218,6 +218,39 @@ def test_a_long_prefill_runs_between_decode_steps(serving_engine, serving_models
     assert between >= chunks - 1
     same(alone[0], got[0])
     same(alone[1], got[1])
+
+
+def test_prefill_first_admits_a_burst_before_decoding(serving_engine, serving_models):
+    """The prefill budget decides the schedule: with the default (large) budget a burst of requests is admitted and
+    prefilled before the next decode step, so every request's first token comes before anyone's second; with a budget
+    of one prompt the burst is admitted a request a step, so early requests decode while later ones prefill. Either
+    way every answer equals its answer alone."""
+    engine = serving_engine("vl", 16)
+    _, _, proc = serving_models("vl")
+    reqs = [(prompt(proc, [i % 5] * (i % 2), TEXTS[i % len(TEXTS)]), Options(max_tokens=5, temperature=0.0,
+                                                                            logprobs=True)) for i in range(6)]
+    alone = [engine.generate(*r)[0] for r in reqs]
+    config = engine.config
+    budget = max(len(p.ids) for p, _ in reqs)
+    assert sum(len(p.ids) for p, _ in reqs) <= config.prefill_budget  # the default admits the whole burst
+    orders = {}
+    try:
+        for name, cfg in (("default", config), ("one prompt", dataclasses.replace(config, prefill_budget=budget))):
+            engine.config = dataclasses.replace(cfg, prefix_cache=False)
+            log, out = [], [queue.Queue() for _ in reqs]
+            sink = lambda i: lambda e: (log.append(i), out[i].put(e))
+            with engine._lock:  # the engine thread sees the whole burst at once
+                for i, r in enumerate(reqs):
+                    engine.submit(*r, sink(i))
+            got = [collect(q) for q in out]
+            for a, b in zip(alone, got):
+                same(a, b)
+            orders[name] = log
+    finally:
+        engine.config = config
+    first_seconds = lambda log: [k for k, i in enumerate(log) if log[:k].count(i) == 1]
+    assert min(first_seconds(orders["default"])) >= len(reqs)  # all first tokens, then the decode steps
+    assert min(first_seconds(orders["one prompt"])) < len(reqs) - 1  # a second token before the last first tokens
 
 
 def collect(events):

@@ -1,7 +1,8 @@
 """The engine's jitted programs, each over fixed shapes so a running server compiles a bounded set:
 
 - `encode`: one image -> its features [P, D] (pixel values [1, 3, H, W], and [1, 3, Hh, Wh] for the hybrid model);
-- `chunk`: C prompt tokens of one slot, written into that slot's cache row at slots [start, start + C);
+- `chunk`: C prompt tokens of one slot, written into that slot's cache row at slots [start, start + C); a piece of at
+  most C/4 tokens (the few before or after an image's run) runs as a C/4-token chunk, which costs ~1/3 of a full one;
 - `step`: one decode step over all B slots at once, each slot at its own position, with per-slot sampling;
 - `pick`: the first token of a request from the last prompt logits (the same per-row sampler as `step`);
 - `save_block` / `load_block`: copy C cache slots of one row out to / back from the prefix cache.
@@ -111,6 +112,17 @@ class Shapes:
     slots: int  # B
     seq_len: int  # S
     chunk: int  # C
+
+    @property
+    def small_chunk(self) -> int:
+        """The chunk for a piece of at most C/4 tokens. Which chunk a piece runs in depends only on its length, which
+        depends only on the content before it (`caches.boundaries`): a block's KV is still the same bits wherever it
+        is computed."""
+        return max(1, self.chunk // 4)
+
+    def chunk_for(self, m: int) -> int:
+        """The chunk size a piece of m prompt tokens runs in."""
+        return self.small_chunk if m <= self.small_chunk else self.chunk
 
 
 class Programs:
