@@ -11,7 +11,9 @@ together), i.e. a token-weighted mean, the same as one big batch.
 Memory: the logits [B, T, V] (float32; at vocab 102400 the largest activation of the step, with its gradient and
 softmax as large again) never exist whole. The loss runs over chunks of `LOSS_CHUNK` positions, each chunk's head
 and cross-entropy rematerialised (`nn.checkpoint`): forward and backward hold one chunk's logits at a time
-(a chunk is as many positions as make `LOSS_CHUNK_BYTES` of float32 logits, at least 8).
+(a chunk is as many positions as make `LOSS_CHUNK_BYTES` of float32 logits, at least 8). Positions without a
+target (image tokens, prompts: 91% of the benchmark's batch) get no logits at all: each row's learned positions are
+gathered to its front and the chunks past them are skipped.
 """
 
 from __future__ import annotations
@@ -81,13 +83,28 @@ def _chunk_loss(module: DeepseekVL, hidden: jax.Array, targets: jax.Array) -> ja
 _chunk_loss_remat = nn.checkpoint(_chunk_loss)  # its logits are recomputed in the backward pass, never saved
 
 
+def _no_loss(module: DeepseekVL, hidden: jax.Array, targets: jax.Array) -> jax.Array:
+    return jnp.float32(0.0)
+
+
+def targets_first(hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """hidden [B, T, D], targets [B, T] with each row's learned positions (target not -100) moved to its front, in
+    order (a row-local gather: no data moves between batch shards)."""
+    order = jnp.argsort(targets == IGNORE_INDEX, axis=1, stable=True)
+    return jnp.take_along_axis(hidden, order[..., None], axis=1), jnp.take_along_axis(targets, order, axis=1)
+
+
 def _loss_sum(module: DeepseekVL, input_ids, attention_mask, pixel_values, high_res_pixel_values, targets):
+    """Only learned positions need the LM head (in SFT most are not: images, prompts): they are moved to the front
+    of each row, and a chunk holding none (past every row's last target) skips the head (`nn.cond`)."""
     hidden = _hidden(module, input_ids, attention_mask, pixel_values, high_res_pixel_values)
+    hidden, targets = targets_first(hidden, targets)
     b, t, _ = hidden.shape
     chunk = max(8, LOSS_CHUNK_BYTES // (4 * b * module.config.text.vocab_size) // 8 * 8)
     total = jnp.float32(0.0)
     for start in range(0, t, chunk):
-        total = total + _chunk_loss_remat(module, hidden[:, start:start + chunk], targets[:, start:start + chunk])
+        h, tg = hidden[:, start:start + chunk], targets[:, start:start + chunk]
+        total = total + nn.cond(jnp.any(tg != IGNORE_INDEX), _chunk_loss_remat, _no_loss, module, h, tg)
     return total
 
 
