@@ -43,7 +43,7 @@ def _instructions(hlo_text: str, rank: int) -> dict:
         dims = set(int(d) for d in re.findall(r"[\[,](\d+)(?=[,\]])", line.split("metadata=")[0]))
         if "vision_model" in op or "encode_images" in op or "aligner" in op:
             what = "image encoder + aligner"
-        elif "_chunk_loss" in op or "lm_head" in op or "logits" in op:
+        elif "head_loss" in op or "_chunk" in op or "lm_head" in op or "logits" in op:
             what = "LM head + loss"
         elif re.search(r"_proj", op) and opcode in ("dot", "fusion", "custom-call") and " dot(" in line or (
                 re.search(r"_proj", op) and "dot_general" in op):
