@@ -168,23 +168,22 @@ def run_torch(steps: int, frozen_vision: bool, lora: str = "none") -> dict:
             "trainable_params": sum(p.numel() for p in trainable), "optimizer_state_bytes": opt_bytes}
 
 
-def run_jax(steps: int, frozen_vision: bool, remat: str, lora: str = "none") -> dict:
+def build_jax_step(remat: str, lora: str = "none", frozen_vision: bool = False):
+    """(jitted step, state, batch [1, ...]) of this package's train step on the shared weights, plus what was
+    measured on the way (load time, trainable parameters, optimizer-state bytes)."""
     import jax
     import jax.numpy as jnp
 
+    from deepseek_vl_jax import lora as lora_lib
     from deepseek_vl_jax.config import ModelConfig
     from deepseek_vl_jax.model import DeepseekVL
-    from deepseek_vl_jax.training import flops
+    from deepseek_vl_jax.pretrained import load_pretrained
     from deepseek_vl_jax.training import optimizer as opt_lib
     from deepseek_vl_jax.training import state as state_lib
     from deepseek_vl_jax.training import step as step_lib
     from deepseek_vl_jax.training.config import OptimizerConfig, TrainableConfig
 
-    from deepseek_vl_jax import lora as lora_lib
-    from deepseek_vl_jax.pretrained import load_pretrained
-
     config = ModelConfig.from_pretrained(WEIGHTS, remat_policy=remat)
-
     trainable = TrainableConfig(vision=not frozen_vision)
     lora_config = None
     if lora != "none":  # every tower frozen, adapters on the language model (an int4 base for qlora)
@@ -196,17 +195,26 @@ def run_jax(steps: int, frozen_vision: bool, remat: str, lora: str = "none") -> 
     t = time.perf_counter()
     qconfig = None if lora_config is None else lora_config.quantize_config()
     params = load_pretrained(WEIGHTS, progress=False, quantize=qconfig, remat_policy=remat).params
-    load_s, load_peak = time.perf_counter() - t, peak_rss_gb()
+    info = {"load_s": time.perf_counter() - t, "peak_rss_after_load_gb": peak_rss_gb()}
     if lora_config is not None:
         params = state_lib.add_lora(params, lora_config, trainable, jax.random.key(1))
     state = state_lib.create(params, tx, trainable)
     step, _ = step_lib.compile_steps(DeepseekVL(config), tx, trainable, schedule, lora=lora_config)
     train_part, _ = opt_lib.split(state.params, trainable)
-    trainable_params, _ = lora_lib.count(train_part)
-    _, opt_bytes = lora_lib.count(state.opt_state)
-    _, param_bytes = lora_lib.count(state.params)
+    info["trainable_params"], _ = lora_lib.count(train_part)
+    _, info["optimizer_state_bytes"] = lora_lib.count(state.opt_state)
+    _, info["param_bytes"] = lora_lib.count(state.params)
     batch = {k: jnp.asarray(v[None], jnp.int32 if v.dtype.kind == "i" else jnp.float32)
              for k, v in make_batch().items()}
+    build_jax_step.info = info
+    return step, state, batch
+
+
+def run_jax(steps: int, frozen_vision: bool, remat: str, lora: str = "none") -> dict:
+    from deepseek_vl_jax.training import flops
+
+    step, state, batch = build_jax_step(remat, lora, frozen_vision)
+    info = build_jax_step.info
     times, losses = [], []
     t = time.perf_counter()
     compiled = step.lower(state, batch).compile()
@@ -218,10 +226,11 @@ def run_jax(steps: int, frozen_vision: bool, remat: str, lora: str = "none") -> 
         state, metrics = compiled(state, batch)
         losses.append(float(metrics["loss"]))
         times.append(time.perf_counter() - t)
+    import jax
+
     return {"step_times_s": times, "compile_s": compile_s, "losses": losses, "peak_rss_gb": peak_rss_gb(),
             "matmul_peak_flops": flops.measure_matmul_peak(), "devices": len(jax.devices()),
-            "trainable_params": trainable_params, "optimizer_state_bytes": opt_bytes, "param_bytes": param_bytes,
-            "load_s": load_s, "peak_rss_after_load_gb": load_peak, "step_memory_analysis_bytes": memory}
+            **info, "step_memory_analysis_bytes": memory}
 
 
 def child(args) -> None:

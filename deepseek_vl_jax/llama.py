@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deepseek_vl_jax import common, layers
+from deepseek_vl_jax import attention_grad, common, layers
 from deepseek_vl_jax.config import TextConfig
 from deepseek_vl_jax.rope import apply_rope
 
@@ -50,7 +50,7 @@ class LlamaAttention(nn.Module):
             out, probs = layers.attention_with_probs(q, k, v, mask, h**-0.5)
             self.sow(common.ATTENTIONS, "probs", probs)
         elif cache_kv is None and jax.default_backend() == "cpu":  # (GPU: jax's attention may pick cuDNN's)
-            out = layers.causal_attention(q, k, v, mask, h**-0.5)
+            out = attention_grad.causal_attention(q, k, v, mask, h**-0.5)  # its gradient keeps no probabilities
         elif cache_kv is None:
             out = layers.attention(q, k, v, mask=mask, scale=h**-0.5)
         else:

@@ -39,8 +39,15 @@ def tiny(tmp_path_factory):
     return ref, path, inputs
 
 
-def test_loss_and_grads_match_transformers(tiny):
+@pytest.mark.parametrize("chunk", [None, 8], ids=["one_chunk", "chunks_of_8"])
+def test_loss_and_grads_match_transformers(tiny, chunk, monkeypatch):
+    """chunks_of_8: the LM head runs over chunks of 8 positions, the learned ones first and the rest skipped
+    (`training.head_loss`); one_chunk: all positions in one chunk."""
     ref, path, inputs = tiny
+    if chunk:
+        monkeypatch.setattr(ST, "LOSS_CHUNK_BYTES", 4 * inputs["input_ids"].shape[0] * F.TEXT["vocab_size"] * chunk)
+        learned = (ST.shifted_targets(inputs["labels"]) != -100).sum(1)
+        assert learned.max() <= chunk < inputs["input_ids"].shape[1] - 2 * chunk  # later chunks skipped
     model = load_pretrained(path, progress=False)
     module = DeepseekVL(model.config)
     batch = {k: jnp.asarray(v, jnp.int32 if v.dtype.kind == "i" else jnp.float32) for k, v in inputs.items()}

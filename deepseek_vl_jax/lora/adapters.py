@@ -15,6 +15,7 @@ uses, see the package docstring).
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Mapping
 
@@ -171,6 +172,38 @@ def _frozen_quantized_dense(module: nn.Dense, x: jax.Array, kernel: QTensor) -> 
     return y
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def lora_delta(h: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """The LoRA term `scale * (h @ a) @ b`: h [..., I], a [I, r], b [r, O] -> [..., O].
+
+    Its backward pass is written out because of how XLA:CPU lays out the automatic one: the gradient of b came out
+    as a dot reading the output gradient [N, O] transposed, and that transpose was fused into the elementwise
+    producer of the gradient (e.g. the SiLU backward of gate_proj), a loop writing [O, N] with strided reads that
+    took longer than the layer's two big matrix products together. Here every dot contracts the token axis N of
+    two row-major [N, .] operands, which XLA reads as they are.
+    """
+    return (h @ a) @ b * scale
+
+
+def _lora_delta_fwd(h, a, b, scale):
+    ha = h @ a
+    return ha @ b * scale, (h, a, b, ha)
+
+
+def _lora_delta_bwd(scale, res, g):
+    h, a, b, ha = res
+    n = g.size // g.shape[-1]
+    g2 = g.reshape(n, g.shape[-1]) * jnp.asarray(scale, g.dtype)  # [N, O]
+    gha = g2 @ b.T  # [N, r]
+    dh = (gha @ a.T).reshape(h.shape)
+    da = jnp.einsum("ni,nr->ir", h.reshape(n, h.shape[-1]), gha)
+    db = jnp.einsum("nr,no->ro", ha.reshape(n, ha.shape[-1]), g2)
+    return dh, da, db
+
+
+lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
+
+
 def interceptor(config: LoraConfig, deterministic: bool = True):
     """A `nn.intercept_methods` interceptor: Dense calls of adapted modules get the LoRA term
     `(alpha / r) * dropout(x) @ A @ B` (computed in the module's dtype) added to their output. A QTensor kernel's
@@ -195,7 +228,7 @@ def interceptor(config: LoraConfig, deterministic: bool = True):
         if config.dropout and not deterministic:
             h = nn.Dropout(config.dropout, deterministic=False)(h, rng=m.make_rng("dropout"))
         h, a, b = nn.dtypes.promote_dtype(h, a, b, dtype=m.dtype)
-        return y + ((h @ a) @ b * config.scale).astype(y.dtype)
+        return y + lora_delta(h, a, b, config.scale).astype(y.dtype)
 
     return intercept
 

@@ -8,10 +8,10 @@ Loss: transformers' `ForCausalLMLoss`: logits at position t predict labels[t + 1
 over targets that are not -100, divided by the number of such targets in the whole optimizer step (all micro-batches
 together), i.e. a token-weighted mean, the same as one big batch.
 
-Memory: the logits [B, T, V] (float32; at vocab 102400 the largest activation of the step, with its gradient and
-softmax as large again) never exist whole. The loss runs over chunks of `LOSS_CHUNK` positions, each chunk's head
-and cross-entropy rematerialised (`nn.checkpoint`): forward and backward hold one chunk's logits at a time
-(a chunk is as many positions as make `LOSS_CHUNK_BYTES` of float32 logits, at least 8).
+Memory and time: the logits [B, T, V] (float32; at vocab 102400 the largest activation of the step) never exist
+whole, and positions without a target get none: `training.head_loss` runs the head chunk by chunk (a chunk is as
+many positions as make `LOSS_CHUNK_BYTES` of float32 logits, at least 8) over each row's learned positions only,
+computing each chunk's gradient as it goes.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -30,6 +29,7 @@ from deepseek_vl_jax import multimodal
 from deepseek_vl_jax import lora as lora_lib
 from deepseek_vl_jax.common import IGNORE_INDEX
 from deepseek_vl_jax.model import DeepseekVL
+from deepseek_vl_jax.training import head_loss
 from deepseek_vl_jax.training import optimizer as opt_lib
 from deepseek_vl_jax.training.config import TrainableConfig
 
@@ -71,24 +71,33 @@ def _logits(module: DeepseekVL, input_ids, attention_mask, pixel_values=None, hi
     return module.logits(_hidden(module, input_ids, attention_mask, pixel_values, high_res_pixel_values))
 
 
-def _chunk_loss(module: DeepseekVL, hidden: jax.Array, targets: jax.Array) -> jax.Array:
-    """Summed cross-entropy of hidden [B, C, D] against targets [B, C] (-100: not learned)."""
-    valid = targets != IGNORE_INDEX
-    ce = optax.softmax_cross_entropy_with_integer_labels(module.logits(hidden), jnp.where(valid, targets, 0))
-    return jnp.sum(jnp.where(valid, ce, 0.0))
-
-
-_chunk_loss_remat = nn.checkpoint(_chunk_loss)  # its logits are recomputed in the backward pass, never saved
-
-
 def _loss_sum(module: DeepseekVL, input_ids, attention_mask, pixel_values, high_res_pixel_values, targets):
     hidden = _hidden(module, input_ids, attention_mask, pixel_values, high_res_pixel_values)
-    b, t, _ = hidden.shape
+    hidden, targets = head_loss.targets_first(hidden, targets)
+    b = hidden.shape[0]
     chunk = max(8, LOSS_CHUNK_BYTES // (4 * b * module.config.text.vocab_size) // 8 * 8)
-    total = jnp.float32(0.0)
-    for start in range(0, t, chunk):
-        total = total + _chunk_loss_remat(module, hidden[:, start:start + chunk], targets[:, start:start + chunk])
-    return total
+    lm = module.language_model
+    name = "embed_tokens" if lm.tie_word_embeddings else "lm_head"
+    head = lm.clone(parent=None)  # applied to the head's parameters alone (interceptors stay active)
+    variables = {"params": {name: lm.variables["params"][name]}}
+    return head_loss.head_loss(_HeadApply(head), variables, hidden, targets, chunk)
+
+
+class _HeadApply:
+    """(variables, hidden [B, C, D]) -> logits [B, C, V] float32 of an unbound LlamaForCausalLM (hashable by the
+    module: a static argument of `head_loss`)."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def __call__(self, variables, hidden):
+        return self.lm.apply(variables, hidden, method=type(self.lm).logits)
+
+    def __hash__(self):
+        return hash(self.lm)
+
+    def __eq__(self, other):
+        return isinstance(other, _HeadApply) and other.lm == self.lm
 
 
 def logits(module: DeepseekVL, params, batch: Batch, lora: lora_lib.LoraConfig | None = None,

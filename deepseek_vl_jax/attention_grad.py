@@ -1,0 +1,101 @@
+"""Causal self-attention with a memory-efficient gradient (flash-attention style), for training.
+
+The forward pass is `layers.causal_attention` (the same blocks of queries, each reading only the keys up to its
+end). Differentiated, that function keeps every block's probabilities [B, K, G, block, S_i] for the backward pass,
+in a scanned decoder for all layers at once (1.2 GB of the 0.45B benchmark's LoRA step, twice over), and its
+softmax backward reduces over them. Here the forward pass keeps only the output and each query's logsumexp
+[B, K, G, T], and the backward pass recomputes each block's probabilities from them:
+
+    P = exp(Q K^T * scale - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
+    dQ = dS K * scale,  dK = dS^T Q * scale
+
+(rowsum(dO * O) equals rowsum(dP * P) but costs [T, H], not [T, S]). Letters as in `layers`: B batch, T queries,
+S keys (= T), N query heads, K key/value heads, G = N / K, H head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_vl_jax import layers
+
+_F32 = jnp.float32
+_MIN = jnp.finfo(jnp.float32).min
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                     block: int | None = None) -> jax.Array:
+    """`layers.causal_attention` (q [B, T, N, H], k/v [B, T, K, H], mask bool broadcastable to [B, 1, T, T] ->
+    [B, T, N, H]), whose gradient keeps no probabilities."""
+    return _attention(q, k, v, mask, scale, block or layers.prefill_block(q.shape[1]))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q, k, v, mask, scale, block):
+    return layers.causal_attention(q, k, v, mask, scale, block)
+
+
+def _grouped(q, k, v, mask):
+    """q -> [B, K, G, T, H]; k, v -> [B, K, S, H]; mask -> [B or 1, 1 or K, 1 or G, T, S]."""
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, t))
+    mask = mask[:, :, None] if mask.shape[1] == 1 else mask.reshape(mask.shape[0], kh, n // kh, t, t)
+    return qg, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask
+
+
+def _blocks(t, block):
+    return [(s, min(s + block, t)) for s in range(0, t, block)]
+
+
+def _logits(qg, kt, mask, scale, s, e):
+    """Block [s, e) of queries over keys [0, e): masked float32 logits [B, K, G, e - s, e]."""
+    logits = jnp.einsum("bkgth,bksh->bkgts", qg[:, :, :, s:e], kt[:, :, :e], preferred_element_type=_F32) * scale
+    return jnp.where(mask[..., s:e, :e], logits, _MIN)
+
+
+def _attention_fwd(q, k, v, mask, scale, block):
+    b, t, n, h = q.shape
+    qg, kt, vt, mg = _grouped(q, k, v, mask)
+    outs, lses = [], []
+    for s, e in _blocks(t, block):
+        logits = _logits(qg, kt, mg, scale, s, e)
+        top = jnp.max(logits, axis=-1, keepdims=True)
+        p = jnp.exp(logits - top)
+        total = jnp.sum(p, axis=-1, keepdims=True)
+        o = jnp.einsum("bkgts,bksh->bkgth", (p / total).astype(v.dtype), vt[:, :, :e], preferred_element_type=_F32)
+        outs.append(o)
+        lses.append((top + jnp.log(total))[..., 0])
+    og = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H] float32
+    out = og.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+    return out, (q, k, v, mask, og, jnp.concatenate(lses, axis=3))
+
+
+def _attention_bwd(scale, block, res, dout):
+    q, k, v, mask, og, lse = res
+    b, t, n, h = q.shape
+    qg, kt, vt, mg = _grouped(q, k, v, mask)
+    dog = dout.reshape(b, t, k.shape[2], n // k.shape[2], h).transpose(0, 2, 3, 1, 4).astype(_F32)
+    delta = jnp.sum(dog * og, axis=-1)  # [B, K, G, T]
+    dk = jnp.zeros(kt.shape, _F32)
+    dv = jnp.zeros(vt.shape, _F32)
+    dqs = []
+    for s, e in _blocks(t, block):
+        logits = _logits(qg, kt, mg, scale, s, e)
+        p = jnp.exp(logits - lse[..., s:e, None])
+        do = dog[:, :, :, s:e]
+        dv = dv.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", p, do))
+        dp = jnp.einsum("bkgth,bksh->bkgts", do, vt[:, :, :e], preferred_element_type=_F32)
+        ds = jnp.where(mg[..., s:e, :e], p * (dp - delta[..., s:e, None]), 0.0) * scale
+        dqs.append(jnp.einsum("bkgts,bksh->bkgth", ds, kt[:, :, :e], preferred_element_type=_F32))
+        dk = dk.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", ds, qg[:, :, :, s:e], preferred_element_type=_F32))
+    dq = jnp.concatenate(dqs, axis=3).transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
+    return dq, dk.transpose(0, 2, 1, 3).astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
