@@ -316,6 +316,13 @@ SWEEP = {
     "xnnpack (--xla_cpu_use_xnnpack=true)": "--xla_cpu_use_xnnpack=true",
     "no_xnnpack (--xla_cpu_use_xnnpack=false)": "--xla_cpu_use_xnnpack=false",
     "fast_math (--xla_cpu_enable_fast_math=true)": "--xla_cpu_enable_fast_math=true",
+    # jaxlib 0.10.2 hands float32 dots to YNNPACK by default (`ynn_fusion` in the compiled HLO); these dot paths
+    # replace it (the flags this jaxlib knows: `strings libjax_common.so | grep '^xla_cpu_'`)
+    "no_ynn_dot (--xla_cpu_experimental_ynn_fusion_type=)": "--xla_cpu_experimental_ynn_fusion_type=",
+    "xnn_dot (ynn off, --xla_cpu_experimental_xnn_fusion_type=dot)":
+        "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type=dot",
+    "onednn_dot (ynn off, --xla_cpu_experimental_onednn_fusion_type=dot)":
+        "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_onednn_fusion_type=dot",
 }
 
 
