@@ -281,7 +281,8 @@ def breakdown(model, hf, img: dict, batch8: dict) -> dict:
         if name.startswith("batch1"):
             out["ours_prefill_" + name] = P.xla_breakdown(progs.prefill, args)
         state = progs.prefill(*args)
-        step = jax.jit(lambda p, s: progs.step(p, s, sp, stop))  # not donated: the same state is rerun
+        # not donated: the same state is rerun; the one jit takes the programs' compiler options (a nested jit cannot)
+        step = jax.jit(lambda p, s: progs.step.__wrapped__(p, s, sp, stop), compiler_options=loop.compiler_options())
         out["ours_decode_step_" + name] = P.xla_breakdown(step, (params, state), runs=5)
     kw = {k: torch.from_numpy(v) for k, v in img.items()}
     with torch.no_grad():
@@ -316,6 +317,13 @@ SWEEP = {
     "xnnpack (--xla_cpu_use_xnnpack=true)": "--xla_cpu_use_xnnpack=true",
     "no_xnnpack (--xla_cpu_use_xnnpack=false)": "--xla_cpu_use_xnnpack=false",
     "fast_math (--xla_cpu_enable_fast_math=true)": "--xla_cpu_enable_fast_math=true",
+    # jaxlib 0.10.2 hands float32 dots to YNNPACK by default (`ynn_fusion` in the compiled HLO); these dot paths
+    # replace it (the flags this jaxlib knows: `strings libjax_common.so | grep '^xla_cpu_'`)
+    "no_ynn_dot (--xla_cpu_experimental_ynn_fusion_type=)": "--xla_cpu_experimental_ynn_fusion_type=",
+    "xnn_dot (ynn off, --xla_cpu_experimental_xnn_fusion_type=dot)":
+        "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_xnn_fusion_type=dot",
+    "onednn_dot (ynn off, --xla_cpu_experimental_onednn_fusion_type=dot)":
+        "--xla_cpu_experimental_ynn_fusion_type= --xla_cpu_experimental_onednn_fusion_type=dot",
 }
 
 

@@ -262,5 +262,14 @@ def decode_dot_forms() -> dict:
                              ("torch_linear", lambda: torch.nn.functional.linear(tx, tw))):
                 t = _best(lambda: [fn() for _ in range(reps)], 3) / reps
                 out[f"1024x{n}_batch{b}_{name}_GBps"] = round(w.nbytes / t / 1e9, 1)
+            out[f"1024x{n}_batch{b}_bi,io->bo_compiled_as"] = dot_path(io, xj, wj)
         del wj, wt
     return out
+
+
+def dot_path(jitted, *args) -> str:
+    """Which library XLA:CPU hands a compiled dot to: a YNNPACK, XNNPACK or oneDNN fusion, else its own kernels
+    (the fusion kinds jaxlib 0.10.2 writes into the compiled HLO's backend config)."""
+    text = jitted.lower(*args).compile().as_text()
+    found = [k for k in ("ynn", "xnn", "onednn") if f'"kind":"__{k}_fusion"' in text]
+    return found[0] if found else "xla"

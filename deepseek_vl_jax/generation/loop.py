@@ -255,6 +255,19 @@ class Programs:
     step: Any  # (params, state, sp, stop) -> DecodeState (state donated)
 
 
+# XLA:CPU compiler options for the generation programs. This jaxlib hands float32 dots to YNNPACK by default
+# (`ynn_fusion`); XLA's own dot kernels are faster for every dot generation runs (decode's 1 and 8 rows, the LM
+# head, the prefill's ~600-row GEMMs): benchmarks/generate_profile.py `decode_dot_forms` and bench_generate's
+# `cpu_compiler_options` measure both side by side. Passed per program (`jax.jit(compiler_options=)`), so nothing
+# else in the process changes and no environment variable is involved; TPU/GPU programs get none.
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def compiler_options() -> dict | None:
+    """`CPU_COMPILER_OPTIONS` when the default backend is the CPU, else None (the backend's defaults)."""
+    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+
+
 @functools.lru_cache(maxsize=32)
 def programs(config: ModelConfig, sampler: sampling.Sampler, mesh: Mesh | None,
              extras: Extras = Extras()) -> Programs:
@@ -276,5 +289,7 @@ def programs(config: ModelConfig, sampler: sampling.Sampler, mesh: Mesh | None,
         with quantized_layers():
             return decode_step(module, sampler, params, state, sp, stop, extras)
 
-    return Programs(generate=jax.jit(gen, static_argnums=5), prefill=jax.jit(pre, static_argnums=5),
-                    step=jax.jit(step, donate_argnums=1))
+    opts = compiler_options()
+    return Programs(generate=jax.jit(gen, static_argnums=5, compiler_options=opts),
+                    prefill=jax.jit(pre, static_argnums=5, compiler_options=opts),
+                    step=jax.jit(step, donate_argnums=1, compiler_options=opts))

@@ -162,11 +162,16 @@ class Program:
 
         import jax
 
+        from deepseek_vl_jax.generation import loop
+
+        traced = getattr(self.traced, "__wrapped__", self.traced)  # the function under `loop.programs`' jit: a
+        # nested jit cannot carry compiler options, so this one jit takes them
+
         def program(*args):
-            return self.traced(*args, *(() if static is None else (static,)))
+            return traced(*args, *(() if static is None else (static,)))
 
         program.__name__ = program.__qualname__ = f"{self.kind}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        return jax.jit(program, donate_argnums=self.donate)
+        return jax.jit(program, donate_argnums=self.donate, compiler_options=loop.compiler_options())
 
     def _export(self, key, dynamic, static) -> list | None:
         """Store the program as jax.export StableHLO and call it so; None when it cannot be exported."""
@@ -186,7 +191,9 @@ class Program:
     def _exported_call(self, exp) -> Callable:
         import jax
 
-        return jax.jit(exp.call, donate_argnums=self.donate)
+        from deepseek_vl_jax.generation import loop
+
+        return jax.jit(exp.call, donate_argnums=self.donate, compiler_options=loop.compiler_options())
 
 
 def programs(store: Store, progs: Any, ident: str):
