@@ -74,27 +74,33 @@ class _SequentialNumpyHandler(th.NumpyHandler):
             store = await ts.open(ts.Spec(spec), create=True, open=True, context=context)
             await store.write(array, can_reference_source_data_indefinitely=True)
 
-        for value, info, arg in zip(values, infos, args):
-            while pending and inflight + value.nbytes > INFLIGHT_BYTES:
-                task, n = pending.pop(0)
+        try:
+            for value, info, arg in zip(values, infos, args):
+                while pending and inflight + value.nbytes > INFLIGHT_BYTES:
+                    task, n = pending.pop(0)
+                    await task
+                    inflight -= n
+                await info.await_path_creation()
+                spec = ts_utils.build_array_write_spec(
+                    info=info, arg=arg, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
+                    use_ocdbt=info.is_ocdbt_checkpoint,
+                    process_index=ocdbt_utils.get_process_index_for_subdir(
+                        use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=None),
+                    metadata_key=None)
+                array = np.ascontiguousarray(value.make())
+                if array.shape != tuple(value.shape) or array.dtype != np.dtype(value.dtype):
+                    raise ValueError(f"{info.name}: made {array.shape} {array.dtype}, "
+                                     f"declared {tuple(value.shape)} {np.dtype(value.dtype)}")
+                pending.append((asyncio.ensure_future(write(spec.json, array, info.ts_context)), value.nbytes))
+                inflight += value.nbytes
+                del array
+            for task, _ in pending:
                 await task
-                inflight -= n
-            await info.await_path_creation()
-            spec = ts_utils.build_array_write_spec(
-                info=info, arg=arg, global_shape=value.shape, local_shape=value.shape, dtype=value.dtype,
-                use_ocdbt=info.is_ocdbt_checkpoint,
-                process_index=ocdbt_utils.get_process_index_for_subdir(
-                    use_ocdbt=info.is_ocdbt_checkpoint, override_ocdbt_process_id=None),
-                metadata_key=None)
-            array = np.ascontiguousarray(value.make())
-            if array.shape != tuple(value.shape) or array.dtype != np.dtype(value.dtype):
-                raise ValueError(f"{info.name}: made {array.shape} {array.dtype}, "
-                                 f"declared {tuple(value.shape)} {np.dtype(value.dtype)}")
-            pending.append((asyncio.ensure_future(write(spec.json, array, info.ts_context)), value.nbytes))
-            inflight += value.nbytes
-            del array
-        for task, _ in pending:
-            await task
+        except BaseException:  # a failed write (e.g. a full disk): stop and wait for the others before raising,
+            for task, _ in pending:  # so that none is still writing while the caller removes the partial output
+                task.cancel()
+            await asyncio.gather(*(task for task, _ in pending), return_exceptions=True)
+            raise
 
 
 def _registry():
