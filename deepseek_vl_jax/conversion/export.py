@@ -158,9 +158,9 @@ def run(args: Any) -> int:
         status = report_errors(export, args.src, args.dst, max_shard_size=args.max_shard_size, dtype=args.dtype,
                                force=args.force, step=args.step, progress=args.progress)
     if status == 0:
-        qconfig = None if getattr(args, "adapter", False) or getattr(args, "merge", False) else quantized_config(flax_checkpoint.resolve(args.src,
-                                                                                                   args.step))
-        note = f" (dequantized from {qconfig.scheme.value}: float weights that keep its rounding error)" if qconfig \
-            else ""
+        lora = getattr(args, "adapter", False) or getattr(args, "merge", False)
+        qconfig = None if lora else quantized_config(flax_checkpoint.resolve(args.src, args.step))
+        note = "" if qconfig is None else \
+            f" (dequantized from {qconfig.scheme.value}: float weights that keep its rounding error)"
         print(f"wrote {args.dst}{note}")
     return status
