@@ -1,8 +1,9 @@
 """Where a demo model misses: fresh side, colour and shape questions (every family, the never-trained one included)
 tallied by the number of shapes in the picture, the asked shape's size and its distance from the centre line; and
 the same model on the first turns of its own training chats (is it the data or the model: does it fit what it was
-trained on?); and a ridge probe on the aligned image features (what the language model receives) at each shape's
-patches: can a linear read-out tell its colour, kind, size and side?
+trained on?); and a ridge probe on the image features at each shape's patches (aligned, as the language model
+receives them; SigLIP's output; and, as the control, its position embeddings alone): can a linear read-out tell
+the shape's colour, kind, size and side?
 
     python train/demo/error_analysis.py MODEL OUT.json [--work runs/demo] [--rows 480]
 """
@@ -74,9 +75,11 @@ def first_turns(work: str, count: int) -> str:
     return path
 
 
-def feature_probe(model, processor, pictures: int = 1600) -> dict:
-    """Ridge read-outs of each shape's colour, kind, size and side from the aligned image features [P, D] averaged
-    over the patches whose centres lie within the shape's box; fitted on 3/4 of the shapes, accuracy on the rest."""
+def feature_probe(model, processor, source: str, pictures: int = 1600) -> dict:
+    """Ridge read-outs of each shape's colour, kind, size and side from image features [P, D] averaged over the
+    patches whose centres lie within the shape's box; fitted on 3/4 of the shapes, accuracy on the rest. source:
+    "aligned" (what replaces the image tokens), "siglip" (SigLIP's last hidden state) or "positions" (SigLIP's
+    position embeddings alone: the control, which must tell the side and nothing else)."""
     rng = np.random.default_rng(PROBE_SEED)
     scenes = [styled_scene(rng, FAMILIES[i % len(FAMILIES)]) for i in range(pictures)]
     feats = []
@@ -84,7 +87,15 @@ def feature_probe(model, processor, pictures: int = 1600) -> dict:
         chats = [[{"role": "user", "content": [{"type": "image", "image": draw_styled(*s)},
                                                {"type": "text", "text": "?"}]}] for s in scenes[start:start + 100]]
         batch = processor(chats, add_generation_prompt=True, padding_side="left")
-        feats.append(np.asarray(model.get_image_features(batch["pixel_values"])))
+        px = np.asarray(batch["pixel_values"], np.float32)
+        if source == "aligned":
+            feats.append(np.asarray(model.get_image_features(px)))
+        elif source == "siglip":
+            feats.append(np.asarray(model.module.apply({"params": model.params}, px,
+                                                       method=lambda m, x: m.vision_model(x)[0])))
+        else:
+            pos = np.asarray(model.params["vision_model"]["position_embedding"])
+            feats.append(np.broadcast_to(pos, (len(px), *pos.shape)))
     feats = np.concatenate(feats)
     g = int(round(feats.shape[1] ** 0.5))
     centres = (np.arange(g) + 0.5) / g
@@ -136,7 +147,8 @@ def main() -> None:
         "side_by_size": tally([m for m in meta if m["kind"] == "side"], lambda m: m["size"]),
         "side_by_gap_to_centre_line": tally([m for m in meta if m["kind"] == "side"], lambda m: f"{m['gap']:.2f}"),
         "training_chats_first_turn": {"exact_match": train_accuracy, "rows": 300, "by_kind": train_kinds},
-        "ridge_probe_of_image_features": feature_probe(model, processor),
+        "ridge_probe_of_image_features": {source: feature_probe(model, processor, source)
+                                          for source in ("aligned", "siglip", "positions")},
     }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
