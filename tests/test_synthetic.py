@@ -246,6 +246,22 @@ def test_never_trained_family_only_in_its_own_heldout_split(tmp_path):
     assert main(["synthetic", str(tmp_path / "c"), "--styles", "grid,dots"]) == 2
 
 
+def test_scenes_of_at_least_two_shapes(tmp_path, capsys):
+    """--min-shapes 2 (the demo's stage-6 set): every picture of every family holds two or three shapes, so every
+    object question picks out one shape among others; the default still draws lone shapes too."""
+    from deepseek_vl_jax.synthetic.dataset import write_split
+
+    counts = {}
+    for least in (1, 2):
+        path = write_split(str(tmp_path / str(least)), "train", 60, 3, families=("grid", "solid", "noise"),
+                           captions=True, min_shapes=least)
+        captions = [json.loads(line)["messages"][1]["content"][0]["text"] for line in open(path)]
+        counts[least] = {c.count(" on the ") for c in captions}
+    assert counts == {1: {1, 2, 3}, 2: {2, 3}}
+    assert main(["synthetic", str(tmp_path / "c"), "--min-shapes", "4"]) == 2
+    assert "--min-shapes must be 1, 2 or 3" in capsys.readouterr().err
+
+
 def test_a_split_of_one_question_kind(tmp_path):
     """kind="number": every row asks the digit on a shape (scenes that allow no such question are redrawn)."""
     from deepseek_vl_jax.synthetic.dataset import write_split

@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--details", action="store_true",
                    help="fine-detail scenes: a small digit inside each shape and questions about it (for the hybrid "
                         "model, whose high-resolution tower can read them); not with the grid style")
+    p.add_argument("--min-shapes", type=int, default=1,
+                   help="every picture has at least this many shapes (1..3; e.g. 2: every question must pick out one "
+                        "shape among others)")
     p.add_argument("--high-res-size", type=int, default=0,
                    help="> 0: write a DeepSeek-VL-Hybrid processor whose high-resolution (SAM) input has this size")
     p.add_argument("--tokenizer-from", metavar="DIR",
@@ -73,6 +76,8 @@ def check_args(args: argparse.Namespace) -> None:
         for family in families(value):
             if family not in FAMILIES:
                 raise UserError(f"{flag}: unknown style family {family!r}; choose from {', '.join(FAMILIES)}")
+    if not 1 <= args.min_shapes <= 3:
+        raise UserError(f"--min-shapes must be 1, 2 or 3 (a picture holds at most 3 shapes), got {args.min_shapes}")
     if not families(args.styles):
         raise UserError("--styles is empty; name at least one style family")
     if args.details and "grid" in families(args.styles) + families(args.heldout_styles):
@@ -101,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic.staged_directory(out, force=force) as tmp:
         paths = write_dataset(tmp, args.train, args.heldout, args.seed, args.pretrain,
                               args.questions_per_image, args.turns, families(args.styles),
-                              families(args.heldout_styles), args.details)
+                              families(args.heldout_styles), args.details, args.min_shapes)
         tokens = (args.image_size // args.patch_size) ** 2
         corpus = [t for split in ("train", "pretrain") if split in paths for t in texts(paths[split])]
         tok = write_processor(os.path.join(tmp, "processor"), corpus, args.image_size, tokens, args.vocab_size,

@@ -31,7 +31,7 @@ def conversation(image: str, turns: list[tuple[str, str]]) -> list[dict]:
 
 def write_split(directory: str, name: str, count: int, seed: int, captions: bool = False,
                 questions_per_image: int = 1, turns: int = 1, families: tuple[str, ...] = ("grid",),
-                labels: bool = False, kind: str | None = None) -> str:
+                labels: bool = False, kind: str | None = None, min_shapes: int = 1) -> str:
     """`count` pictures into `directory/images/name/`, their rows into `directory/name.jsonl`. Returns the JSONL path.
 
     captions=True: every row asks for a description of the whole picture (dense supervision for pre-training);
@@ -40,7 +40,8 @@ def write_split(directory: str, name: str, count: int, seed: int, captions: bool
     Each picture is drawn in a style of one of `families` (`styles.FAMILIES`, drawn uniformly), recorded in its rows
     as "style"; the default, the grid layout alone, draws what this function always drew. labels=True: fine-detail
     scenes (a small digit inside each shape, and "number" questions about it). kind: every held-out-style row asks a
-    question of this kind ("number" or "count": kinds every scene allows)."""
+    question of this kind ("number" or "count": kinds every scene allows). min_shapes: every scene has at least this
+    many shapes (of at most 3), e.g. 2 for a set of scenes whose questions must pick out one shape among others."""
     for family in families:
         if family not in FAMILIES:
             raise ValueError(f"unknown style family {family!r}; choose from {', '.join(FAMILIES)}")
@@ -51,9 +52,9 @@ def write_split(directory: str, name: str, count: int, seed: int, captions: bool
     with open(path, "w") as f:
         for i in range(count):
             family = families[int(rng.integers(len(families)))] if len(families) > 1 else families[0]
-            scene, style = styled_scene(rng, family, labels)
+            scene, style = styled_scene(rng, family, labels, min_shapes)
             while kind and not any(k == kind for k, _, _ in candidates(scene)):  # e.g. two red circles: no number
-                scene, style = styled_scene(rng, family, labels)
+                scene, style = styled_scene(rng, family, labels, min_shapes)
             rel = f"images/{name}/{i:06d}.png"
             if captions:
                 records = [{"messages": chat(rel, DESCRIBE, describe(scene)), "kind": "describe"}]
@@ -76,21 +77,23 @@ def write_split(directory: str, name: str, count: int, seed: int, captions: bool
 def write_dataset(directory: str, train: int = 6000, heldout: int = 300, seed: int = 0,
                   pretrain: int = 0, questions_per_image: int = 1, turns: int = 1,
                   families: tuple[str, ...] = ("grid",), heldout_families: tuple[str, ...] = (),
-                  labels: bool = False) -> dict[str, str]:
+                  labels: bool = False, min_shapes: int = 1) -> dict[str, str]:
     """The splits, from independent seeds (the held-out pictures are never seen in training): `pretrain` (captions,
     when pretrain > 0), `train` (`train` pictures, `questions_per_image` rows or `turns` turns each) and `heldout`
     (one question per picture), all drawn in the styles of `families`; and for each of `heldout_families`, a split
     `heldout_<family>` of `heldout` pictures in that family alone (a family not in `families` measures
-    generalisation to a style never trained on). labels=True: fine-detail scenes in every split."""
+    generalisation to a style never trained on). labels=True: fine-detail scenes in every split; min_shapes: the
+    least number of shapes of every scene of every split."""
     os.makedirs(directory, exist_ok=True)
     out = {"train": write_split(directory, "train", train, seed, questions_per_image=questions_per_image, turns=turns,
-                                families=families, labels=labels),
-           "heldout": write_split(directory, "heldout", heldout, seed + 1_000_003, families=families, labels=labels)}
+                                families=families, labels=labels, min_shapes=min_shapes),
+           "heldout": write_split(directory, "heldout", heldout, seed + 1_000_003, families=families, labels=labels,
+                                  min_shapes=min_shapes)}
     if pretrain:
         out["pretrain"] = write_split(directory, "pretrain", pretrain, seed + 2_000_003, captions=True,
-                                      families=families, labels=labels)
+                                      families=families, labels=labels, min_shapes=min_shapes)
     for family in heldout_families:
         name = f"heldout_{family}"
         out[name] = write_split(directory, name, heldout, seed + 3_000_017 + 1009 * FAMILIES.index(family),
-                                families=(family,), labels=labels)
+                                families=(family,), labels=labels, min_shapes=min_shapes)
     return out

@@ -40,9 +40,10 @@ class Scene:
     shapes: tuple[Shape, ...]
 
 
-def random_scene(rng: np.random.Generator, max_shapes: int = 3) -> Scene:
-    """1..max_shapes shapes in distinct cells of a 2 x 3 grid (columns left/right of the centre, no overlaps)."""
-    n = int(rng.integers(1, max_shapes + 1))
+def random_scene(rng: np.random.Generator, max_shapes: int = 3, min_shapes: int = 1) -> Scene:
+    """min_shapes..max_shapes shapes in distinct cells of a 2 x 3 grid (columns left/right of the centre, no
+    overlaps)."""
+    n = int(rng.integers(min_shapes, max_shapes + 1))
     cells = rng.choice(6, size=n, replace=False)
     shapes = []
     for cell in cells:

@@ -79,12 +79,13 @@ def random_style(rng: np.random.Generator, family: str) -> Style:
                  seed=seed)
 
 
-def free_scene(rng: np.random.Generator, max_shapes: int = 3, tries: int = 200, labels: bool = False) -> Scene:
-    """1..max_shapes shapes at free positions: each wholly on one side of the centre line (at least CENTRE_GAP
+def free_scene(rng: np.random.Generator, max_shapes: int = 3, tries: int = 200, labels: bool = False,
+               min_shapes: int = 1) -> Scene:
+    """min_shapes..max_shapes shapes at free positions: each wholly on one side of the centre line (at least CENTRE_GAP
     from it), inside the canvas and overlapping no other shape (bounding circles apart by a margin).
     labels=True: each shape carries a random digit (`Shape.label`), drawn small inside it."""
     while True:
-        n = int(rng.integers(1, max_shapes + 1))
+        n = int(rng.integers(min_shapes, max_shapes + 1))
         shapes: list[Shape] = []
         for _ in range(tries):
             if len(shapes) == n:
@@ -174,12 +175,13 @@ def draw_labels(img: Image.Image, scene: Scene) -> None:
             pen.text((s.x * size, (s.y + dy) * size), str(DIGITS.index(s.label)), fill=ink, font=font, anchor="mm")
 
 
-def styled_scene(rng: np.random.Generator, family: str, labels: bool = False) -> tuple[Scene, Style]:
+def styled_scene(rng: np.random.Generator, family: str, labels: bool = False,
+                 min_shapes: int = 1) -> tuple[Scene, Style]:
     """One scene and its style, for `family`; "grid" draws exactly what `random_scene` always drew. labels=True (not
-    for "grid"): fine-detail scenes, a digit inside each shape."""
+    for "grid"): fine-detail scenes, a digit inside each shape. min_shapes: at least this many shapes (of at most 3)."""
     if family == "grid":
         if labels:
             raise ValueError("the grid family has no fine-detail labels; use solid, noise or gradient")
-        return random_scene(rng), GRID
+        return random_scene(rng, min_shapes=min_shapes), GRID
     style = random_style(rng, family)
-    return free_scene(rng, labels=labels), style
+    return free_scene(rng, labels=labels, min_shapes=min_shapes), style
