@@ -282,7 +282,8 @@ def breakdown(model, hf, img: dict, batch8: dict) -> dict:
             out["ours_prefill_" + name] = P.xla_breakdown(progs.prefill, args)
         state = progs.prefill(*args)
         # not donated: the same state is rerun; the one jit takes the programs' compiler options (a nested jit cannot)
-        step = jax.jit(lambda p, s: progs.step.__wrapped__(p, s, sp, stop), compiler_options=loop.compiler_options())
+        step = jax.jit(lambda p, s: progs.step.__wrapped__(p, s, sp, stop),
+                       compiler_options=progs.step.options(params, state, sp, stop))
         out["ours_decode_step_" + name] = P.xla_breakdown(step, (params, state), runs=5)
     kw = {k: torch.from_numpy(v) for k, v in img.items()}
     with torch.no_grad():
