@@ -52,8 +52,6 @@ def policy_programs(policy):
 def split_programs(prompt_policy, decode_policy):
     """A `programs=` factory whose generate runs the prompt program (prompt_policy) and then the decode loop as a
     second program (decode_policy; the state donated)."""
-    import jax
-
     from deepseek_vl_jax.generation import loop
     from deepseek_vl_jax.model import DeepseekVL
     from deepseek_vl_jax.quantization import quantized_layers
@@ -74,6 +72,91 @@ def split_programs(prompt_policy, decode_policy):
     return progs
 
 
+def column_tiles(n: int):
+    """x [B, I] @ w [I, O] as a loop over column tiles of n: each tile w[:, c*n:(c+1)*n] is small enough for the
+    caches, so an 8-row product streams the weight once instead of missing the cache on every row."""
+    import jax
+    import jax.numpy as jnp
+
+    def f(x, w):
+        def body(c, out):
+            tile = jax.lax.dynamic_slice_in_dim(w, c * n, n, axis=1)
+            return jax.lax.dynamic_update_slice_in_dim(out, x @ tile, c * n, axis=1)
+        return jax.lax.fori_loop(0, w.shape[1] // n, body, jnp.zeros((x.shape[0], w.shape[1]), x.dtype))
+    return f
+
+
+def dot_forms(rounds: int) -> dict:
+    """GB/s of weight read, medians over alternating rounds: decode-shaped products x [B, 1024] by the dense
+    layers' [1024, 2816] and the LM head's [1024, 102400] weight ([in, out], as stored), with YNNPACK dots on and
+    off, plain or in column tiles (`column_tiles`), and a weight stored [out, in] for reference."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from deepseek_vl_jax.generation import loop
+
+    rng, out = np.random.default_rng(0), {}
+    for n_out in (2816, 102400):
+        w = jnp.asarray(rng.standard_normal((1024, n_out), dtype=np.float32))
+        wt = jnp.asarray(np.ascontiguousarray(np.asarray(w).T))
+        for b in (1, 8):
+            x = jnp.asarray(rng.standard_normal((b, 1024), dtype=np.float32))
+            ref = np.asarray(x) @ np.asarray(w)
+            forms = {}
+            for on, opts in (("on", {}), ("off", dict(loop.YNN_DOTS_OFF))):
+                forms[f"plain_{on}"] = (jax.jit(lambda x, w: x @ w, compiler_options=opts), w)
+                forms[f"out_in_{on}"] = (jax.jit(lambda x, w: jnp.einsum("oi,bi->bo", w, x), compiler_options=opts),
+                                         wt)
+                for n in (256, 512, 1024, 2048):
+                    if n_out % n == 0:
+                        forms[f"tiles{n}_{on}"] = (jax.jit(column_tiles(n), compiler_options=opts), w)
+            reps = 20 if n_out == 2816 else 2
+            times = {k: [] for k in forms}
+            for k, (f, ww) in forms.items():
+                np.testing.assert_allclose(np.asarray(f(x, ww)), ref, rtol=1e-4, atol=1e-3)
+            for r in range(rounds):
+                for k in (list(forms) if r % 2 == 0 else list(forms)[::-1]):
+                    f, ww = forms[k]
+                    times[k].append(timed(lambda: [f(x, ww).block_until_ready() for _ in range(reps)]) / reps)
+            for k, ts in times.items():
+                out[f"1024x{n_out}_batch{b}_{k}_GBps"] = round(w.nbytes / statistics.median(ts) / 1e9, 1)
+            print({k: v for k, v in out.items() if k.startswith(f"1024x{n_out}_batch{b}_")}, flush=True)
+        del w, wt
+    return out
+
+
+def tiled_programs(policy, tile: int):
+    """`policy_programs(policy)` traced with `layers.DECODE_TILE = tile` (the decoder's few-row products in
+    column tiles); the programs trace at their first call, so every call runs with it set."""
+    import contextlib
+
+    from deepseek_vl_jax import layers
+    from deepseek_vl_jax.generation import loop
+
+    @contextlib.contextmanager
+    def tiles():
+        saved, layers.DECODE_TILE = layers.DECODE_TILE, tile
+        try:
+            yield
+        finally:
+            layers.DECODE_TILE = saved
+
+    def wrap(fun):
+        def call(*args):
+            with tiles():
+                return fun(*args)
+        return call
+
+    inner = policy_programs(policy)
+
+    @functools.lru_cache(maxsize=None)
+    def progs(config, sampler, mesh, extras=loop.Extras()):
+        p = inner(config, sampler, mesh, extras)
+        return loop.Programs(generate=wrap(p.generate), prefill=wrap(p.prefill), step=wrap(p.step))
+    return progs
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -85,6 +168,9 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="/tmp/dsvl_bench_045b")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--isa", choices=("native", "avx2"), default="native")
+    parser.add_argument("--tiles", type=int, default=0, help="also a variant with layers.DECODE_TILE = this")
+    parser.add_argument("--variants", default="off,on,policy,split", help="which variants, comma-separated")
+    parser.add_argument("--dots-only", action="store_true", help="only the decode dot forms (`dot_forms`)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_dot_options.json"))
     args = parser.parse_args(argv)
     if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in B.P.AVX2_ENV.items()):
@@ -94,11 +180,19 @@ def main(argv=None) -> int:
     from deepseek_vl_jax.generation import generate, loop
 
     start = time.perf_counter()
+    if args.dots_only:
+        result = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()], "machine": B.P.machine(),
+                  "isa": args.isa, "dot_forms_GBps": dot_forms(args.rounds)}
+        result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        return store(args.out, result, "dot forms")
     B.build_checkpoint(args.checkpoint)
     model = D.load_pretrained(args.checkpoint, progress=False)
     off, on = loop.CpuDotPolicy(loop.YNN_DOTS_OFF, loop.YNN_DOTS_OFF), loop.CpuDotPolicy((), ())
     variants = {"off": policy_programs(off), "on": policy_programs(on),
                 "policy": policy_programs(loop.CPU_DOT_POLICY), "split": split_programs(on, off)}
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+    if args.tiles:
+        variants[f"policy_tiles{args.tiles}"] = tiled_programs(loop.CPU_DOT_POLICY, args.tiles)
     img, b8 = B.image_batch(40), B.text_batch(8, 64, seed=1)
     run = lambda batch, n, p: generate(model, batch, max_new_tokens=n, eos_token_id=-1, programs=p)
     tokens = {k: (run(img, 24, p), run(b8, 24, p)) for k, p in variants.items()}  # also compiles every program
@@ -127,19 +221,25 @@ def main(argv=None) -> int:
     med = {name: {f: round(statistics.median(row[name][f] for row in result["rounds"]), 3) for f in FIGURES}
            for name in names}
     result["median"] = med
-    result["off_over_on"] = {f: round((med["on"][f] / med["off"][f]) if f.endswith("_s") else
-                                      (med["off"][f] / med["on"][f]), 3) for f in FIGURES}  # > 1: off is faster
+    if "on" in med and "off" in med:
+        result["off_over_on"] = {f: round((med["on"][f] / med["off"][f]) if f.endswith("_s") else
+                                          (med["off"][f] / med["on"][f]), 3) for f in FIGURES}  # > 1: off faster
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - start, 1)
-    print(json.dumps({"median": med, "off_over_on": result["off_over_on"]}, indent=1))
+    print(json.dumps({"median": med, "off_over_on": result.get("off_over_on")}, indent=1))
+    return store(args.out, result, "generation programs" + (f" tiles{args.tiles}" if args.tiles else ""))
+
+
+def store(path: str, result: dict, part: str) -> int:
+    """Write `result` into the results file under its machine key and `part`, keeping the rest."""
     stored = {}
-    if os.path.isfile(args.out):
-        with open(args.out) as f:
+    if os.path.isfile(path):
+        with open(path) as f:
             stored = json.load(f)
         if "machines" not in stored:  # the file's first layout: one run, machine inside
             stored = {"machines": {"earlier runs (one entry, before per-machine keys)": stored}}
-    stored.setdefault("machines", {})[B.P.machine_key(result["machine"])] = result
-    with open(args.out, "w") as f:
+    stored.setdefault("machines", {}).setdefault(B.P.machine_key(result["machine"]), {})[part] = result
+    with open(path, "w") as f:
         json.dump(stored, f, indent=2)
         f.write("\n")
     return 0
