@@ -1,18 +1,22 @@
 """XLA:CPU dot paths for the generation programs, A/B side by side in one process: YNNPACK dots off vs on, per
-batch size, and a batch-1 prompt program apart from its decode loop.
+batch size; decode-shaped products in column tiles (`layers.DECODE_TILE`).
 
-    flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py [--rounds 5] [--isa avx2]
+    flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py [--rounds 7] [--isa avx2] [--tiles N]
+    flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py --dots-only [--isa avx2]
+    flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py --end-to-end --variants off,on,policy,split
 
 Same 0.45B checkpoint as bench_generate.py (built there once, cached in --checkpoint). Each variant compiles its own
-programs (`generate(programs=...)`). Every round times every variant once per figure, in alternating order (ABC,
-CBA, ...), so that they see the same load; figures are medians over the rounds (the same program moves by up to
-1.5x run to run on a shared machine, so single runs decide nothing). Per variant: time to first token (1 image,
-617-token prompt), batch-1 decode tokens/s on that prompt, batch-8 prompt time (8 x 64 text tokens) and batch-8
-decode tokens/s. Decode rates are differences of 24- and 8-token generate calls (the prompt cancels).
-Variants: `off` (YNNPACK dots off in every program), `on` (XLA's defaults), `policy` (`loop.CPU_DOT_POLICY`, what
-generation uses), and `split`: a batch-1 prompt program with YNNPACK on, then the decode loop as a second program
-with it off (is splitting worth its cost?). `--isa avx2` reruns itself with XLA limited to AVX2.
-Writes benchmarks/results/cpu_dot_options.json, one entry per machine key (`generate_profile.machine_key`).
+programs. The same program moves by up to 1.5x run to run on a shared machine, so single runs decide nothing:
+samples are short, the variants alternate sample by sample (order reversed every round), figures are medians.
+- default (`program_times`): ms of the prompt program (1 image + 40 text tokens, 617 in all; 8 x 64 text tokens)
+  and of 4 decode steps at batch 1 and 8, per variant: `off` (YNNPACK dots off), `on` (XLA's defaults), and with
+  `--tiles N` the policy traced with `layers.DECODE_TILE = N`.
+- `--end-to-end`: whole `generate` calls per round (time to first token, batch-1 / batch-8 decode tokens/s), plus
+  `policy` (`loop.CPU_DOT_POLICY`) and `split` (a batch-1 prompt program with YNNPACK on, then the decode loop as a
+  second program with it off).
+- `--dots-only` (`dot_forms`): GB/s of decode-shaped products alone, each form on and off.
+`--isa avx2` reruns itself with XLA limited to AVX2. Writes benchmarks/results/cpu_dot_options.json, per machine key
+(`generate_profile.machine_key`) and part.
 """
 
 from __future__ import annotations
@@ -157,6 +161,62 @@ def tiled_programs(policy, tile: int):
     return progs
 
 
+def program_times(model, variants: dict, rounds: int, steps: int = 4) -> dict:
+    """ms per call, medians over `rounds`, of the prompt program (`prefill`: 1 image + 40 text tokens; 8 x 64 text
+    tokens) and of `steps` decode steps (`step`, batch 1 on the image prompt, batch 8), per variant. Every sample
+    is short and the variants alternate sample by sample (order reversed every round), so that all see the same
+    load. Also whether the variants' greedy tokens after the prompt and the steps agree."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from deepseek_vl_jax.generation import kv_cache, loop, sampling, weights
+    from deepseek_vl_jax.generation.inputs import place, prepare_inputs
+
+    sampler, sp = sampling.Sampler(), sampling.SamplingParams.create()
+    stop = loop.StopParams(eos=jnp.full((4,), -1, jnp.int32), pad=jnp.int32(B.TEXT["pad_token_id"]),
+                           max_new_tokens=jnp.int32(64))
+    params = weights.generation_params(model)
+    cases = {"batch1": B.image_batch(40), "batch8": B.text_batch(8, 64, seed=1)}
+    progs = {name: factory(model.config, sampler, None) for name, factory in variants.items()}
+    args, states, tokens = {}, {}, {}
+    for case, batch in cases.items():
+        inputs = place(prepare_inputs(model, batch, 64)[0], None)
+        args[case] = (params, inputs, jax.random.key(0), sp, stop, kv_cache.gen_buffer_length(64))
+        for name, p in progs.items():
+            states[name, case] = jax.block_until_ready(p.prefill(*args[case]))
+            s = jax.tree.map(jnp.copy, states[name, case])
+            for _ in range(steps):
+                s = p.step(params, s, sp, stop)
+            tokens[name, case] = np.asarray(s.tokens)[:, :steps + 1]
+    first = {case: tokens[next(iter(progs)), case] for case in cases}
+    samples = {(name, case, what): [] for name in progs for case in cases for what in ("prompt", "steps")}
+    names = list(progs)
+    for r in range(rounds):
+        for case in cases:
+            for what in ("prompt", "steps"):
+                for name in (names if r % 2 == 0 else names[::-1]):
+                    p = progs[name]
+                    if what == "prompt":
+                        t = timed(lambda: jax.block_until_ready(p.prefill(*args[case])))
+                    else:
+                        s = jax.block_until_ready(jax.tree.map(jnp.copy, states[name, case]))
+
+                        def run(s=s):
+                            for _ in range(steps):
+                                s = p.step(params, s, sp, stop)
+                            jax.block_until_ready(s)
+                        t = timed(run)
+                    samples[name, case, what].append(t * 1e3)
+        print(r, {f"{n}/{c}/{w}": round(v[-1], 1) for (n, c, w), v in samples.items()}, flush=True)
+    out = {"same_greedy_tokens": all(bool((tokens[n, c] == first[c]).all()) for n in progs for c in cases),
+           "steps_per_sample": steps, "ms_median": {}, "ms_all": {}}
+    for (name, case, what), v in samples.items():
+        out["ms_median"][f"{name}/{case}/{what}"] = round(statistics.median(v), 1)
+        out["ms_all"][f"{name}/{case}/{what}"] = [round(x, 1) for x in v]
+    return out
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -166,10 +226,12 @@ def timed(fn) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="/tmp/dsvl_bench_045b")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--isa", choices=("native", "avx2"), default="native")
     parser.add_argument("--tiles", type=int, default=0, help="also a variant with layers.DECODE_TILE = this")
-    parser.add_argument("--variants", default="off,on,policy,split", help="which variants, comma-separated")
+    parser.add_argument("--variants", default="off,on", help="which variants, comma-separated")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="time whole generate calls (TTFT, decode rates) instead of the programs alone")
     parser.add_argument("--dots-only", action="store_true", help="only the decode dot forms (`dot_forms`)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_dot_options.json"))
     args = parser.parse_args(argv)
@@ -193,6 +255,17 @@ def main(argv=None) -> int:
     variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     if args.tiles:
         variants[f"policy_tiles{args.tiles}"] = tiled_programs(loop.CPU_DOT_POLICY, args.tiles)
+    if not args.end_to_end:
+        result = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()], "machine": B.P.machine(),
+                  "isa": args.isa, "programs": program_times(model, variants, args.rounds)}
+        med = result["programs"]["ms_median"]
+        if "on" in variants and "off" in variants:  # > 1: YNNPACK off is faster
+            result["on_over_off"] = {k.split("/", 1)[1]: round(med[k.replace("off/", "on/", 1)] / v, 3)
+                                     for k, v in med.items() if k.startswith("off/")}
+        result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        print(json.dumps({k: result[k] for k in ("on_over_off",) if k in result}), json.dumps(med))
+        return store(args.out, result, "programs " + ",".join(variants))
     img, b8 = B.image_batch(40), B.text_batch(8, 64, seed=1)
     run = lambda batch, n, p: generate(model, batch, max_new_tokens=n, eos_token_id=-1, programs=p)
     tokens = {k: (run(img, 24, p), run(b8, 24, p)) for k, p in variants.items()}  # also compiles every program
