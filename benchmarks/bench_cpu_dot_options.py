@@ -1,7 +1,7 @@
 """XLA:CPU dot paths for the generation programs, A/B side by side in one process: YNNPACK dots off vs on, per
 batch size; decode-shaped products in column tiles (`layers.DECODE_TILE`).
 
-    flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py [--rounds 7] [--isa avx2] [--tiles N]
+    flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py [--rounds 7] [--isa avx2] [--variants ...]
     flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py --dots-only [--isa avx2]
     flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py --end-to-end --variants off,on,policy,split
 
@@ -9,8 +9,8 @@ Same 0.45B checkpoint as bench_generate.py (built there once, cached in --checkp
 programs. The same program moves by up to 1.5x run to run on a shared machine, so single runs decide nothing:
 samples are short, the variants alternate sample by sample (order reversed every round), figures are medians.
 - default (`program_times`): ms of the prompt program (1 image + 40 text tokens, 617 in all; 8 x 64 text tokens)
-  and of 4 decode steps at batch 1 and 8, per variant: `off` (YNNPACK dots off), `on` (XLA's defaults), and with
-  `--tiles N` the policy traced with `layers.DECODE_TILE = N`.
+  and of 4 decode steps at batch 1 and 8, per variant: `off` (YNNPACK dots off), `on` (XLA's defaults), `policy`
+  (`loop.CPU_DOT_POLICY`), each also as `+t<N>`: traced with `layers.DECODE_TILE = N`.
 - `--end-to-end`: whole `generate` calls per round (time to first token, batch-1 / batch-8 decode tokens/s), plus
   `policy` (`loop.CPU_DOT_POLICY`) and `split` (a batch-1 prompt program with YNNPACK on, then the decode loop as a
   second program with it off).
@@ -228,8 +228,8 @@ def main(argv=None) -> int:
     parser.add_argument("--checkpoint", default="/tmp/dsvl_bench_045b")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--isa", choices=("native", "avx2"), default="native")
-    parser.add_argument("--tiles", type=int, default=0, help="also a variant with layers.DECODE_TILE = this")
-    parser.add_argument("--variants", default="off,on", help="which variants, comma-separated")
+    parser.add_argument("--variants", default="off,on", help="comma-separated: off, on, policy (YNNPACK dots off, "
+                        "on, loop.CPU_DOT_POLICY), each optionally +t<N> (layers.DECODE_TILE = N); split")
     parser.add_argument("--end-to-end", action="store_true",
                         help="time whole generate calls (TTFT, decode rates) instead of the programs alone")
     parser.add_argument("--dots-only", action="store_true", help="only the decode dot forms (`dot_forms`)")
@@ -250,11 +250,16 @@ def main(argv=None) -> int:
     B.build_checkpoint(args.checkpoint)
     model = D.load_pretrained(args.checkpoint, progress=False)
     off, on = loop.CpuDotPolicy(loop.YNN_DOTS_OFF, loop.YNN_DOTS_OFF), loop.CpuDotPolicy((), ())
-    variants = {"off": policy_programs(off), "on": policy_programs(on),
-                "policy": policy_programs(loop.CPU_DOT_POLICY), "split": split_programs(on, off)}
-    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
-    if args.tiles:
-        variants[f"policy_tiles{args.tiles}"] = tiled_programs(loop.CPU_DOT_POLICY, args.tiles)
+    policies = {"off": off, "on": on, "policy": loop.CPU_DOT_POLICY}
+    variants = {}
+    for name in args.variants.split(","):  # off | on | policy | split, or one of the first three + "+t<N>"
+        base, _, tile = name.partition("+t")
+        if name == "split":
+            variants[name] = split_programs(on, off)
+        elif tile:
+            variants[name] = tiled_programs(policies[base], int(tile))
+        else:
+            variants[name] = policy_programs(policies[base])
     if not args.end_to_end:
         result = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()], "machine": B.P.machine(),
                   "isa": args.isa, "programs": program_times(model, variants, args.rounds)}
@@ -300,7 +305,7 @@ def main(argv=None) -> int:
     result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     result["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps({"median": med, "off_over_on": result.get("off_over_on")}, indent=1))
-    return store(args.out, result, "generation programs" + (f" tiles{args.tiles}" if args.tiles else ""))
+    return store(args.out, result, "generate calls " + args.variants)
 
 
 def store(path: str, result: dict, part: str) -> int:
