@@ -396,6 +396,9 @@ def main(argv=None) -> int:
                         "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
                         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                        "cpu_dot_policy": {"options_below_many_rows": G.loop.CPU_DOT_POLICY.options(1),
+                                           "options_from_many_rows": G.loop.CPU_DOT_POLICY.options(10**9),
+                                           "many_rows_from": G.loop.CPU_DOT_POLICY.many_rows_from},
                         "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
         "machine": P.machine(),
         "method": "decode rate = (t(long) - t(short)) / (long - short) steps, each t best of --repeats full "
