@@ -1,7 +1,7 @@
 """XLA:CPU dot paths for the generation programs, A/B side by side in one process: YNNPACK dots off vs on, per
-batch size; decode-shaped products in column tiles (`layers.DECODE_TILE`).
+batch size and program.
 
-    flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py [--rounds 7] [--isa avx2] [--variants ...]
+    flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py [--rounds 6] [--isa avx2] [--variants ...]
     flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py --dots-only [--isa avx2]
     flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py --end-to-end --variants off,on,policy,split
 
@@ -10,11 +10,13 @@ programs. The same program moves by up to 1.5x run to run on a shared machine, s
 samples are short, the variants alternate sample by sample (order reversed every round), figures are medians.
 - default (`program_times`): ms of the prompt program (1 image + 40 text tokens, 617 in all; 8 x 64 text tokens)
   and of 4 decode steps at batch 1 and 8, per variant: `off` (YNNPACK dots off), `on` (XLA's defaults), `policy`
-  (`loop.CPU_DOT_POLICY`), each also as `+t<N>`: traced with `layers.DECODE_TILE = N`.
+  (`loop.CPU_DOT_POLICY`). (The "+t512" / "+t2048" entries in the results: the decoder's few-row products in column
+  tiles, a variant of commit addb7b8, measured and not kept.)
 - `--end-to-end`: whole `generate` calls per round (time to first token, batch-1 / batch-8 decode tokens/s), plus
   `policy` (`loop.CPU_DOT_POLICY`) and `split` (a batch-1 prompt program with YNNPACK on, then the decode loop as a
   second program with it off).
-- `--dots-only` (`dot_forms`): GB/s of decode-shaped products alone, each form on and off.
+- `--dots-only` (`dot_forms`): GB/s of decode-shaped products alone ([in, out] plain or in column tiles, [out, in]),
+  each with YNNPACK dots on and off.
 `--isa avx2` reruns itself with XLA limited to AVX2. Writes benchmarks/results/cpu_dot_options.json, per machine key
 (`generate_profile.machine_key`) and part.
 """
@@ -130,37 +132,6 @@ def dot_forms(rounds: int) -> dict:
     return out
 
 
-def tiled_programs(policy, tile: int):
-    """`policy_programs(policy)` traced with `layers.DECODE_TILE = tile` (the decoder's few-row products in
-    column tiles); the programs trace at their first call, so every call runs with it set."""
-    import contextlib
-
-    from deepseek_vl_jax import layers
-    from deepseek_vl_jax.generation import loop
-
-    @contextlib.contextmanager
-    def tiles():
-        saved, layers.DECODE_TILE = layers.DECODE_TILE, tile
-        try:
-            yield
-        finally:
-            layers.DECODE_TILE = saved
-
-    def wrap(fun):
-        def call(*args):
-            with tiles():
-                return fun(*args)
-        return call
-
-    inner = policy_programs(policy)
-
-    @functools.lru_cache(maxsize=None)
-    def progs(config, sampler, mesh, extras=loop.Extras()):
-        p = inner(config, sampler, mesh, extras)
-        return loop.Programs(generate=wrap(p.generate), prefill=wrap(p.prefill), step=wrap(p.step))
-    return progs
-
-
 def program_times(model, variants: dict, rounds: int, steps: int = 4) -> dict:
     """ms per call, medians over `rounds`, of the prompt program (`prefill`: 1 image + 40 text tokens; 8 x 64 text
     tokens) and of `steps` decode steps (`step`, batch 1 on the image prompt, batch 8), per variant. Every sample
@@ -229,7 +200,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--isa", choices=("native", "avx2"), default="native")
     parser.add_argument("--variants", default="off,on", help="comma-separated: off, on, policy (YNNPACK dots off, "
-                        "on, loop.CPU_DOT_POLICY), each optionally +t<N> (layers.DECODE_TILE = N); split")
+                        "on, loop.CPU_DOT_POLICY); split (--end-to-end only)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="time whole generate calls (TTFT, decode rates) instead of the programs alone")
     parser.add_argument("--dots-only", action="store_true", help="only the decode dot forms (`dot_forms`)")
@@ -252,14 +223,8 @@ def main(argv=None) -> int:
     off, on = loop.CpuDotPolicy(loop.YNN_DOTS_OFF, loop.YNN_DOTS_OFF), loop.CpuDotPolicy((), ())
     policies = {"off": off, "on": on, "policy": loop.CPU_DOT_POLICY}
     variants = {}
-    for name in args.variants.split(","):  # off | on | policy | split, or one of the first three + "+t<N>"
-        base, _, tile = name.partition("+t")
-        if name == "split":
-            variants[name] = split_programs(on, off)
-        elif tile:
-            variants[name] = tiled_programs(policies[base], int(tile))
-        else:
-            variants[name] = policy_programs(policies[base])
+    for name in args.variants.split(","):  # off | on | policy | split
+        variants[name] = split_programs(on, off) if name == "split" else policy_programs(policies[name])
     if not args.end_to_end:
         result = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()], "machine": B.P.machine(),
                   "isa": args.isa, "programs": program_times(model, variants, args.rounds)}

@@ -22,9 +22,8 @@ Dtype = Any
 
 
 def dense(features: int, axes: tuple[str, str], use_bias: bool, dtype: Dtype, param_dtype: Dtype, name: str,
-          bias_axis: str | None = None, dot_general=None) -> nn.Dense:
-    """A Linear layer: kernel [in, out] with logical `axes`, bias [out] (sharded like the kernel's output axis).
-    dot_general: the product's function (default `lax.dot_general`; the decoder passes `decode_dot_general`)."""
+          bias_axis: str | None = None) -> nn.Dense:
+    """A Linear layer: kernel [in, out] with logical `axes`, bias [out] (sharded like the kernel's output axis)."""
     return nn.Dense(
         features,
         use_bias=use_bias,
@@ -33,41 +32,7 @@ def dense(features: int, axes: tuple[str, str], use_bias: bool, dtype: Dtype, pa
         kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
         bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (bias_axis or axes[1],)),
         name=name,
-        **({} if dot_general is None else {"dot_general": dot_general}),
     )
-
-
-# XLA:CPU reads an [in, out] weight slowly in a product of a few rows (8 rows: ~1/3 of the speed a weight stored
-# [out, in] reads at, benchmarks/bench_cpu_dot_options.py `--dots-only`): its kernels miss the caches on the weight's
-# long rows. In column tiles of DECODE_TILE outputs each tile's rows stay cached, with the weight kept as it is.
-DECODE_TILE = 0  # outputs per tile; 0: off
-DECODE_TILE_ROWS = (2, 64)  # products of this many rows (decode steps of batch 2..64) are tiled
-
-
-def decode_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """`lax.dot_general` (nn.Dense's call: x [..., in] by kernel [in, out]); on CPU, a product of
-    `DECODE_TILE_ROWS` rows by a float kernel with more than 2 tiles of outputs is computed tile by tile in a
-    `fori_loop` (the same products, each output column summed by one dot as before)."""
-    rows = math.prod(lhs.shape[:-1])
-    (contract, batch) = dimension_numbers
-    n = DECODE_TILE
-    plain = lambda: jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                                        preferred_element_type=preferred_element_type, **kwargs)
-    if (not n or jax.default_backend() != "cpu" or rhs.ndim != 2 or batch != ((), ())
-            or tuple(contract) != ((lhs.ndim - 1,), (0,)) or not DECODE_TILE_ROWS[0] <= rows <= DECODE_TILE_ROWS[1]
-            or rhs.shape[1] % n or rhs.shape[1] < 3 * n or lhs.dtype != jnp.float32 or rhs.dtype != jnp.float32):
-        return plain()
-    x = lhs.reshape(rows, lhs.shape[-1])
-
-    def tile(c, out):
-        w = jax.lax.dynamic_slice_in_dim(rhs, c * n, n, axis=1)
-        y = jax.lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=precision,
-                                preferred_element_type=preferred_element_type)
-        return jax.lax.dynamic_update_slice_in_dim(out, y, c * n, axis=1)
-
-    out_dtype = preferred_element_type or jnp.float32
-    out = jax.lax.fori_loop(0, rhs.shape[1] // n, tile, jnp.zeros((rows, rhs.shape[1]), out_dtype))
-    return out.reshape(lhs.shape[:-1] + (rhs.shape[1],))
 
 
 class RMSNorm(nn.Module):

@@ -36,8 +36,7 @@ class LlamaAttention(nn.Module):
         c = self.config
         n, kh, h = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         b, t, _ = x.shape
-        proj = lambda f, axes, name: layers.dense(f, axes, c.attention_bias, self.dtype, self.param_dtype, name,
-                                                  dot_general=layers.decode_dot_general)
+        proj = lambda f, axes, name: layers.dense(f, axes, c.attention_bias, self.dtype, self.param_dtype, name)
         if self.fused:
             qkv = proj((n + 2 * kh) * h, (common.EMBED, common.HEADS), "qkv_proj")(x)
             q, k, v = jnp.split(qkv, [n * h, (n + kh) * h], axis=-1)
@@ -77,8 +76,7 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        proj = lambda f, axes, name: layers.dense(f, axes, c.mlp_bias, self.dtype, self.param_dtype, name,
-                                                  dot_general=layers.decode_dot_general)
+        proj = lambda f, axes, name: layers.dense(f, axes, c.mlp_bias, self.dtype, self.param_dtype, name)
         if self.fused:
             gate, up = jnp.split(proj(2 * c.intermediate_size, (common.EMBED, common.MLP), "gate_up_proj")(x), 2, -1)
         else:
@@ -171,7 +169,7 @@ class LlamaForCausalLM(nn.Module):
         self.norm = layers.RMSNorm(c.rms_norm_eps, self.param_dtype)
         if not self.tie_word_embeddings:
             self.lm_head = layers.dense(c.vocab_size, (common.EMBED, common.VOCAB), False, self.dtype,
-                                        self.param_dtype, "lm_head", dot_general=layers.decode_dot_general)
+                                        self.param_dtype, "lm_head")
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids [B, T] -> [B, T, D]."""

@@ -1,5 +1,5 @@
-"""The CPU generation programs compile with the dot path their batch size calls for (`loop.CPU_DOT_POLICY`):
-XLA's own dot kernels (YNNPACK dots off) for one row, XLA's defaults (YNNPACK dots) for 8 rows, in the jitted
+"""The CPU generation programs compile with the dot path `loop.CPU_DOT_POLICY` chooses for their batch size: the
+default (YNNPACK dots off at every size, as measured) and a policy with YNNPACK dots from 8 rows, in the jitted
 programs and in the ones program_cache compiles and stores. Read from the compiled HLO text, not from timing."""
 
 import jax
@@ -43,25 +43,42 @@ def args(model, rows: int):
 
 
 def test_the_policy_is_the_measured_choice():
-    """benchmarks/results/cpu_dot_options.json: YNNPACK dots off is faster at one row, on at 8 rows."""
+    """benchmarks/results/cpu_dot_options.json: YNNPACK dots were no faster at one row or in the prompt programs,
+    and slower at 8 rows."""
     policy = loop.CPU_DOT_POLICY
-    assert policy.options(1) == {"xla_cpu_experimental_ynn_fusion_type": ""}
-    assert policy.options(8) == policy.options(16) == {}
-    assert loop.compiler_options(1) == policy.options(1)
+    assert policy.options(1) == policy.options(8) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert loop.compiler_options(8) == policy.options(8)
+
+
+@pytest.fixture
+def ynn_from_8_rows(monkeypatch):
+    """`loop.programs` under a policy with XLA's defaults (YNNPACK dots) from 8 rows."""
+    monkeypatch.setattr(loop, "CPU_DOT_POLICY", loop.CpuDotPolicy(many_rows=()))
+    loop.programs.cache_clear()
+    yield
+    loop.programs.cache_clear()
+
+
+def compiled_texts(model, rows: int) -> list[str]:
+    """The compiled HLO of the generate, prefill and step programs for a batch of `rows`."""
+    progs = loop.programs(model.config, sampling.Sampler(), None)
+    a = args(model, rows)
+    state = progs.prefill(*a)
+    return [progs.generate.lower(*a).compile().as_text(), progs.prefill.lower(*a).compile().as_text(),
+            progs.step.lower(a[0], state, a[3], a[4]).compile().as_text()]
+
+
+def test_default_programs_compile_without_ynnpack_dots(model):
+    for rows in (1, 8):
+        assert not any(YNN in text for text in compiled_texts(model, rows))
 
 
 @pytest.mark.parametrize("rows, ynn", [(1, False), (8, True)])
-def test_programs_compile_with_their_batch_sizes_dot_path(model, rows, ynn):
-    progs = loop.programs(model.config, sampling.Sampler(), None)
-    a = args(model, rows)
-    for text in (progs.generate.lower(*a).compile().as_text(), progs.prefill.lower(*a).compile().as_text()):
-        assert (YNN in text) == ynn
-    state = progs.prefill(*a)
-    step = progs.step.lower(a[0], state, a[3], a[4]).compile().as_text()
-    assert (YNN in step) == ynn
+def test_programs_compile_with_their_batch_sizes_dot_path(model, ynn_from_8_rows, rows, ynn):
+    assert [YNN in text for text in compiled_texts(model, rows)] == [ynn] * 3
 
 
-def test_stored_programs_take_the_same_options(model, tmp_path):
+def test_stored_programs_take_the_same_options(model, ynn_from_8_rows, tmp_path):
     store = ProgramStore(tmp_path)
     extras = loop.Extras()
     for rows, ynn in ((1, False), (8, True)):

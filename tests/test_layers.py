@@ -79,26 +79,3 @@ def test_heads_first_attention_with_a_bias_matches_torch(block):
     ref = torch.nn.functional.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=torch.from_numpy(bias),
                                                            scale=H**-0.5).transpose(1, 2).numpy()
     np.testing.assert_allclose(np.asarray(out), ref, atol=TOL, rtol=0)
-
-
-@pytest.mark.parametrize("rows", [1, 8, 65])
-def test_decode_dot_general_in_column_tiles_matches_torch_linear(rows, monkeypatch):
-    """A Dense layer with `decode_dot_general` and DECODE_TILE set (8 rows: in column tiles; 1 and 65 rows: the
-    plain product) equals torch's Linear on the same weight."""
-    import flax.linen as nn
-    import jax
-
-    monkeypatch.setattr(layers, "DECODE_TILE", 128)
-    rng = np.random.default_rng(rows)
-    x = rng.standard_normal((rows, 1, 96)).astype(np.float32)
-    w, bias = rng.standard_normal((96, 640)).astype(np.float32), rng.standard_normal(640).astype(np.float32)
-    dense = layers.dense(640, ("embed", "mlp"), True, jnp.float32, jnp.float32, "d",
-                         dot_general=layers.decode_dot_general)
-    fn = jax.jit(lambda p, x: dense.apply(p, x))
-    params = {"params": {"kernel": jnp.asarray(w), "bias": jnp.asarray(bias)}}
-    hlo = fn.lower(params, x).as_text()
-    assert ("while" in hlo) == (rows == 8)  # tiled (a loop over the 5 tiles) only for few rows
-    linear = torch.nn.functional.linear(torch.from_numpy(x), torch.from_numpy(w.T.copy()), torch.from_numpy(bias))
-    # measured max abs error 7.6e-6 at one row (outputs up to 26), 0 at 8 and 65 rows
-    np.testing.assert_allclose(np.asarray(fn(params, x)), linear.numpy(), rtol=0, atol=1e-5)
-    assert isinstance(dense, nn.Dense)

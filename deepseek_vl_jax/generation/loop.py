@@ -266,11 +266,14 @@ class Programs:
 
 
 # XLA:CPU compiler options for the generation programs, chosen per program by its batch size B (the rows of its
-# decode dots). This jaxlib hands float32 dots of 8 rows or more to YNNPACK by default (`ynn_fusion`; the prompt's
-# ~600-row GEMMs too), fewer rows to XLA's own kernels. Alternated side by side in one process
-# (benchmarks/bench_cpu_dot_options.py, results/cpu_dot_options.json), YNNPACK off is faster for one row (decode and
-# the prompt of a batch-1 program alike), on for 8 rows. Passed per program (`jax.jit(compiler_options=)`), so
-# nothing else in the process changes and no environment variable is involved; TPU/GPU programs get none.
+# decode dots; `CpuDotPolicy`). This jaxlib hands float32 dots of 8 rows or more to YNNPACK by default
+# (`ynn_fusion`; the prompt's ~600-row GEMMs too), fewer rows to XLA's own kernels. Timed side by side in one
+# process, programs alternating sample by sample (benchmarks/bench_cpu_dot_options.py,
+# results/cpu_dot_options.json): at batch 8 YNNPACK dots made a decode step 1.6x slower (6 of 6 rounds, Xeon under
+# load), the prompt programs were within noise, and a 1-row step compiles to the same kernels either way; so
+# YNNPACK dots are off at every size until a measurement says otherwise for some size (`many_rows`). Passed per
+# program (`jax.jit(compiler_options=)`), so nothing else in the process changes and no environment variable is
+# involved; TPU/GPU programs get none.
 YNN_DOTS_OFF = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 
@@ -280,7 +283,7 @@ class CpuDotPolicy:
     `few_rows` below `many_rows_from`, else `many_rows` (empty: XLA's defaults)."""
 
     few_rows: tuple = YNN_DOTS_OFF
-    many_rows: tuple = ()
+    many_rows: tuple = YNN_DOTS_OFF
     many_rows_from: int = 8
 
     def options(self, rows: int) -> dict:
