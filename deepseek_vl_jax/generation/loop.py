@@ -270,8 +270,9 @@ class Programs:
 # (`ynn_fusion`; the prompt's ~600-row GEMMs too), fewer rows to XLA's own kernels. Timed side by side in one
 # process, programs alternating sample by sample (benchmarks/bench_cpu_dot_options.py,
 # results/cpu_dot_options.json): at batch 8 YNNPACK dots made a decode step 1.6x slower (6 of 6 rounds, Xeon under
-# load), the prompt programs were within noise, and a 1-row step compiles to the same kernels either way; so
-# YNNPACK dots are off at every size until a measurement says otherwise for some size (`many_rows`). Passed per
+# load); the prompt programs were within noise there but 0.56-0.69x the time under AVX2 emulation; a 1-row step
+# compiles to the same kernels either way. A program holds the prompt and the decode loop, so YNNPACK dots are off
+# at every size until a measurement says otherwise for some size (`few_rows` / `many_rows`). Passed per
 # program (`jax.jit(compiler_options=)`), so nothing else in the process changes and no environment variable is
 # involved; TPU/GPU programs get none.
 YNN_DOTS_OFF = (("xla_cpu_experimental_ynn_fusion_type", ""),)
