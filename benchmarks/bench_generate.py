@@ -282,7 +282,8 @@ def breakdown(model, hf, img: dict, batch8: dict) -> dict:
             out["ours_prefill_" + name] = P.xla_breakdown(progs.prefill, args)
         state = progs.prefill(*args)
         # not donated: the same state is rerun; the one jit takes the programs' compiler options (a nested jit cannot)
-        step = jax.jit(lambda p, s: progs.step.__wrapped__(p, s, sp, stop), compiler_options=loop.compiler_options())
+        step = jax.jit(lambda p, s: progs.step.__wrapped__(p, s, sp, stop),
+                       compiler_options=progs.step.options(params, state, sp, stop))
         out["ours_decode_step_" + name] = P.xla_breakdown(step, (params, state), runs=5)
     kw = {k: torch.from_numpy(v) for k, v in img.items()}
     with torch.no_grad():
@@ -395,6 +396,9 @@ def main(argv=None) -> int:
                         "transformers": transformers.__version__, "cpu_count": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
                         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                        "cpu_dot_policy": {"options_below_many_rows": G.loop.CPU_DOT_POLICY.options(1),
+                                           "options_from_many_rows": G.loop.CPU_DOT_POLICY.options(10**9),
+                                           "many_rows_from": G.loop.CPU_DOT_POLICY.many_rows_from},
                         "load_average_at_start": [round(x, 2) for x in os.getloadavg()]},
         "machine": P.machine(),
         "method": "decode rate = (t(long) - t(short)) / (long - short) steps, each t best of --repeats full "

@@ -237,12 +237,22 @@ def keep_going(state: DecodeState, stop: StopParams) -> jax.Array:
     return (state.step < stop.max_new_tokens) & ~jnp.all(state.done)
 
 
+def decode_loop(module, sampler, params, state: DecodeState, sp, stop, extras: Extras = Extras()):
+    """The decode loop from a prefilled state, as one `lax.while_loop`: the final `DecodeState`."""
+    return jax.lax.while_loop(lambda s: keep_going(s, stop),
+                              lambda s: decode_step(module, sampler, params, s, sp, stop, extras), state)
+
+
 def run(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop, extras: Extras = Extras()):
     """Prefill, then the decode loop as one `lax.while_loop`. Returns (tokens [B, G], steps taken), or with extras
     the final `DecodeState` without its cache."""
     state = prefill(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop, extras)
-    state = jax.lax.while_loop(lambda s: keep_going(s, stop),
-                               lambda s: decode_step(module, sampler, params, s, sp, stop, extras), state)
+    state = decode_loop(module, sampler, params, state, sp, stop, extras)
+    return finish_run(state, extras)
+
+
+def finish_run(state: DecodeState, extras: Extras = Extras()):
+    """`run`'s result from the loop's final state."""
     if extras == Extras():
         return state.tokens, state.step
     return state.replace(cache=None, key_valid=None, seen=None)
@@ -255,17 +265,76 @@ class Programs:
     step: Any  # (params, state, sp, stop) -> DecodeState (state donated)
 
 
-# XLA:CPU compiler options for the generation programs. This jaxlib hands float32 dots to YNNPACK by default
-# (`ynn_fusion`); XLA's own dot kernels are faster for every dot generation runs (decode's 1 and 8 rows, the LM
-# head, the prefill's ~600-row GEMMs): benchmarks/generate_profile.py `decode_dot_forms` and bench_generate's
-# `cpu_compiler_options` measure both side by side. Passed per program (`jax.jit(compiler_options=)`), so nothing
-# else in the process changes and no environment variable is involved; TPU/GPU programs get none.
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# XLA:CPU compiler options for the generation programs, chosen per program by its batch size B (the rows of its
+# decode dots; `CpuDotPolicy`). This jaxlib hands float32 dots of 8 rows or more to YNNPACK by default
+# (`ynn_fusion`; the prompt's ~600-row GEMMs too), fewer rows to XLA's own kernels. Timed side by side in one
+# process, programs alternating sample by sample (benchmarks/bench_cpu_dot_options.py,
+# results/cpu_dot_options.json): at batch 8 YNNPACK dots made a decode step 1.6x slower (6 of 6 rounds, Xeon under
+# load); the prompt programs were within noise there but 0.56-0.69x the time under AVX2 emulation; a 1-row step
+# compiles to the same kernels either way. A program holds the prompt and the decode loop, so YNNPACK dots are off
+# at every size until a measurement says otherwise for some size (`few_rows` / `many_rows`). Passed per
+# program (`jax.jit(compiler_options=)`), so nothing else in the process changes and no environment variable is
+# involved; TPU/GPU programs get none.
+YNN_DOTS_OFF = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 
-def compiler_options() -> dict | None:
-    """`CPU_COMPILER_OPTIONS` when the default backend is the CPU, else None (the backend's defaults)."""
-    return dict(CPU_COMPILER_OPTIONS) if jax.default_backend() == "cpu" else None
+@dataclasses.dataclass(frozen=True)
+class CpuDotPolicy:
+    """XLA:CPU compiler options (as (name, value) pairs) of a program whose batch has `rows` rows:
+    `few_rows` below `many_rows_from`, else `many_rows` (empty: XLA's defaults)."""
+
+    few_rows: tuple = YNN_DOTS_OFF
+    many_rows: tuple = YNN_DOTS_OFF
+    many_rows_from: int = 8
+
+    def options(self, rows: int) -> dict:
+        return dict(self.few_rows if rows < self.many_rows_from else self.many_rows)
+
+
+CPU_DOT_POLICY = CpuDotPolicy()
+
+
+def compiler_options(rows: int = 1, policy: CpuDotPolicy | None = None) -> dict | None:
+    """`policy.options(rows)` (default `CPU_DOT_POLICY`) when the default backend is the CPU, else None (the
+    backend's defaults)."""
+    if jax.default_backend() != "cpu":
+        return None
+    return (policy or CPU_DOT_POLICY).options(rows)
+
+
+class ByRows:
+    """A generation program jitted once per compiler option set: the one its batch size calls for
+    (`compiler_options(rows(*args), policy)`; the policy is the one in force when the program was made).
+    `lower(*args)` and calls take the program's arguments; `__wrapped__` is the function (program_cache jits it
+    itself, with `options(*args)`)."""
+
+    def __init__(self, fun, rows, policy: CpuDotPolicy | None = None, **jit_kwargs):
+        self.__wrapped__, self._rows, self._jit_kwargs, self._jits = fun, rows, jit_kwargs, {}
+        self.policy = policy or CPU_DOT_POLICY
+
+    def options(self, *args) -> dict | None:
+        return compiler_options(self._rows(*args), self.policy)
+
+    def jitted(self, *args):
+        opts = self.options(*args)
+        key = None if opts is None else tuple(sorted(opts.items()))
+        if key not in self._jits:
+            self._jits[key] = jax.jit(self.__wrapped__, compiler_options=opts, **self._jit_kwargs)
+        return self._jits[key]
+
+    def lower(self, *args):
+        return self.jitted(*args).lower(*args)
+
+    def __call__(self, *args):
+        return self.jitted(*args)(*args)
+
+
+def _prompt_rows(params, inputs, *_):
+    return inputs["input_ids"].shape[0]
+
+
+def _state_rows(params, state, *_):
+    return state.tokens.shape[0]
 
 
 @functools.lru_cache(maxsize=32)
@@ -289,7 +358,6 @@ def programs(config: ModelConfig, sampler: sampling.Sampler, mesh: Mesh | None,
         with quantized_layers():
             return decode_step(module, sampler, params, state, sp, stop, extras)
 
-    opts = compiler_options()
-    return Programs(generate=jax.jit(gen, static_argnums=5, compiler_options=opts),
-                    prefill=jax.jit(pre, static_argnums=5, compiler_options=opts),
-                    step=jax.jit(step, donate_argnums=1, compiler_options=opts))
+    return Programs(generate=ByRows(gen, _prompt_rows, static_argnums=5),
+                    prefill=ByRows(pre, _prompt_rows, static_argnums=5),
+                    step=ByRows(step, _state_rows, donate_argnums=1))

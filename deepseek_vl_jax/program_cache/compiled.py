@@ -116,8 +116,9 @@ class Program:
         from jax import export
         from jax.experimental import serialize_executable
 
+        options = self._options(dynamic, static)
         key = self.store.key(f"program:{self.kind}", ident=self.ident, static=static, tree=str(treedef),
-                             avals=signature)
+                             avals=signature, **({"options": sorted(options.items())} if options else {}))
         data = self.store.read(key, EXECUTABLE)
         if data is not None:
             try:
@@ -132,7 +133,7 @@ class Program:
         if data is not None:
             try:
                 _register_nodes()
-                call = self._exported_call(export.deserialize(bytearray(data)))
+                call = self._exported_call(export.deserialize(bytearray(data)), options)
                 COUNTS["programs_loaded"] += 1
                 return [call, False, key]
             except Exception:  # noqa: BLE001
@@ -140,7 +141,7 @@ class Program:
                 self.store.remove(key, EXPORTED)
         hits = _cache_hits()
         try:
-            compiled = self._named(key, static).lower(*dynamic).compile()
+            compiled = self._named(key, static, options).lower(*dynamic).compile()
         except Exception:  # noqa: BLE001 — the jitted program reports its own errors
             COUNTS["programs_traced"] += 1
             return None
@@ -149,20 +150,27 @@ class Program:
                 raise ValueError("loaded from JAX's compilation cache")
             payload = pickle.dumps(serialize_executable.serialize(compiled))
         except Exception:  # noqa: BLE001 — not serializable: keep it as StableHLO
-            return self._export(key, dynamic, static) or [compiled, False, key]
+            return self._export(key, dynamic, static, options) or [compiled, False, key]
         if self.store.write(key, EXECUTABLE, payload):
             COUNTS["programs_saved"] += 1
             self.store.remove(key, EXPORTED)
         return [compiled, False, key]
 
-    def _named(self, key: str, static):
+    def _options(self, dynamic, static) -> dict | None:
+        """The compiler options `loop.programs` compiles this signature with (per batch size, `loop.ByRows`)."""
+        from deepseek_vl_jax.generation import loop
+
+        options = getattr(self.traced, "options", None)
+        if options is None:
+            return loop.compiler_options()
+        return options(*dynamic, *(() if static is None else (static,)))
+
+    def _named(self, key: str, static, options: dict | None):
         """The program jitted under a name unique to its key: JAX's compilation cache holds no other program's
         executable under it, so the compilation is this program's own (see `_cache_hits`)."""
         import hashlib
 
         import jax
-
-        from deepseek_vl_jax.generation import loop
 
         traced = getattr(self.traced, "__wrapped__", self.traced)  # the function under `loop.programs`' jit: a
         # nested jit cannot carry compiler options, so this one jit takes them
@@ -171,29 +179,27 @@ class Program:
             return traced(*args, *(() if static is None else (static,)))
 
         program.__name__ = program.__qualname__ = f"{self.kind}_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-        return jax.jit(program, donate_argnums=self.donate, compiler_options=loop.compiler_options())
+        return jax.jit(program, donate_argnums=self.donate, compiler_options=options)
 
-    def _export(self, key, dynamic, static) -> list | None:
+    def _export(self, key, dynamic, static, options: dict | None) -> list | None:
         """Store the program as jax.export StableHLO and call it so; None when it cannot be exported."""
         from jax import export
 
         _register_nodes()
         try:
-            exp = export.export(self._named(key, static))(*dynamic)
+            exp = export.export(self._named(key, static, options))(*dynamic)
             payload = bytes(exp.serialize())
         except Exception:  # noqa: BLE001 — e.g. a tree node jax.export cannot serialize
             return None
         if self.store.write(key, EXPORTED, payload):
             COUNTS["programs_saved"] += 1
             self.store.remove(key, EXECUTABLE)
-        return [self._exported_call(exp), False, key]
+        return [self._exported_call(exp, options), False, key]
 
-    def _exported_call(self, exp) -> Callable:
+    def _exported_call(self, exp, options: dict | None) -> Callable:
         import jax
 
-        from deepseek_vl_jax.generation import loop
-
-        return jax.jit(exp.call, donate_argnums=self.donate, compiler_options=loop.compiler_options())
+        return jax.jit(exp.call, donate_argnums=self.donate, compiler_options=options)
 
 
 def programs(store: Store, progs: Any, ident: str):

@@ -1,0 +1,90 @@
+"""The CPU generation programs compile with the dot path `loop.CPU_DOT_POLICY` chooses for their batch size: the
+default (YNNPACK dots off at every size, as measured) and a policy with YNNPACK dots from 8 rows, in the jitted
+programs and in the ones program_cache compiles and stores. Read from the compiled HLO text, not from timing."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import deepseek_vl_jax as D
+from deepseek_vl_jax import generation as G
+from deepseek_vl_jax.generation import kv_cache, loop, sampling, weights
+from deepseek_vl_jax.program_cache import ProgramStore
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU compiler options")
+
+YNN = '"kind":"__ynn_fusion"'
+
+
+@pytest.fixture(scope="module")
+def model():
+    text = {"vocab_size": 160, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+    vision = {"hidden_size": 48, "intermediate_size": 80, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 8, "vision_use_head": False}
+    config = D.ModelConfig.from_hf({"model_type": "deepseek_vl", "text_config": text, "vision_config": vision,
+                                    "image_token_id": 150})
+    return D.Model(config, D.init_params(config, jax.random.key(0)))
+
+
+def batch(rows: int) -> dict:
+    ids = np.random.default_rng(rows).integers(3, 140, size=(rows, 40))
+    return {"input_ids": ids, "attention_mask": np.ones((rows, 40), np.int32)}
+
+
+def args(model, rows: int):
+    inputs = {"input_ids": jnp.asarray(batch(rows)["input_ids"], jnp.int32),
+              "attention_mask": jnp.ones((rows, 64), jnp.int32)}
+    inputs["input_ids"] = jnp.pad(inputs["input_ids"], ((0, 0), (24, 0)), constant_values=3)
+    stop = loop.StopParams(eos=jnp.full((8,), -1, jnp.int32), pad=jnp.int32(0), max_new_tokens=jnp.int32(8))
+    return (weights.generation_params(model), inputs, jax.random.key(0), sampling.SamplingParams.create(), stop,
+            kv_cache.gen_buffer_length(8))
+
+
+def test_the_policy_is_the_measured_choice():
+    """benchmarks/results/cpu_dot_options.json: YNNPACK dots slowed batch-8 decode steps natively (1.62x); they sped
+    up the prompt programs only under AVX2 emulation, and a program holds the prompt and the decode loop."""
+    policy = loop.CPU_DOT_POLICY
+    assert policy.options(1) == policy.options(8) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert loop.compiler_options(8) == policy.options(8)
+
+
+@pytest.fixture
+def ynn_from_8_rows(monkeypatch):
+    """`loop.programs` under a policy with XLA's defaults (YNNPACK dots) from 8 rows."""
+    monkeypatch.setattr(loop, "CPU_DOT_POLICY", loop.CpuDotPolicy(many_rows=()))
+    loop.programs.cache_clear()
+    yield
+    loop.programs.cache_clear()
+
+
+def compiled_texts(model, rows: int) -> list[str]:
+    """The compiled HLO of the generate, prefill and step programs for a batch of `rows`."""
+    progs = loop.programs(model.config, sampling.Sampler(), None)
+    a = args(model, rows)
+    state = progs.prefill(*a)
+    return [progs.generate.lower(*a).compile().as_text(), progs.prefill.lower(*a).compile().as_text(),
+            progs.step.lower(a[0], state, a[3], a[4]).compile().as_text()]
+
+
+def test_default_programs_compile_without_ynnpack_dots(model):
+    for rows in (1, 8):
+        assert not any(YNN in text for text in compiled_texts(model, rows))
+
+
+@pytest.mark.parametrize("rows, ynn", [(1, False), (8, True)])
+def test_programs_compile_with_their_batch_sizes_dot_path(model, ynn_from_8_rows, rows, ynn):
+    assert [YNN in text for text in compiled_texts(model, rows)] == [ynn] * 3
+
+
+def test_stored_programs_take_the_same_options(model, ynn_from_8_rows, tmp_path):
+    store = ProgramStore(tmp_path)
+    extras = loop.Extras()
+    for rows, ynn in ((1, False), (8, True)):
+        tokens = G.generate(model, batch(rows), max_new_tokens=4, eos_token_id=-1, programs=store.programs)
+        np.testing.assert_array_equal(tokens, G.generate(model, batch(rows), max_new_tokens=4, eos_token_id=-1))
+        stored = store.programs(model.config, sampling.Sampler(), None, extras).generate
+        texts = [entry[0].as_text() for entry in stored.memo.values()
+                 if entry is not None and entry[0].__class__.__name__ == "Compiled"]
+        assert texts and (YNN in texts[-1]) == ynn
