@@ -1,13 +1,13 @@
-"""The tiny hybrid's data: dotted fine-detail scenes (`deepseek_vl_jax.synthetic.dots`) in the training styles.
+"""The tiny hybrid's data: striped fine-detail scenes (`deepseek_vl_jax.synthetic.stripes`) in the training styles.
 
     python train/demo_hybrid/make_data.py OUT DONOR_DIR [--train N] [--seed S]
 
 writes into OUT (staged, renamed into place when complete):
-- train.jsonl:     N chats of up to 4 questions, one of them "What color is the dot?" (the dot on every picture);
-- dots.jsonl:      N / 2 rows asking only the dot (the high-resolution stage's data);
-- heldout.jsonl:   300 single questions on dotted pictures, kinds drawn uniformly (the dot among them);
-- heldout_dots.jsonl: 200 dot questions (the fine-detail set the ablation is measured on);
-- heldout_plain.jsonl, heldout_gradient.jsonl: 300 ordinary questions on undotted pictures, in the training styles
+- train.jsonl:     N chats of up to 4 questions, at least one "Is the red circle striped or plain?";
+- stripes.jsonl:   N / 2 rows asking only about stripes (the high-resolution stage's data);
+- heldout.jsonl:   300 single questions on striped pictures, kinds drawn uniformly (stripes among them);
+- heldout_stripes.jsonl: 200 stripes questions (the fine-detail set the ablation is measured on);
+- heldout_plain.jsonl, heldout_gradient.jsonl: 300 ordinary questions on unstriped pictures, in the training styles
   and in the never-trained gradient family (`synthetic.dataset.write_split`, as the tiny model is evaluated);
 - processor/:      the hybrid processor (SigLIP 64 px, SAM 128 px) with DONOR_DIR's tokenizer.
 Held-out splits come from seeds no training split uses."""
@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from deepseek_vl_jax.conversion import atomic
 from deepseek_vl_jax.synthetic.dataset import write_split
-from deepseek_vl_jax.synthetic.dots import DOT, write_dot_split
+from deepseek_vl_jax.synthetic.stripes import STRIPES, write_stripe_split
 from deepseek_vl_jax.synthetic.tokenizer import write_processor
 
 FAMILIES = ("solid", "noise")
@@ -32,10 +32,10 @@ def splits(seed: int, train: int) -> dict:
     """name -> (writer, count, seed, keyword arguments): every split the recipe writes."""
     h = seed + HELDOUT_SEED
     return {
-        "train": (write_dot_split, train, seed, {"families": FAMILIES, "turns": 4}),
-        "dots": (write_dot_split, train // 2, seed + 7, {"families": FAMILIES, "kind": DOT}),
-        "heldout": (write_dot_split, 300, h, {"families": FAMILIES}),
-        "heldout_dots": (write_dot_split, 200, h + 1, {"families": FAMILIES, "kind": DOT}),
+        "train": (write_stripe_split, train, seed, {"families": FAMILIES, "turns": 4}),
+        "stripes": (write_stripe_split, train // 2, seed + 7, {"families": FAMILIES, "kind": STRIPES}),
+        "heldout": (write_stripe_split, 300, h, {"families": FAMILIES}),
+        "heldout_stripes": (write_stripe_split, 200, h + 1, {"families": FAMILIES, "kind": STRIPES}),
         "heldout_plain": (write_split, 300, h + 2, {"families": FAMILIES}),
         "heldout_gradient": (write_split, 300, h + 3, {"families": ("gradient",)}),
     }
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         tok = Tokenizer.from_file(os.path.join(args.donor, "tokenizer.json"))
         write_processor(os.path.join(tmp, "processor"), [], IMAGE_SIZE, (IMAGE_SIZE // PATCH) ** 2,
                         high_res_size=HIGH_RES, tokenizer=tok)
-    print(f"wrote the hybrid's dotted data ({args.train} training chats) to {args.output}")
+    print(f"wrote the hybrid's striped data ({args.train} training chats) to {args.output}")
     return 0
 
 
