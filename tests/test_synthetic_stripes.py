@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deepseek_vl_jax.synthetic.stripes import (CANVAS, STRIPES, draw_striped, shape_mask, striped_scene,
+from deepseek_vl_jax.synthetic.stripes import (CANVAS, QUESTION, STRIPES, draw_striped, shape_mask, striped_scene,
                                                write_stripe_split)
 from deepseek_vl_jax.synthetic.styles import draw_styled
 from deepseek_vl_jax.synthetic.tokenizer import write_processor
@@ -37,13 +37,15 @@ def _row_energy(img, mask):
 
 def test_every_stripes_answer_is_true_of_its_picture(tmp_path):
     """Each answer matches what is drawn: a striped shape's inside alternates row by row, a plain one's does not.
-    Chats ask about stripes at least once and about each shape at most once."""
+    Every chat asks about the stripes once, and no question twice."""
     rows = _rows(write_stripe_split(str(tmp_path), "train", 30, seed=5, families=FAMILIES, turns=4))
     rng = np.random.default_rng(5)
     for row in rows:
         assert STRIPES in row["kinds"] and len(row["kinds"]) == len(_pairs(row["messages"]))
         questions = [q for q, _ in _pairs(row["messages"])]
         assert len(set(questions)) == len(questions)
+        assert len(set(row["striped"])) == 1  # all shapes of a picture striped, or all plain
+        assert dict(_pairs(row["messages"]))[QUESTION] == ("striped" if row["striped"][0] else "plain")
         img = Image.open(os.path.join(tmp_path, row["messages"][0]["content"][0]["image"])).convert("RGB")
         assert img.size == (CANVAS, CANVAS)
     # the answers against the pixels, on scenes drawn the writer's way

@@ -1,5 +1,5 @@
-"""Fine-detail scenes for the hybrid model: shapes filled plain or with fine stripes, and "Is the red circle striped
-or plain?".
+"""Fine-detail scenes for the hybrid model: shapes filled plain or with fine stripes, and "Are the shapes striped or
+plain?".
 
 A striped shape's rows alternate between its colour lightened and darkened by the same amount, one pixel each, on a
 128-px canvas: the SAM tower's 128-px input shows the stripes pixel for pixel, while SigLIP's 64-px input (a 2x
@@ -8,7 +8,7 @@ there. Every ordinary question (`questions.py`) stays true: a shape's mean colou
 
     write_stripe_split(directory, name, count, seed, families=("solid", "noise"), turns=4)
 
-writes chats of up to `turns` questions, at least one of them about the stripes (`kind=STRIPES` instead: every row
+writes chats of up to `turns` questions, one of them about the stripes (`kind=STRIPES` instead: every row
 asks only that).
 """
 
@@ -31,14 +31,14 @@ CANVAS = 128  # the SAM tower's input size: one stripe is one of its pixels
 CONTRAST = 48  # the largest change per channel (within 0..255, so that each pair of rows averages to the fill)
 
 
-def question(shape) -> str:
-    return f"Is the {shape.color} {shape.kind} striped or plain?"
+QUESTION = "Are the shapes striped or plain?"
 
 
 def striped_scene(rng: np.random.Generator, family: str) -> tuple[Scene, Style, tuple[bool, ...]]:
-    """A scene in `family` on a CANVAS-px canvas, and for each shape whether it is striped (each a fair coin)."""
+    """A scene in `family` on a CANVAS-px canvas, and for each shape whether it is striped: all shapes of a picture
+    are striped, or all plain (one fair coin), so the answer is the picture's, not one shape's."""
     scene, style = styled_scene(rng, family)
-    return scene, dataclasses.replace(style, canvas=CANVAS), tuple(bool(b) for b in rng.integers(2, size=len(scene.shapes)))
+    return scene, dataclasses.replace(style, canvas=CANVAS), (bool(rng.integers(2)),) * len(scene.shapes)
 
 
 def shape_mask(shape, size: int) -> np.ndarray:
@@ -70,16 +70,15 @@ def draw_striped(scene: Scene, style: Style, striped: tuple[bool, ...]) -> Image
 
 
 def stripe_questions(scene: Scene, striped: tuple[bool, ...]) -> list[tuple[int, str, str, str]]:
-    """(object, STRIPES, question, answer) for every shape whose colour and kind name it alone."""
-    named = {i for i, kind, _, _ in by_object(scene) if kind == "side"}  # "side" is asked of exactly these shapes
-    return [(i, STRIPES, question(scene.shapes[i]), "striped" if striped[i] else "plain") for i in sorted(named)]
+    """[(object, STRIPES, question, answer)]: the one stripes question, about the whole picture (object -2)."""
+    return [(-2, STRIPES, QUESTION, "striped" if striped[0] else "plain")]
 
 
 def striped_rows(scene: Scene, striped: tuple[bool, ...], rng: np.random.Generator, image: str, turns: int,
                  kind: str | None) -> list[dict]:
-    """kind=STRIPES: one stripes question; turns > 1: a chat of up to `turns` questions, each shape the subject of
-    at most one, the first a stripes question and the rest drawn as `questions.ask_turns` draws them (the stripes
-    kind among them); otherwise one question, its kind drawn uniformly among the scene's kinds."""
+    """kind=STRIPES: the stripes question; turns > 1: a chat of up to `turns` questions in random order, the stripes
+    question and the rest drawn as `questions.ask_turns` draws them (each shape the subject of at most one);
+    otherwise one question, its kind drawn uniformly among the scene's kinds (the stripes among them)."""
     stripes = stripe_questions(scene, striped)
     left = by_object(scene) + stripes
     if kind is not None:
@@ -120,8 +119,6 @@ def write_stripe_split(directory: str, name: str, count: int, seed: int,
         for i in range(count):
             family = families[int(rng.integers(len(families)))]
             scene, style, striped = striped_scene(rng, family)
-            while not stripe_questions(scene, striped):  # e.g. two red circles and nothing else: none to ask
-                scene, style, striped = striped_scene(rng, family)
             rel = f"images/{name}/{i:06d}.png"
             draw_striped(scene, style, striped).save(os.path.join(directory, rel))
             for record in striped_rows(scene, striped, rng, rel, turns, kind):

@@ -3,7 +3,7 @@
     python train/demo_hybrid/make_data.py OUT DONOR_DIR [--train N] [--seed S]
 
 writes into OUT (staged, renamed into place when complete):
-- train.jsonl:     N chats of up to 4 questions, at least one "Is the red circle striped or plain?";
+- train.jsonl:     N chats of up to 4 questions, one of them "Are the shapes striped or plain?";
 - stripes.jsonl:   N / 2 rows asking only about stripes (the high-resolution stage's data);
 - heldout.jsonl:   300 single questions on striped pictures, kinds drawn uniformly (stripes among them);
 - heldout_stripes.jsonl: 200 stripes questions (the fine-detail set the ablation is measured on);
