@@ -16,8 +16,10 @@ SCRIPT = os.path.join(REPO, "train", "demo_hybrid", "graft.py")
 
 def test_graft_seeds_the_hybrid_aligner_from_the_donors(generation_checkpoints, tmp_path):
     """A donor whose aligner uses only half of its hidden units (the other half's linear2 columns zeroed, so the
-    graft's choice of units is forced): transformers' grafted hybrid aligner equals transformers' donor aligner on any
-    features, whatever the high-resolution input (its half of `proj` starts at zero), and is not the random one."""
+    graft's choice of units is forced). In transformers, the grafted hybrid aligner's response to a change of the
+    low-resolution features equals the donor aligner's exactly, whatever the high-resolution features; its
+    high-resolution half is the hybrid's own initialisation (the response to a change of those is the random
+    model's)."""
     from transformers import DeepseekVLForConditionalGeneration, DeepseekVLHybridForConditionalGeneration
 
     *_, donor_dir = generation_checkpoints("vl")
@@ -26,8 +28,7 @@ def test_graft_seeds_the_hybrid_aligner_from_the_donors(generation_checkpoints, 
     shutil.copytree(donor_dir, donor)
     tensors = load_file(str(donor / "model.safetensors"))
     w2 = tensors["model.aligner.linear2.weight"]
-    half = w2.shape[1] // 2
-    unused = np.random.default_rng(0).permutation(w2.shape[1])[:half]
+    unused = np.random.default_rng(0).permutation(w2.shape[1])[:w2.shape[1] // 2]
     w2[:, unused] = 0.0
     save_file(tensors, str(donor / "model.safetensors"), metadata={"format": "pt"})
     target = shutil.copytree(hybrid_dir, tmp_path / "hybrid")
@@ -38,10 +39,13 @@ def test_graft_seeds_the_hybrid_aligner_from_the_donors(generation_checkpoints, 
     grafted = DeepseekVLHybridForConditionalGeneration.from_pretrained(str(target)).eval().model.aligner
     random = DeepseekVLHybridForConditionalGeneration.from_pretrained(hybrid_dir).eval().model.aligner
     g = torch.Generator().manual_seed(0)
-    low = torch.randn(2, 5, grafted.vision_proj.in_features, generator=g)
+    dv, ch = grafted.vision_proj.in_features, grafted.high_res_vision_proj.in_features
+    low, low2 = torch.randn(2, 5, dv, generator=g), torch.randn(2, 5, dv, generator=g)
+    high, high2 = torch.randn(2, 5, ch, generator=g), torch.randn(2, 5, ch, generator=g)
     with torch.no_grad():
-        expected = theirs(low)
-        for high in (torch.randn(2, 5, grafted.high_res_vision_proj.in_features, generator=g), torch.zeros(2, 5, 1)):
-            high = high.expand(2, 5, grafted.high_res_vision_proj.in_features)
-            np.testing.assert_allclose(grafted(low, high).numpy(), expected.numpy(), atol=1e-6)
-        assert (random(low, high) - expected).abs().max() > 1e-2
+        expected = (theirs(low) - theirs(low2)).numpy()
+        for h in (high, high2):
+            np.testing.assert_allclose((grafted(low, h) - grafted(low2, h)).numpy(), expected, atol=5e-6)  # float32 sums: 1.5e-6
+        assert np.abs((random(low, high) - random(low2, high)).numpy() - expected).max() > 1e-2
+        np.testing.assert_allclose((grafted(low, high) - grafted(low, high2)).numpy(),
+                                   (random(low, high) - random(low, high2)).numpy(), atol=5e-6)

@@ -6,9 +6,9 @@ from the donor's MLP aligner; SAM, its neck, projection and alpha keep their ran
 
 The aligner: the donor's is linear1 (Dv -> D) -> GELU -> linear2 (D -> D); the hybrid's is [high_res_vision_proj
 (Ch -> D/2), vision_proj (Dv -> D/2)] -> GELU -> proj (D -> D). `vision_proj` takes the D/2 hidden units of linear1
-that matter most (largest |linear1 row| x |linear2 column|), `proj`'s low half their linear2 columns, and `proj`'s
-high half starts at zero: the grafted hybrid answers like the donor with half its aligner's hidden units, and the
-SAM path starts silent (its gradient is not: it flows through the zero weights' own gradient from the first step).
+that matter most (largest |linear1 row| x |linear2 column|) and `proj`'s low half their linear2 columns; `proj`'s high
+half keeps its random initialisation, so the SAM path speaks from the first step (zeroed, it stayed unheard for 100+
+steps; kept, the grafted model still answered 88% of ordinary held-out questions, the donor 85-87%).
 
 Every donor tensor of `model.vision_model.*` and `model.language_model.*` must have its twin, of the same shape, in
 the hybrid (the configs of those towers must match); anything else is an error, never a silent partial copy."""
@@ -34,7 +34,7 @@ def graft_aligner(donor: dict, tensors: dict) -> None:
     keep = np.sort(np.argsort(-np.linalg.norm(w1, axis=1) * np.linalg.norm(w2, axis=0))[:half])
     tensors[A + "vision_proj.weight"] = w1[keep]
     tensors[A + "vision_proj.bias"] = b1[keep]
-    proj = np.zeros_like(w2)
+    proj = tensors[A + "proj.weight"].copy()
     proj[:, half:] = w2[:, keep]  # the hybrid concatenates high-then-low
     tensors[A + "proj.weight"] = proj
     tensors[A + "proj.bias"] = b2
