@@ -4,7 +4,7 @@
 
 writes into OUT (staged, renamed into place when complete):
 - train.jsonl:     N chats of up to 4 questions, one of them "Are the shapes striped or plain?";
-- stripes.jsonl:   N / 2 rows asking only about stripes (the high-resolution stage's data);
+- stripes.jsonl:   N / 2 rows asking only about stripes (for probes of the detail alone);
 - heldout.jsonl:   300 single questions on striped pictures, kinds drawn uniformly (stripes among them);
 - heldout_stripes.jsonl: 200 stripes questions (the fine-detail set the ablation is measured on);
 - heldout_plain.jsonl, heldout_gradient.jsonl: 300 ordinary questions on unstriped pictures, in the training styles
