@@ -27,8 +27,8 @@ A = "model.aligner."
 def graft_aligner(donor: dict, tensors: dict) -> None:
     """The donor MLP aligner's most used half into the hybrid aligner's low-resolution half (in place)."""
     w1, b1, w2, b2 = (donor[A + k] for k in ("linear1.weight", "linear1.bias", "linear2.weight", "linear2.bias"))
-    half = tensors[A + "vision_proj.weight"].shape[0]
-    if w1.shape != (2 * half, tensors[A + "vision_proj.weight"].shape[1]) or w2.shape != tensors[A + "proj.weight"].shape:
+    half, dv = tensors[A + "vision_proj.weight"].shape
+    if w1.shape != (2 * half, dv) or w2.shape != tensors[A + "proj.weight"].shape:
         sys.exit(f"error: the donor's aligner {w1.shape}, {w2.shape} does not fit the hybrid aligner; "
                  "give a donor whose LLaMA and SigLIP widths equal the hybrid's")
     keep = np.sort(np.argsort(-np.linalg.norm(w1, axis=1) * np.linalg.norm(w2, axis=0))[:half])
