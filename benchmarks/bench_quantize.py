@@ -11,8 +11,9 @@
   code pages), batch-1 decode tokens/s (difference of two generation lengths, prefill cancels, best of
   --repeats) and the last 32 positions' logits of an image prompt, compared with float32 (max |error| / max
   |logit|, top-1 agreement). Then, after those measurements, the generate program's `memory_analysis()` (its
-  temporaries hold the KV cache), and for int8/int4 the decode rate of the whole-kernel form
-  (`quantization.ops.BLOCKED_ROWS = 0`) in the same process, side by side with the blocked form.
+  temporaries hold the KV cache) and kernel counts, and for int8/int4 the decode rate of the block-loop form
+  (`quantization.ops.DECODE_FORM = DecodeForm.BLOCKED`, the default before) in the same process, side by side
+  with the default (`DecodeForm.WHOLE`).
 The peak is accounted for (`peak_account_bytes`, heap trimmed at each point so only resident memory counts):
 parameters; what loading leaves besides them; what the first generate calls keep (the compiled executable,
 jax's trace caches, new threads' stacks); the transient while generating (sampled RssAnon peak minus idle: the
@@ -163,6 +164,7 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
     from deepseek_vl_jax import load_pretrained, quantization as Q
     from deepseek_vl_jax.generation import kv_cache
     from deepseek_vl_jax.generation.inputs import prepare_inputs
+    from deepseek_vl_jax.quantization import ops
 
     jax.numpy.zeros(1).block_until_ready()
     before, before_anon, before_file = status_kb("VmRSS"), status_kb("RssAnon"), status_kb("RssFile")
@@ -201,18 +203,17 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
     gen_peak = status_kb("VmHWM")
     peak_file = status_kb("RssFile")
     program = program_memory(model, batch)
-    whole_rate = None
-    if scheme is not None:  # the whole-kernel form, side by side in this process
+    blocked_rate = None
+    if scheme is not None:  # the previous decode form (a block loop per layer), side by side in this process
         from deepseek_vl_jax.generation import loop
-        from deepseek_vl_jax.quantization import ops
 
-        blocked_rows, ops.BLOCKED_ROWS = ops.BLOCKED_ROWS, 0
+        form, ops.DECODE_FORM = ops.DECODE_FORM, ops.DecodeForm.BLOCKED
         loop.programs.cache_clear()
         runner.run_ours(batch, SHORT)
-        whole_rate = runner.decode_rate(batch, SHORT, LONG, repeats, "ours")
-        ops.BLOCKED_ROWS = blocked_rows
+        blocked_rate = runner.decode_rate(batch, SHORT, LONG, repeats, "ours")
+        ops.DECODE_FORM = form
         loop.programs.cache_clear()
-        rate = max(rate, runner.decode_rate(batch, SHORT, LONG, repeats, "ours"))  # blocked again, after it
+        rate = max(rate, runner.decode_rate(batch, SHORT, LONG, repeats, "ours"))  # the default again, after it
     logits = np.asarray(model(**batch))[0, -32:]
     np.save(out + ".npy", logits)
     kept_anon, _ = rss_file_anon()
@@ -253,7 +254,8 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
         "programs_memory_analysis_bytes": program,
         "peak_account_bytes": account,
         "decode_tokens_per_s": rate,
-        "decode_tokens_per_s_whole_kernel_form": whole_rate,
+        "decode_form": None if scheme is None else ops.DECODE_FORM.value,
+        "decode_tokens_per_s_blocked_form": blocked_rate,
         "load_average_after": os.getloadavg(),
     }
     with open(out, "w") as f:
@@ -307,9 +309,18 @@ def program_memory(model, batch) -> dict:
                 "image_encoder": model._image_features.lower(model.params, inputs["pixel_values"], None)}
     out = {}
     for name, lowered in compiled.items():
-        ma = lowered.compile().memory_analysis()
+        compiled_program = lowered.compile()
+        ma = compiled_program.memory_analysis()
         out[name] = {k: getattr(ma, k + "_size_in_bytes") for k in ("argument", "output", "alias", "temp")}
+        out[name]["kernels"] = kernel_counts(compiled_program.as_text())
     return out
+
+
+def kernel_counts(hlo: str) -> dict:
+    """Of an optimized HLO module's text: its lines, fusions, dots and while loops. XLA:CPU keeps runtime memory
+    per compiled kernel (a fusion or an unfused elementwise op), whatever its size; a dot is a library call."""
+    return {"hlo_lines": hlo.count("\n"), "fusions": hlo.count(" fusion("), "dots": hlo.count(" dot("),
+            "whiles": hlo.count(" while(")}
 
 
 def runtime_probe(out: str) -> None:

@@ -1,7 +1,9 @@
-"""The CPU decode forms of the quantized matmuls (quantization.ops.blocked_dot / blocked_attend) against the whole-
-kernel form and a float64 reference, the same through generate, and what the compiled programs hold
-(`memory_analysis`): a decode step's temporaries are a fraction of one layer's float kernels, and a prompt's cached
-attention holds one query block's logits (layers.cached_attention), counted, not timed."""
+"""The CPU decode forms of the quantized matmuls (quantization.ops: the default whole-kernel form with int4 as two
+nibble planes, `planes_dot`; the block loop `blocked_dot`; the tied head's `blocked_attend`) against the whole-kernel
+form of the prompt and a float64 reference, the same through generate, and what the compiled programs hold, counted,
+not timed: the default decode step adds at most 1.5 (int8) / 3 (int4) kernels per quantized layer to the float32
+step, the block loop's temporaries are a fraction of one layer's float kernels, and a prompt's cached attention
+holds one query block's logits (layers.cached_attention)."""
 
 import jax
 import jax.numpy as jnp
@@ -28,13 +30,19 @@ def models(tmp_path_factory):
     cfg = F.make_config(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=6,
                                   num_attention_heads=4, num_key_value_heads=2), tie=True)
     path = F.save(F.make_model(cfg, seed=5), tmp_path_factory.mktemp("ops"))
-    quantize = {"int8": Q.QuantizeConfig("int8", embeddings=True), "int4": Q.QuantizeConfig("int4", 32)}
+    quantize = {"int8": Q.QuantizeConfig("int8", embeddings=True), "int4": Q.QuantizeConfig("int4", 32),
+                "float32": None}
     return cfg, {k: D.load_pretrained(path, progress=False, quantize=q) for k, q in quantize.items()}
 
 
 def _whole_form(monkeypatch):
     monkeypatch.setattr(ops, "BLOCKED_ROWS", 0)
-    loop.programs.cache_clear()  # the generation programs retrace with the whole-kernel form
+    loop.programs.cache_clear()  # the generation programs retrace with the prompt's whole-kernel form
+
+
+def _blocked_form(monkeypatch):
+    monkeypatch.setattr(ops, "DECODE_FORM", ops.DecodeForm.BLOCKED)
+    loop.programs.cache_clear()
 
 
 def _rel(a, ref):
@@ -43,21 +51,23 @@ def _rel(a, ref):
 
 @pytest.mark.parametrize("scheme,group,k,rows", [("int8", 0, 96, 1), ("int8", 0, 256, 4), ("int4", 32, 96, 4),
                                                   ("int4", 128, 256, 1)])
-def test_blocked_dot_equals_the_whole_form(scheme, group, k, rows, monkeypatch):
+def test_decode_forms_equal_the_whole_form(scheme, group, k, rows, monkeypatch):
     rng = np.random.default_rng(k + rows)
     w = rng.standard_normal((k, 80)).astype(np.float32)
     w[:, 3] *= 40  # an outlier column
     qt = jax.tree.map(jnp.asarray, Q.quantize(w, scheme, group or 128))
     x = jnp.asarray(rng.standard_normal((rows, 1, k)).astype(np.float32))
     ref = np.asarray(x, np.float64) @ np.asarray(Q.dequantize(qt), np.float64)
-    dense = jax.jit(lambda x, q: Q.dense(x, q, jnp.float32))
-    assert ops._blocked(x, qt, 0)
-    assert "while" in dense.lower(x, qt).as_text()  # the block loop
-    blocked = dense(x, qt)
+    dense = lambda: jax.jit(lambda x, q: Q.dense(x, q, jnp.float32))
+    assert not ops._blocked(x, qt, 0) and "while" not in dense().lower(x, qt).as_text()  # the default: no loop
+    default = dense()(x, qt)
+    monkeypatch.setattr(ops, "DECODE_FORM", ops.DecodeForm.BLOCKED)
+    assert ops._blocked(x, qt, 0) and "while" in dense().lower(x, qt).as_text()  # the block loop
+    blocked = dense()(x, qt)
     monkeypatch.setattr(ops, "BLOCKED_ROWS", 0)
-    whole = jax.jit(lambda x, q: Q.dense(x, q, jnp.float32))(x, qt)
-    assert _rel(blocked, ref) < MATMUL_RTOL and _rel(whole, ref) < MATMUL_RTOL
-    assert blocked.shape == whole.shape == (rows, 1, 80)
+    whole = dense()(x, qt)
+    for y in (default, blocked, whole):
+        assert _rel(y, ref) < MATMUL_RTOL and y.shape == (rows, 1, 80)
 
 
 def test_blocked_tied_head_equals_the_whole_form(monkeypatch):
@@ -73,20 +83,23 @@ def test_blocked_tied_head_equals_the_whole_form(monkeypatch):
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_generate_with_the_blocked_form_equals_the_whole_form(models, scheme, monkeypatch):
-    """Same greedy tokens and log-probabilities to float32 noise (measured <= 2e-6; decode steps take the blocked
-    form, the prompt the whole one)."""
+def test_generate_with_each_decode_form_equals_the_whole_form(models, scheme, monkeypatch):
+    """Same greedy tokens and log-probabilities to float32 noise (measured <= 2e-6): decode steps in the default
+    form and in the block loop, against the prompt's whole-kernel form everywhere."""
     cfg, quantized = models
     model = quantized[scheme]
     batch = F.make_inputs(cfg, rows=((1, 0), (0, 4)), padding="left")
     run = lambda: D.generate(model, batch, max_new_tokens=6, eos_token_id=-1, return_dict=True)
     loop.programs.cache_clear()
+    default = run()
+    _blocked_form(monkeypatch)
     blocked = run()
     _whole_form(monkeypatch)
     whole = run()
     loop.programs.cache_clear()
-    np.testing.assert_array_equal(blocked.sequences, whole.sequences)
-    np.testing.assert_allclose(blocked.logprobs, whole.logprobs, rtol=0, atol=1e-5)
+    for got in (default, blocked):
+        np.testing.assert_array_equal(got.sequences, whole.sequences)
+        np.testing.assert_allclose(got.logprobs, whole.logprobs, rtol=0, atol=1e-5)
 
 
 def _compiled_step(model, batch, max_new_tokens=8):
@@ -111,8 +124,8 @@ def _float_kernel_bytes(layer) -> int:
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_decode_step_temporaries_are_a_fraction_of_one_layer(models, scheme, monkeypatch):
-    """Blocked: the step's temporaries stay below a quarter of ONE layer's float32 kernels (each block converts
-    64 rows); the whole-kernel form needs at least one whole kernel in float32."""
+    """The block loop: the step's temporaries stay below a quarter of ONE layer's float32 kernels (each block
+    converts 64 rows); the default form needs at least one whole kernel in float32."""
     cfg, quantized = models
     model = quantized[scheme]
     batch = F.make_inputs(cfg, rows=((1, 0),), padding="left")
@@ -121,12 +134,37 @@ def test_decode_step_temporaries_are_a_fraction_of_one_layer(models, scheme, mon
         weights.generation_params(model)["layers"][0], is_leaf=lambda x: isinstance(x, Q.QTensor))
         if isinstance(x, Q.QTensor))
     loop.programs.cache_clear()
-    blocked = _compiled_step(model, batch).memory_analysis().temp_size_in_bytes
-    _whole_form(monkeypatch)
     whole = _compiled_step(model, batch).memory_analysis().temp_size_in_bytes
+    _blocked_form(monkeypatch)
+    blocked = _compiled_step(model, batch).memory_analysis().temp_size_in_bytes
     loop.programs.cache_clear()
     assert blocked < one_layer / 4, (blocked, one_layer)
     assert whole >= largest, (whole, largest)
+
+
+# Kernels (fusions) the decode step adds per quantized Dense over the float32 step: int8 the convert of its kernel
+# (the scale multiply fuses into the consumer), int4 the two nibble planes and x's even/odd split. Measured on this
+# 6-layer model: 1.14 / 2.71; the block loop: 5.1 / 7.8 (and one while loop per layer).
+EXTRA_KERNELS = {"int8": 1.5, "int4": 3.0}
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_decode_step_adds_few_kernels_per_quantized_layer(models, scheme, monkeypatch):
+    """XLA:CPU keeps runtime memory per compiled kernel whatever its size (~60-100 KB at the 0.45B shape,
+    benchmarks/bench_quantize.py), so the decode step's kernel count is its memory: counted in the optimized HLO."""
+    cfg, models_ = models
+    batch = F.make_inputs(cfg, rows=((1, 0),), padding="left")
+    dense = sum(isinstance(x, Q.QTensor) and x.ndim == 2 and x.axis == -2 for layer in
+                weights.generation_params(models_[scheme])["layers"] for x in
+                jax.tree.leaves(layer, is_leaf=lambda x: isinstance(x, Q.QTensor)))
+    assert dense == 7 * cfg.text_config.num_hidden_layers
+    fusions = lambda m: _compiled_step(m, batch).as_text().count(" fusion(")
+    loop.programs.cache_clear()
+    base, default = fusions(models_["float32"]), fusions(models_[scheme])
+    _blocked_form(monkeypatch)
+    blocked = fusions(models_[scheme])
+    loop.programs.cache_clear()
+    assert (default - base) / dense <= EXTRA_KERNELS[scheme] < (blocked - base) / dense, (base, default, blocked)
 
 
 def test_prompt_attention_holds_one_query_block():

@@ -10,11 +10,17 @@ What the compiled program does (HLO inspected on CPU):
   dot's operand: TPU/GPU fuse it into the dot, so HBM holds and reads only the quantized weights. XLA:CPU's dot does
   not fuse producers: there a loop fusion writes the layer's whole kernel as float32 into a temporary, which the dot
   then reads (9 bytes moved per int8 weight where float32 moves 4); `after` keeps that to one layer at a time.
-- CPU, a few rows (a decode step, at most `BLOCKED_ROWS`): `blocked_dot`, a `fori_loop` over blocks of
-  `BLOCK_ROWS` input rows: each block's int8 rows (contiguous in the [in, out] kernel), or its packed int4 rows
-  unpacked as two nibble planes, are converted right before a small dot and accumulated, the scale applied to the
-  block's [.., out] result. The float block (64 x out floats) stays in cache, so memory traffic is the quantized
-  bytes only (int8 decodes as fast as float32 at the 0.45B shape, benchmarks/results/quantize.json).
+- CPU, a few rows (a decode step, at most `BLOCKED_ROWS`), by `DECODE_FORM`:
+  - `DecodeForm.WHOLE` (default): int8 as above; int4 as two nibble planes (`planes_dot`): x's even columns times
+    the low nibbles, its odd ones times the high nibbles, each plane scaled as it is unpacked (no interleave).
+    Each layer's conversion writes one float kernel (a temporary, one at a time through `after`). Fewest kernels:
+    XLA:CPU keeps ~60-100 KB of runtime memory per compiled kernel (fusion) whatever its size, and a decode step
+    converts 7 kernels per layer (benchmarks/bench_quantize.py `programs_kernels`).
+  - `DecodeForm.BLOCKED`: `blocked_dot`, a `fori_loop` over blocks of `BLOCK_ROWS` input rows: each block's int8
+    rows (contiguous in the [in, out] kernel), or its packed int4 rows unpacked as two nibble planes, are converted
+    right before a small dot and accumulated, the scale applied to the block's [.., out] result. The float block
+    (64 x out floats) stays in cache and the step's temporaries are a fraction of one layer, but each loop costs
+    5-9 kernels (the 0.45B int4 decode step: 79 MB kept against 35 MB for float32).
 - Embeddings: the gathered int8 rows times their row scales; the tied LM head is dot(h, convert(values)^T) * scales,
   on CPU for a few rows a `lax.map` over blocks of table rows.
 """
@@ -22,6 +28,7 @@ What the compiled program does (HLO inspected on CPU):
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 
 import flax.linen as nn
@@ -31,8 +38,18 @@ import jax.numpy as jnp
 from deepseek_vl_jax.quantization.qtensor import QTensor, Scheme, dequantize, int_values
 
 BLOCK_ROWS = 64  # kernel rows converted per step of `blocked_dot`: 64 x 2816 float32 = 720 KB, within L2
-BLOCKED_ROWS = 32  # at most this many activation rows (decode steps, small batches) take the blocked form
+BLOCKED_ROWS = 32  # at most this many activation rows (decode steps, small batches) take the `DECODE_FORM`
 TABLE_BLOCK = 256  # table rows per step of the blocked tied LM head
+
+
+class DecodeForm(enum.Enum):
+    """How a Dense layer computes from quantized weights on CPU for a few rows (see the module docstring)."""
+
+    WHOLE = "whole"
+    BLOCKED = "blocked"
+
+
+DECODE_FORM = DecodeForm.WHOLE
 
 
 def after(qt: QTensor, x: jax.Array) -> QTensor:
@@ -112,18 +129,39 @@ def blocked_attend(x: jax.Array, table: QTensor, dtype) -> jax.Array:
     return out.transpose(1, 0, 2).reshape(x.shape[0], v).astype(dtype)
 
 
+def planes_dot(x: jax.Array, q: QTensor, dtype) -> jax.Array:
+    """x [M, K] @ a 2-D int4 QTensor kernel [K, N] (axis -2) -> [M, N] in `dtype`: the packed bytes unpacked as two
+    planes [K / 2, N] (rows 2j from the low nibbles, 2j + 1 from the high ones), each scaled by its group's scale,
+    contracted with x's even and odd columns. Same products as `dequantize` (taken in float32, rounded once to
+    `dtype`), without its interleaving of the two planes."""
+    k, n = q.shape
+    g = q.group_size
+    p = jnp.asarray(q.values).astype(jnp.int8).reshape(k // g, g // 2, n)
+    s = jnp.asarray(q.scales).astype(jnp.float32)[:, None, :]  # [K / group, 1, N]
+    plane = lambda nibbles: (nibbles.astype(jnp.float32) * s).reshape(k // 2, n).astype(dtype)
+    low, high = plane(jnp.left_shift(p, 4) >> 4), plane(p >> 4)  # arithmetic shifts sign-extend
+    return (jnp.dot(x[:, 0::2], low, preferred_element_type=jnp.float32)
+            + jnp.dot(x[:, 1::2], high, preferred_element_type=jnp.float32)).astype(dtype)
+
+
+def _few_rows(x: jax.Array) -> bool:
+    return math.prod(x.shape[:-1]) <= BLOCKED_ROWS and _on_cpu_without_mesh()
+
+
 def _blocked(x: jax.Array, q: QTensor, contract: int) -> bool:
-    rows = math.prod(x.shape[:-1])
-    if q.ndim != 2 or rows > BLOCKED_ROWS or not _on_cpu_without_mesh():
+    if q.ndim != 2 or not _few_rows(x):
         return False
     if contract == 1:
         return q.scheme == Scheme.INT8
+    if DECODE_FORM != DecodeForm.BLOCKED:
+        return False
     return _block(q.group_size if q.scheme == Scheme.INT4 else q.shape[0], BLOCK_ROWS) >= 16
 
 
 def _dot(x: jax.Array, q: QTensor, contract: int, dtype) -> jax.Array:
     """x [..., K] contracted with axis `contract` of a 2-D QTensor; int8 scales (one per output) applied after the
-    dot, int4 dequantized (per group) before it; on CPU for a few rows the blocked forms."""
+    dot, int4 dequantized (per group) before it; on CPU for a few rows the `DECODE_FORM` (the tied LM head: always
+    the blocked form, its table being the largest weight)."""
     x = x.astype(dtype)
     if _blocked(x, q, contract):
         flat = x.reshape(-1, x.shape[-1])
@@ -134,6 +172,9 @@ def _dot(x: jax.Array, q: QTensor, contract: int, dtype) -> jax.Array:
     if q.scheme == Scheme.INT8:
         y = jax.lax.dot_general(x, jnp.asarray(q.values).astype(dtype), dims, preferred_element_type=dtype)
         return y * jnp.asarray(q.scales).reshape(-1).astype(dtype)
+    if contract == 0 and q.ndim == 2 and _few_rows(x):
+        y = planes_dot(x.reshape(-1, x.shape[-1]), q, dtype)
+        return y.reshape(x.shape[:-1] + (y.shape[-1],))
     return jax.lax.dot_general(x, dequantize(q, dtype), dims, preferred_element_type=dtype)
 
 
