@@ -305,3 +305,37 @@ def test_block_boundaries_and_keys():
     assert text_first[0] == other[0] and text_first[1] != other[1]  # only the text before the image is shared
     longer = caches.block_keys(np.arange(80), ["img-a"], runs, caches.boundaries(80, runs, 16))
     assert longer[:3] == a  # a longer prompt with the same prefix: the same keys
+
+
+def test_multi_step_decode_any_phase_and_device_side_stops(serving_engine, serving_models):
+    """Decode runs K steps per call (K = 4 here) and the next call is dispatched before the previous one's tokens are
+    read: a request that joins after the running one has made 1, 2, ..., K + 1 tokens (every phase of its K-step
+    calls) answers bitwise as alone, and so does the running one; max_tokens not a multiple of K gives exactly that
+    many tokens (the limit is checked on the device), and the engine still runs the 7 programs of its warm-up."""
+    engine = serving_engine("vl", 16)
+    _, _, proc = serving_models("vl")
+    k = engine.shapes.decode_steps
+    assert k == 4
+    programs = engine.programs.program_count()
+    long = (prompt(proc, [2], "Tell me a long story about the colours you see here."),
+            Options(max_tokens=4 * k + 3, temperature=0.0, logprobs=True))
+    late = [(prompt(proc, [j % 5] * (j % 2), TEXTS[j % len(TEXTS)]),
+             Options(max_tokens=k + 1 + j, temperature=0.0, logprobs=True)) for j in range(k + 1)]
+    alone = [engine.generate(*r)[0] for r in [long, *late]]
+    assert [len(a["tokens"]) for a in alone] == [long[1].max_tokens] + [o.max_tokens for _, o in late]
+    config = engine.config
+    engine.config = dataclasses.replace(config, prefix_cache=False)
+    try:
+        for j, r in enumerate(late):
+            log, out = [], [queue.Queue(), queue.Queue()]
+            sink = lambda i: lambda e: (log.append(i), out[i].put(e))
+            engine.submit(*long, sink(0))
+            while log.count(0) < j + 1:  # the running request has made j + 1 tokens (its first from the prefill)
+                time.sleep(0.0005)
+            engine.submit(*r, sink(1))
+            got = [collect(out[0]), collect(out[1])]
+            same(alone[0], got[0])
+            same(alone[1 + j], got[1])
+    finally:
+        engine.config = config
+    assert engine.programs.program_count() == programs

@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deepseek_vl_jax import multimodal
 from deepseek_vl_jax.config import ModelConfig
-from deepseek_vl_jax.generation import kv_cache, sampling
+from deepseek_vl_jax.generation import kv_cache, loop, sampling
 from deepseek_vl_jax.model import DeepseekVL
 from deepseek_vl_jax.quantization import quantized_layers
 
@@ -151,14 +151,17 @@ class Shapes:
 class Programs:
     """The jitted programs for one model config, mesh and `Shapes`. `traces` counts compilations per program."""
 
-    def __init__(self, config: ModelConfig, mesh: Mesh | None, shapes: Shapes):
+    def __init__(self, config: ModelConfig, mesh: Mesh | None, shapes: Shapes, compiler_options: dict | None = None):
+        """compiler_options: XLA options of the prefill and decode programs; default `loop.compiler_options()`, the
+        ones `generate` compiles with (on CPU: YNNPACK's dot fusion off, 1.7x faster 16-row decode steps)."""
         self.config, self.mesh, self.shapes = config, mesh, shapes
         self.module = DeepseekVL(config)
         self.traces: collections.Counter = collections.Counter()
+        opts = loop.compiler_options() if compiler_options is None else compiler_options
         self.encode = jax.jit(self._counted("encode", self._encode))
-        self.chunk = jax.jit(self._counted("chunk", self._chunk), donate_argnums=1)
-        self.decode = jax.jit(self._counted("decode", self._decode), donate_argnums=1)
-        self.pick = jax.jit(self._counted("pick", pick))
+        self.chunk = jax.jit(self._counted("chunk", self._chunk), donate_argnums=1, compiler_options=opts)
+        self.decode = jax.jit(self._counted("decode", self._decode), donate_argnums=1, compiler_options=opts)
+        self.pick = jax.jit(self._counted("pick", pick), compiler_options=opts)
         self.save_block = jax.jit(self._counted("save_block", self._save_block))
         self.load_block = jax.jit(self._counted("load_block", self._load_block), donate_argnums=0)
 
