@@ -240,7 +240,8 @@ def cpu_by_thread(before: dict[int, float], after: dict[int, float], names: dict
     for tid, t in after.items():
         name = names.get(tid, "native (XLA / Eigen compute threads)")
         name = {"MainThread": "main (benchmark clients when in-process)"}.get(name, name)
-        name = re.sub(r"_\d+$", "_N (asyncio.to_thread: image decode + processor)", re.sub(r"Thread-\d+", "Thread", name))
+        name = re.sub(r"Thread-\d+", "Thread", name)
+        name = re.sub(r"_\d+$", "_N (asyncio.to_thread: image decode + processor)", name)
         groups[name] = groups.get(name, 0.0) + t - before.get(tid, 0.0)
     return {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
 

@@ -308,9 +308,9 @@ def test_block_boundaries_and_keys():
 
 
 def test_multi_step_decode_any_phase_and_device_side_stops(serving_engine, serving_models):
-    """Decode runs K steps per call (K = 4 here) and the next call is dispatched before the previous one's tokens are
-    read: a request that joins after the running one has made 1, 2, ..., K + 1 tokens (every phase of its K-step
-    calls) answers bitwise as alone, and so does the running one; max_tokens not a multiple of K gives exactly that
+    """Decode runs N steps per call (N = 4 here) and the next call is dispatched before the previous one's tokens are
+    read: a request that joins after the running one has made 1, 2, ..., N + 1 tokens (every phase of its N-step
+    calls) answers bitwise as alone, and so does the running one; max_tokens not a multiple of N gives exactly that
     many tokens (the limit is checked on the device), and the engine still runs the 7 programs of its warm-up."""
     engine = serving_engine("vl", 16)
     _, _, proc = serving_models("vl")

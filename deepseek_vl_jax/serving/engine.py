@@ -3,17 +3,17 @@
 
 One engine thread loops: drop cancelled requests (their slots are free at once), admit waiting requests into free
 slots (images encoded or taken from the feature cache), run up to `prefill_budget` tokens of queued prefill chunks
-(a prompt's first chunk restores its prefix from the prefix cache, its last picks the first token), then run one
-decode step over all slots and hand each running sequence its token, and finally put finished answers into the
-prefix cache for the chat's next turn. Stop conditions (eos, stop strings, max_tokens, the cache's end) are checked
-on the host.
+(a prompt's first chunk restores its prefix from the prefix cache, its last picks the first token), then dispatch
+one `decode` call of up to N steps over all slots and, while it runs, hand each sequence the tokens of the previous
+call (pipelined: the decode state stays on the device between calls), and finally put finished answers into the
+prefix cache for the chat's next turn. eos, max_tokens and the cache's end stop a row on the device; the host checks
+them again (the same rule) and stop strings.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import os
 import queue
@@ -28,6 +28,7 @@ from deepseek_vl_jax import sharding
 from deepseek_vl_jax.generation import weights
 from deepseek_vl_jax.generation.inputs import resolve_eos
 from deepseek_vl_jax.serving import caches, programs, turns
+from deepseek_vl_jax.serving.request import Event, Options, Prompt
 from deepseek_vl_jax.serving.timeline import Timeline
 from deepseek_vl_jax.serving.metrics import Metrics
 
@@ -55,66 +56,11 @@ class EngineConfig:
     # step runs over mostly empty slots (throughput, time to first token) but a running answer waits for the whole
     # burst's prefill (inter-token p99). Small interleaves prefill with decoding: smooth streams, more steps.
     prefill_budget: int = 4096
-    # K: decode steps per program call. The host reads K steps' tokens at once and admits new requests (and sees
-    # stop strings and cancellations) only between calls: larger K, less per-step host work and dispatch, but a new
-    # request waits up to K steps for its prefill and tokens stream K at a time. eos and max_tokens stop a row on
-    # the device; a stop string costs up to 2K wasted steps of its row. Answers do not depend on K.
+    # decode steps per program call (N). The host reads N steps' tokens at once and admits new requests (and sees
+    # stop strings and cancellations) only between calls: larger N, less per-step host work and dispatch, but a new
+    # request waits up to N steps for its prefill and tokens stream N at a time. eos and max_tokens stop a row on
+    # the device; a stop string costs up to 2N wasted steps of its row. Answers do not depend on N.
     decode_steps: int = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """Per-request sampling and stopping. temperature 0 = greedy; top_k 0 = off; max_tokens None = up to the end of
-    the cache; seed None = a random one."""
-
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    n: int = 1
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-
-@dataclasses.dataclass
-class Prompt:
-    """A processed chat: ids [n] and per image (pixel_values [3, H, W], high_res [3, Hh, Wh] or None).
-    next_turn: answer text -> the ids the chat's next prompt starts with (`turns.next_turn_ids`); with it, a
-    request's end puts the answer's KV into the prefix cache."""
-
-    ids: np.ndarray
-    images: list[tuple[np.ndarray, np.ndarray | None]] = dataclasses.field(default_factory=list)
-    next_turn: Callable[[str], np.ndarray] | None = None
-
-    @classmethod
-    def from_chat(cls, processor, messages: list[dict]) -> "Prompt":
-        """Run the processor on a chat (with the generation prompt) and remember how its next turn begins."""
-        prompt = cls.from_batch(processor(messages, add_generation_prompt=True))
-        prompt.next_turn = functools.partial(turns.next_turn_ids, processor, messages)
-        return prompt
-
-    @classmethod
-    def from_batch(cls, batch: dict) -> "Prompt":
-        """From a processor output for one chat (attention mask all ones)."""
-        ids = np.asarray(batch["input_ids"])[0]
-        mask = np.asarray(batch.get("attention_mask", np.ones((1, len(ids)))))[0].astype(bool)
-        pix, high = batch.get("pixel_values"), batch.get("high_res_pixel_values")
-        n = 0 if pix is None else len(pix)
-        return cls(ids[mask].astype(np.int32), [(pix[i], None if high is None else high[i]) for i in range(n)])
-
-
-@dataclasses.dataclass
-class Event:
-    """What one step produced for one choice: new text, the new tokens (with log-probabilities when asked), and on
-    the last event the finish reason ('stop' or 'length'; 'cancelled' never reaches a client)."""
-
-    choice: int
-    text: str
-    tokens: list[int]
-    logprobs: list[dict] | None = None
-    finish_reason: str | None = None
 
 
 @dataclasses.dataclass
@@ -327,7 +273,7 @@ class Engine:
                         self._admit(request)
                     self._prefill(self.config.prefill_budget)
                     if any(self._running(s) for s in self.slots):
-                        self._dispatch()  # the next K steps, before reading the previous call's tokens
+                        self._dispatch()  # the next N steps, before reading the previous call's tokens
                     if len(self._inflight) > 1 or (self._inflight and not any(map(self._running, self.slots))):
                         self._read(*self._inflight.pop(0))
                     if self._answers and self._answers_due():
@@ -524,7 +470,7 @@ class Engine:
         return s is not None and bool(s.tokens) and s.finish is None and not s.request.cancelled
 
     def _dispatch(self) -> None:
-        """Queue one `decode` call. A sequence new to decoding gets its row of the state from the host (its last
+        """Queue one `decode` call (N steps). A sequence new to decoding gets its row of the state from the host (its last
         token, position, count and limit); a row whose sequence ended on the host (a stop string, a cancellation, a
         freed slot) is switched off; the others continue from the device's state."""
         seqs = [s if self._running(s) else None for s in self.slots]

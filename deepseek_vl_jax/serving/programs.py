@@ -3,9 +3,9 @@
 - `encode`: one image -> its features [P, D] (pixel values [1, 3, H, W], and [1, 3, Hh, Wh] for the hybrid model);
 - `chunk`: C prompt tokens of one slot, written into that slot's cache row at slots [start, start + C); a piece of at
   most C/4 tokens (the few before or after an image's run) runs as a C/4-token chunk, which costs ~1/3 of a full one;
-- `decode`: up to K decode steps (--decode-steps) over all B slots at once, each slot at its own position, with
+- `decode`: up to N decode steps (N = --decode-steps) over all B slots at once, each slot at its own position, with
   per-slot sampling; eos and the token limit are checked on the device (a finished row masks itself; the loop ends
-  early once no row is active), so the host reads K steps' tokens in one copy and admits new requests between calls;
+  early once no row is active), so the host reads N steps' tokens in one copy and admits new requests between calls;
 - `pick`: the first token of a request from the last prompt logits (the same per-row sampler as `step`);
 - `save_block` / `load_block`: copy C cache slots of one row out to / back from the prefix cache.
 
@@ -15,7 +15,7 @@ slot, its tokens contiguous from slot 0 (slot index = position), the layout a ra
 
 Batch invariance by construction: `decode` runs each slot's row through the same fixed-shape step, vmapped (no
 reduction crosses slots), in a loop whose every iteration is that same step (a token does not depend on which of the
-K iterations computed it), and the prompt is always computed in chunks of at most C tokens whose starts depend only on
+N iterations computed it), and the prompt is always computed in chunks of at most C tokens whose starts depend only on
 the content before them (`caches.boundaries`), so the KV of a prefix is bitwise the same whether it was computed now
 or restored from the prefix cache.
 """
@@ -134,7 +134,7 @@ class Shapes:
     slots: int  # B
     seq_len: int  # S
     chunk: int  # C
-    decode_steps: int = 1  # K: decode steps per `decode` call
+    decode_steps: int = 1  # N: decode steps per `decode` call
 
     @property
     def small_chunk(self) -> int:
@@ -219,9 +219,9 @@ class Programs:
         return apply(hidden, method="logits")[0, 0], jax.tree.map(lambda x: jnp.squeeze(x, axis), row)
 
     def _decode(self, params, cache, state: DecodeState, override, fresh: DecodeState, p: SlotParams, eos):
-        """Up to K steps over all B slots. state: the previous call's; rows where override [B] take `fresh` (newly
+        """Up to N steps over all B slots. state: the previous call's; rows where override [B] take `fresh` (newly
         admitted, or stopped by the host); eos [E] end tokens. Every slot runs each step (an inactive one at the last
-        cache slot, which no position reads). Returns (cache, state, Picked [K, B], valid [K, B]: step k made a
+        cache slot, which no position reads). Returns (cache, state, Picked [N, B], valid [N, B]: step k made a
         token for row b)."""
         s = self.shapes
         state = jax.tree.map(lambda a, b: jnp.where(override, b, a), state, fresh)
