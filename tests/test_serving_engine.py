@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from deepseek_vl_jax.serving import Options, Prompt, caches, turns
+from deepseek_vl_jax.serving import Engine, Options, Prompt, caches, turns
 from deepseek_vl_jax.serving.caches import image_runs
 from deepseek_vl_jax.serving.metrics import read
 
@@ -311,7 +311,8 @@ def test_multi_step_decode_any_phase_and_device_side_stops(serving_engine, servi
     """Decode runs N steps per call (N = 4 here) and the next call is dispatched before the previous one's tokens are
     read: a request that joins after the running one has made 1, 2, ..., N + 1 tokens (every phase of its N-step
     calls) answers bitwise as alone, and so does the running one; max_tokens not a multiple of N gives exactly that
-    many tokens (the limit is checked on the device), and the engine still runs the 7 programs of its warm-up."""
+    many tokens (the limit is checked on the device), the engine still runs the 7 programs of its warm-up, and an
+    engine of one step a call gives the same answers."""
     engine = serving_engine("vl", 16)
     _, _, proc = serving_models("vl")
     k = engine.shapes.decode_steps
@@ -339,3 +340,9 @@ def test_multi_step_decode_any_phase_and_device_side_stops(serving_engine, servi
     finally:
         engine.config = config
     assert engine.programs.program_count() == programs
+    one = Engine(engine.model, proc, dataclasses.replace(engine.config, decode_steps=1)).start()  # one step a call
+    try:
+        for a, r in zip(alone, [long, *late]):
+            same(a, one.generate(*r)[0])
+    finally:
+        one.stop()
