@@ -308,25 +308,25 @@ def test_block_boundaries_and_keys():
 
 
 def test_multi_step_decode_any_phase_and_device_side_stops(serving_engine, serving_models):
-    """Decode runs N steps per call (N = 4 here) and the next call is dispatched before the previous one's tokens are
-    read: a request that joins after the running one has made 1, 2, ..., N + 1 tokens (every phase of its N-step
-    calls) answers bitwise as alone, and so does the running one; max_tokens not a multiple of N gives exactly that
-    many tokens (the limit is checked on the device), the engine still runs the 7 programs of its warm-up, and an
-    engine of one step a call gives the same answers."""
-    engine = serving_engine("vl", 16)
+    """With N = 4 decode steps per call (the next call dispatched before the previous one's tokens are read), a
+    request that joins after the running one has made 1, 2, ..., N + 1 tokens (every phase of its N-step calls)
+    answers bitwise as alone, and so does the running one; max_tokens not a multiple of N gives exactly that many
+    tokens (the limit is checked on the device); the engine runs only its 7 programs; and the shared engine of one
+    step a call gives the same answers."""
+    one = serving_engine("vl", 16)
     _, _, proc = serving_models("vl")
+    assert one.shapes.decode_steps == 1
+    engine = Engine(one.model, proc, dataclasses.replace(one.config, decode_steps=4))
     k = engine.shapes.decode_steps
-    assert k == 4
-    programs = engine.warmup()  # compiled already when the other tests ran first
-    long = (prompt(proc, [2], "Tell me a long story about the colours you see here."),
-            Options(max_tokens=4 * k + 3, temperature=0.0, logprobs=True))
-    late = [(prompt(proc, [j % 5] * (j % 2), TEXTS[j % len(TEXTS)]),
-             Options(max_tokens=k + 1 + j, temperature=0.0, logprobs=True)) for j in range(k + 1)]
-    alone = [engine.generate(*r)[0] for r in [long, *late]]
-    assert [len(a["tokens"]) for a in alone] == [long[1].max_tokens] + [o.max_tokens for _, o in late]
-    config = engine.config
-    engine.config = dataclasses.replace(config, prefix_cache=False)
     try:
+        programs = engine.warmup()
+        engine.config = dataclasses.replace(engine.config, prefix_cache=False)
+        long = (prompt(proc, [2], "Tell me a long story about the colours you see here."),
+                Options(max_tokens=4 * k + 3, temperature=0.0, logprobs=True))
+        late = [(prompt(proc, [j % 5] * (j % 2), TEXTS[j % len(TEXTS)]),
+                 Options(max_tokens=k + 1 + j, temperature=0.0, logprobs=True)) for j in range(k + 1)]
+        alone = [engine.generate(*r)[0] for r in [long, *late]]
+        assert [len(a["tokens"]) for a in alone] == [long[1].max_tokens] + [o.max_tokens for _, o in late]
         for j, r in enumerate(late):
             log, out = [], [queue.Queue(), queue.Queue()]
             sink = lambda i: lambda e: (log.append(i), out[i].put(e))
@@ -337,12 +337,8 @@ def test_multi_step_decode_any_phase_and_device_side_stops(serving_engine, servi
             got = [collect(out[0]), collect(out[1])]
             same(alone[0], got[0])
             same(alone[1 + j], got[1])
+        assert engine.programs.program_count() == programs == 7
     finally:
-        engine.config = config
-    assert engine.programs.program_count() == programs
-    one = Engine(engine.model, proc, dataclasses.replace(engine.config, decode_steps=1)).start()  # one step a call
-    try:
-        for a, r in zip(alone, [long, *late]):
-            same(a, one.generate(*r)[0])
-    finally:
-        one.stop()
+        engine.stop()
+    for a, r in zip(alone, [long, *late]):
+        same(a, one.generate(*r)[0])

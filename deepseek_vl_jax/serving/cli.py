@@ -37,8 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens admitted and prefilled between two decode steps (at least one request): "
                              "large admits a burst at once (throughput, time to first token), small interleaves "
                              "prefill with decoding (lower inter-token latency p99)")
-    parser.add_argument("--decode-steps", type=int, default=4,
-                        help="decode steps per program call (default 4): more cuts per-step host work, but a new "
+    parser.add_argument("--decode-steps", type=int, default=1,
+                        help="decode steps per program call (default 1): more cuts per-step host work, but a new "
                              "request waits up to that many steps to start and tokens stream that many at a time")
     parser.add_argument("--warmup", action="store_true", help="compile every program before accepting requests")
 
