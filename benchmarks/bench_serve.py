@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,19 +161,29 @@ async def second_turn(url, engine, max_tokens, seed):
 
 
 def offline_generate(model, proc, n, max_tokens, seed0):
+    """The same work as the server's: decode the requests' PNG data URLs, run the processor on the 16 chats (one
+    batch), then `generate` them batched. Timed with and without the image/processor part."""
     from deepseek_vl_jax.generation import generate
     from deepseek_vl_jax.serving.media import MediaLimits, load_image
 
-    chats = [[{"role": "user", "content": [{"type": "image", "image": load_image(image_url(seed0 + i), MediaLimits(),
-                                                                                   "x")},
-                                           {"type": "text", "text": QUESTION}]}] for i in range(n)]
-    batch = proc(chats, add_generation_prompt=True, padding_side="left")
+    urls = [image_url(seed0 + i) for i in range(n)]
+
+    def prepare():
+        chats = [[{"role": "user", "content": [{"type": "image", "image": load_image(u, MediaLimits(), "x")},
+                                               {"type": "text", "text": QUESTION}]}] for u in urls]
+        return chats, proc(chats, add_generation_prompt=True, padding_side="left")
+
+    chats, batch = prepare()
     generate(model, batch, max_new_tokens=max_tokens, eos_token_id=-1)  # compile
     t0 = time.perf_counter()
+    chats, batch = prepare()
+    t1 = time.perf_counter()
     generate(model, batch, max_new_tokens=max_tokens, eos_token_id=-1)
     wall = time.perf_counter() - t0
     rate = n * max_tokens / wall
-    return {"requests": n, "output_tokens": n * max_tokens, "wall_s": wall, "output_tokens_per_s": rate}, chats
+    return {"requests": n, "output_tokens": n * max_tokens, "wall_s": wall, "output_tokens_per_s": rate,
+            "includes": "PNG decode + processor + generate", "preprocess_s": t1 - t0,
+            "generate_only_tokens_per_s": n * max_tokens / (wall - (t1 - t0))}, chats
 
 
 def transformers_one_at_a_time(path, chats, max_tokens):
@@ -195,6 +206,46 @@ def transformers_one_at_a_time(path, chats, max_tokens):
             "output_tokens_per_s": tokens / sum(times), "torch_threads": torch.get_num_threads()}
 
 
+def load_test_in_process(url, clients, per_client, max_tokens, seed0):
+    """The clients in a separate Python process (as real clients are), so they do not hold this process's GIL."""
+    import subprocess
+
+    spec = json.dumps([url, clients, per_client, max_tokens, seed0])
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--load-test", spec], capture_output=True,
+                         text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def thread_cpu() -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of this process, by native thread id (/proc/self/task)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def cpu_by_thread(before: dict[int, float], after: dict[int, float], names: dict[int, str]) -> dict[str, float]:
+    """CPU seconds between two `thread_cpu` snapshots, grouped: the engine loop, the HTTP server (uvicorn's event
+    loop), the clients (this process's main thread, if they run here), the processor's worker threads, and the
+    native threads (XLA's and torch's compute pools)."""
+    import re
+
+    groups: dict[str, float] = {}
+    for tid, t in after.items():
+        name = names.get(tid, "native (XLA / Eigen compute threads)")
+        name = {"MainThread": "main (benchmark clients when in-process)"}.get(name, name)
+        name = re.sub(r"Thread-\d+", "Thread", name)
+        name = re.sub(r"_\d+$", "_N (asyncio.to_thread: image decode + processor)", name)
+        groups[name] = groups.get(name, 0.0) + t - before.get(tid, 0.0)
+    return {k: round(v, 2) for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}
+
+
 def uptime() -> str:
     import subprocess
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -214,8 +265,18 @@ def main() -> None:
                         help="the engine's prompt tokens between two decode steps (default: EngineConfig's)")
     parser.add_argument("--clients", default="1,4,16",
                         help="concurrencies at the first answer length (later lengths run only the last)")
+    parser.add_argument("--decode-steps", type=int, help="the engine's decode steps per call (default: EngineConfig's)")
+    parser.add_argument("--clients-in-process", action="store_true",
+                        help="run the clients in this process (competing for its GIL) instead of a separate one")
+    parser.add_argument("--timeline", action="store_true",
+                        help="time every engine program call and host span (waits for each result: measuring only)")
+    parser.add_argument("--no-second-turn", action="store_true", help="skip the prefix-cache second-turn run")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "serve.json"))
+    parser.add_argument("--load-test", help=argparse.SUPPRESS)  # the client process: [url, clients, per, tokens, seed]
     args = parser.parse_args()
+    if args.load_test:
+        print(json.dumps(asyncio.run(load_test(*json.loads(args.load_test)))))
+        return
 
     import jax
 
@@ -223,8 +284,10 @@ def main() -> None:
     from deepseek_vl_jax.processing import load_processor
     from deepseek_vl_jax.serving import Engine, EngineConfig, ServerConfig, create_app
     from deepseek_vl_jax.serving.server import BackgroundServer
+    from deepseek_vl_jax.serving.timeline import Timeline
 
     budget = args.prefill_budget or EngineConfig.prefill_budget
+    steps = args.decode_steps or EngineConfig.decode_steps
     path = build_checkpoint(args.checkpoint, args.layers, args.hidden, args.heads, args.ffn)
     model, proc = D.load_pretrained(path, progress=False), load_processor(path)
     params = sum(x.size for x in jax.tree.leaves(model.params))
@@ -234,27 +297,40 @@ def main() -> None:
                        f"224px/16 -> 196 image tokens, vocab {model.config.text.vocab_size}, {params / 1e6:.0f}M "
                        "parameters, float32", "second_turn_think_s": THINK_S,
               "platform": platform.platform(), "devices": str(jax.devices()[0]), "cpus": os.cpu_count(),
-              "uptime_start": uptime(), "load_average_1_5_15": {"start": os.getloadavg()}, "runs": {}}
+              "uptime_start": uptime(), "load_average_1_5_15": {"start": os.getloadavg()},
+              "clients": "this process" if args.clients_in_process else "a separate process", "runs": {}}
     for n, max_tokens in enumerate(lengths):
         run = result["runs"][str(max_tokens)] = {"max_tokens": max_tokens}
         # the positions the workload needs: a one-image prompt (~250 tokens) + max tokens + a short second turn
         seq = -(-(256 + max_tokens + 32 + SECOND_TURN_TOKENS) // args.chunk) * args.chunk
         engine = Engine(model, proc, EngineConfig(max_batch=16, prefill_chunk=args.chunk, max_seq_len=seq,
-                                                  max_queue=256, prefill_budget=budget))
+                                                  max_queue=256, prefill_budget=budget, decode_steps=steps))
         t0 = time.perf_counter()
         programs = engine.warmup()
         run["engine"] = {"slots": 16, "prefill_chunk": args.chunk, "max_seq_len": seq,
-                         "prefill_budget": budget, "programs": programs,
+                         "prefill_budget": budget, "decode_steps": steps, "programs": programs,
                          "warmup_s": time.perf_counter() - t0}
         app = create_app(engine, ServerConfig(model_names=("bench",)))
         with BackgroundServer(app) as srv:
             run["server"] = []
             for clients in concurrencies if n == 0 else concurrencies[-1:]:
                 per = 2 if clients == 1 else 1
-                r = asyncio.run(load_test(srv.url, clients, per, max_tokens, seed0=1000 * clients))
+                names = {t.native_id: t.name for t in threading.enumerate()}
+                if args.timeline and clients == concurrencies[-1]:
+                    engine.timeline = Timeline()
+                cpu0, t0 = thread_cpu(), time.perf_counter()
+                if args.clients_in_process:
+                    r = asyncio.run(load_test(srv.url, clients, per, max_tokens, seed0=1000 * clients))
+                else:
+                    r = load_test_in_process(srv.url, clients, per, max_tokens, 1000 * clients)
+                names.update({t.native_id: t.name for t in threading.enumerate()})
+                r["cpu_s_by_thread"] = cpu_by_thread(cpu0, thread_cpu(), names)
+                if engine.timeline is not None:
+                    r["timeline"] = engine.timeline.summary(t0, time.perf_counter())
+                    engine.timeline = None
                 print(json.dumps(r), flush=True)
                 run["server"].append(r)
-            if n == 0:
+            if n == 0 and not args.no_second_turn:
                 result["prefix_cache"] = asyncio.run(second_turn(srv.url, engine, max_tokens, seed=7))
                 print(json.dumps(result["prefix_cache"]), flush=True)
         engine.stop()
@@ -269,7 +345,8 @@ def main() -> None:
             "server16_vs_transformers": at16 / run["transformers_one_at_a_time"]["output_tokens_per_s"]}
         run["uptime_end"] = uptime()
         print(json.dumps(run["ratios"]), flush=True)
-    result["second_turn_ttft_cache_vs_none"] = result["prefix_cache"]["ratio"]
+    if "prefix_cache" in result:
+        result["second_turn_ttft_cache_vs_none"] = result["prefix_cache"]["ratio"]
     result["load_average_1_5_15"]["end"] = os.getloadavg()
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

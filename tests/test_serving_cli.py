@@ -12,6 +12,7 @@ def test_serve_argument_errors(serving_models, tmp_path, capsys):
             (["--model", path, "--mesh", "tensor=3"], "--mesh 'tensor=3'"),
             (["--model", path, "--max-batch", "0"], "--max-batch must be >= 1"),
             (["--model", path, "--prefill-budget", "0"], "--prefill-budget must be >= 1"),
+            (["--model", path, "--decode-steps", "0"], "--decode-steps must be >= 1"),
             (["--model", path, "--allowed-media-dir", str(tmp_path / "nope")], "is not a directory")):
         assert cli.main(["serve", *argv]) == 2
         err = capsys.readouterr().err

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from deepseek_vl_jax.serving import Options, Prompt, caches, turns
+from deepseek_vl_jax.serving import Engine, Options, Prompt, caches, turns
 from deepseek_vl_jax.serving.caches import image_runs
 from deepseek_vl_jax.serving.metrics import read
 
@@ -305,3 +305,40 @@ def test_block_boundaries_and_keys():
     assert text_first[0] == other[0] and text_first[1] != other[1]  # only the text before the image is shared
     longer = caches.block_keys(np.arange(80), ["img-a"], runs, caches.boundaries(80, runs, 16))
     assert longer[:3] == a  # a longer prompt with the same prefix: the same keys
+
+
+def test_multi_step_decode_any_phase_and_device_side_stops(serving_engine, serving_models):
+    """With N = 4 decode steps per call (the next call dispatched before the previous one's tokens are read), a
+    request that joins after the running one has made 1, 2, ..., N + 1 tokens (every phase of its N-step calls)
+    answers bitwise as alone, and so does the running one; max_tokens not a multiple of N gives exactly that many
+    tokens (the limit is checked on the device); the engine runs only its 7 programs; and the shared engine of one
+    step a call gives the same answers."""
+    one = serving_engine("vl", 16)
+    _, _, proc = serving_models("vl")
+    assert one.shapes.decode_steps == 1
+    engine = Engine(one.model, proc, dataclasses.replace(one.config, decode_steps=4))
+    k = engine.shapes.decode_steps
+    try:
+        programs = engine.warmup()
+        engine.config = dataclasses.replace(engine.config, prefix_cache=False)
+        long = (prompt(proc, [2], "Tell me a long story about the colours you see here."),
+                Options(max_tokens=4 * k + 3, temperature=0.0, logprobs=True))
+        late = [(prompt(proc, [j % 5] * (j % 2), TEXTS[j % len(TEXTS)]),
+                 Options(max_tokens=k + 1 + j, temperature=0.0, logprobs=True)) for j in range(k + 1)]
+        alone = [engine.generate(*r)[0] for r in [long, *late]]
+        assert [len(a["tokens"]) for a in alone] == [long[1].max_tokens] + [o.max_tokens for _, o in late]
+        for j, r in enumerate(late):
+            log, out = [], [queue.Queue(), queue.Queue()]
+            sink = lambda i: lambda e: (log.append(i), out[i].put(e))
+            engine.submit(*long, sink(0))
+            while log.count(0) < j + 1:  # the running request has made j + 1 tokens (its first from the prefill)
+                time.sleep(0.0005)
+            engine.submit(*r, sink(1))
+            got = [collect(out[0]), collect(out[1])]
+            same(alone[0], got[0])
+            same(alone[1 + j], got[1])
+        assert engine.programs.program_count() == programs == 7
+    finally:
+        engine.stop()
+    for a, r in zip(alone, [long, *late]):
+        same(a, one.generate(*r)[0])

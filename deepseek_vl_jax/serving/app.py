@@ -89,12 +89,18 @@ def create_app(engine: Engine, config: ServerConfig) -> Starlette:
         except ProcessorError as e:
             raise ApiError(400, f"cannot process the messages: {e}", "messages", "invalid_value") from None
 
+    def timed(kind, fn, *args):
+        if engine.timeline is None:
+            return fn(*args)
+        with engine.timeline.span(kind):
+            return fn(*args)
+
     async def chat_completions(request: Request) -> Response:
         try:
             authorize(request)
             body = protocol.parse_json(await _read_body(request, config.max_body_bytes))
             chat = protocol.parse_request(body, config.model_names, engine.config.max_batch)
-            prompt = await asyncio.to_thread(build_prompt, chat)
+            prompt = await asyncio.to_thread(timed, "build_prompt", build_prompt, chat)
             loop = asyncio.get_running_loop()
             events: asyncio.Queue = asyncio.Queue()
             try:

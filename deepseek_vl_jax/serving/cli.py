@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="prompt tokens admitted and prefilled between two decode steps (at least one request): "
                              "large admits a burst at once (throughput, time to first token), small interleaves "
                              "prefill with decoding (lower inter-token latency p99)")
+    parser.add_argument("--decode-steps", type=int, default=1,
+                        help="decode steps per program call (default 1): more cuts per-step host work, but a new "
+                             "request waits up to that many steps to start and tokens stream that many at a time")
     parser.add_argument("--warmup", action="store_true", help="compile every program before accepting requests")
 
 
@@ -63,7 +66,7 @@ def build(args: argparse.Namespace):
 
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise CliError(f"{args.model!r} is not a model directory: it has no config.json")
-    for name in ("max_batch", "prefill_chunk", "max_queue", "max_images", "prefill_budget"):
+    for name in ("max_batch", "prefill_chunk", "max_queue", "max_images", "prefill_budget", "decode_steps"):
         if getattr(args, name) < 1:
             raise CliError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.allowed_media_dir is not None and not os.path.isdir(args.allowed_media_dir):
@@ -84,7 +87,7 @@ def build(args: argparse.Namespace):
         max_batch=args.max_batch, max_seq_len=args.max_seq_len, prefill_chunk=args.prefill_chunk,
         max_queue=args.max_queue, image_cache_bytes=args.image_cache_mb << 20,
         prefix_cache_bytes=args.prefix_cache_mb << 20, prefix_cache=args.prefix_cache_mb > 0,
-        prefill_budget=args.prefill_budget))
+        prefill_budget=args.prefill_budget, decode_steps=args.decode_steps))
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     limits = MediaLimits(max_images=args.max_images, allowed_media_dir=args.allowed_media_dir)
     return engine, ServerConfig(model_names=(name,), api_key=args.api_key, media=limits)

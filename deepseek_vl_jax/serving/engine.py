@@ -3,17 +3,17 @@
 
 One engine thread loops: drop cancelled requests (their slots are free at once), admit waiting requests into free
 slots (images encoded or taken from the feature cache), run up to `prefill_budget` tokens of queued prefill chunks
-(a prompt's first chunk restores its prefix from the prefix cache, its last picks the first token), then run one
-decode step over all slots and hand each running sequence its token, and finally put finished answers into the
-prefix cache for the chat's next turn. Stop conditions (eos, stop strings, max_tokens, the cache's end) are checked
-on the host.
+(a prompt's first chunk restores its prefix from the prefix cache, its last picks the first token), then dispatch
+one `decode` call of up to N steps over all slots and, while it runs, hand each sequence the tokens of the previous
+call (pipelined: the decode state stays on the device between calls), and finally put finished answers into the
+prefix cache for the chat's next turn. eos, max_tokens and the cache's end stop a row on the device; the host checks
+them again (the same rule) and stop strings.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import itertools
 import os
 import queue
@@ -28,6 +28,8 @@ from deepseek_vl_jax import sharding
 from deepseek_vl_jax.generation import weights
 from deepseek_vl_jax.generation.inputs import resolve_eos
 from deepseek_vl_jax.serving import caches, programs, turns
+from deepseek_vl_jax.serving.request import Event, Options, Prompt
+from deepseek_vl_jax.serving.timeline import Timeline
 from deepseek_vl_jax.serving.metrics import Metrics
 
 
@@ -54,61 +56,12 @@ class EngineConfig:
     # step runs over mostly empty slots (throughput, time to first token) but a running answer waits for the whole
     # burst's prefill (inter-token p99). Small interleaves prefill with decoding: smooth streams, more steps.
     prefill_budget: int = 4096
-
-
-@dataclasses.dataclass(frozen=True)
-class Options:
-    """Per-request sampling and stopping. temperature 0 = greedy; top_k 0 = off; max_tokens None = up to the end of
-    the cache; seed None = a random one."""
-
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    n: int = 1
-    logprobs: bool = False
-    top_logprobs: int = 0
-
-
-@dataclasses.dataclass
-class Prompt:
-    """A processed chat: ids [n] and per image (pixel_values [3, H, W], high_res [3, Hh, Wh] or None).
-    next_turn: answer text -> the ids the chat's next prompt starts with (`turns.next_turn_ids`); with it, a
-    request's end puts the answer's KV into the prefix cache."""
-
-    ids: np.ndarray
-    images: list[tuple[np.ndarray, np.ndarray | None]] = dataclasses.field(default_factory=list)
-    next_turn: Callable[[str], np.ndarray] | None = None
-
-    @classmethod
-    def from_chat(cls, processor, messages: list[dict]) -> "Prompt":
-        """Run the processor on a chat (with the generation prompt) and remember how its next turn begins."""
-        prompt = cls.from_batch(processor(messages, add_generation_prompt=True))
-        prompt.next_turn = functools.partial(turns.next_turn_ids, processor, messages)
-        return prompt
-
-    @classmethod
-    def from_batch(cls, batch: dict) -> "Prompt":
-        """From a processor output for one chat (attention mask all ones)."""
-        ids = np.asarray(batch["input_ids"])[0]
-        mask = np.asarray(batch.get("attention_mask", np.ones((1, len(ids)))))[0].astype(bool)
-        pix, high = batch.get("pixel_values"), batch.get("high_res_pixel_values")
-        n = 0 if pix is None else len(pix)
-        return cls(ids[mask].astype(np.int32), [(pix[i], None if high is None else high[i]) for i in range(n)])
-
-
-@dataclasses.dataclass
-class Event:
-    """What one step produced for one choice: new text, the new tokens (with log-probabilities when asked), and on
-    the last event the finish reason ('stop' or 'length'; 'cancelled' never reaches a client)."""
-
-    choice: int
-    text: str
-    tokens: list[int]
-    logprobs: list[dict] | None = None
-    finish_reason: str | None = None
+    # decode steps per program call (N). The host reads N steps' tokens at once and admits new requests (and sees
+    # stop strings and cancellations) only between calls: larger N, less per-step host work and dispatch, but a new
+    # request waits up to N steps for its prefill and tokens stream N at a time. eos and max_tokens stop a row on
+    # the device; a stop string costs up to 2N wasted steps of its row. Answers do not depend on N. Default 1: with
+    # the calls pipelined the host work already overlaps the model, and N = 4 or 8 was not measured faster.
+    decode_steps: int = 1
 
 
 @dataclasses.dataclass
@@ -121,6 +74,7 @@ class _Sequence:
     position: int = 0  # the cache slot the last token will be fed at
     next_block: int = -1  # prefill: the next chunk to run (-1: not started)
     hit: int = 0  # prefill: blocks restored from the prefix cache
+    on_device: bool = False  # decoding: its row of the device's DecodeState is this sequence's
     last_time: float = 0.0
     finish: str | None = None
 
@@ -152,13 +106,15 @@ class Engine:
         seq = -(-(config.max_seq_len or positions) // chunk) * chunk
         self.max_positions = min(seq, positions)  # prompt + generated tokens
         seq += chunk  # room for the last prefill chunk's C slots
-        self.shapes = programs.Shapes(slots=config.max_batch, seq_len=seq, chunk=chunk)
+        self.shapes = programs.Shapes(slots=config.max_batch, seq_len=seq, chunk=chunk,
+                                      decode_steps=config.decode_steps)
         self.programs = programs.Programs(c, model.mesh, self.shapes)
         self.params = weights.generation_params(model)
         eos = set(eos_token_ids) | set(resolve_eos(None, c.text.eos_token_id))
         if getattr(processor, "eos_token_id", None) is not None:
             eos.add(processor.eos_token_id)
         self.eos = frozenset(eos)
+        self._eos = np.array(sorted(eos) or [-1], np.int32)
         self.tokens_per_image = c.num_image_tokens
         self.metrics = Metrics()
         self.image_cache = caches.ImageFeatureCache(config.image_cache_bytes)
@@ -166,6 +122,8 @@ class Engine:
         with self._mesh():
             self.cache = self.programs.init_cache(stacked=self.params["layers"] is None)
         self.slots: list[_Sequence | None] = [None] * config.max_batch
+        self._state = programs.DecodeState.idle(config.max_batch)  # the device's, as the last `decode` call left it
+        self._inflight: list[tuple] = []  # dispatched `decode` calls not read yet: (picked, valid, row -> sequence)
         self._answers: list[_Sequence] = []  # finished, their slots held until their answer's KV is cached
         self._prefilling: list[_Sequence] = []  # admitted, prompt not fully prefilled yet (first come first served)
         self.waiting: list[_Request] = []
@@ -174,6 +132,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = False
         self.error: BaseException | None = None
+        self.timeline: Timeline | None = None  # attach one to measure where the time goes (see timeline.py)
 
     # ------------------------------------------------------------------------------------------------ public API
     def start(self) -> "Engine":
@@ -291,13 +250,22 @@ class Engine:
             stack.enter_context(sharding.axis_rules(self.model.mesh))
         return stack
 
+    def _span(self, kind: str) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if self.timeline is None else self.timeline.span(kind)
+
+    def _call(self, kind: str, fn, *args):
+        """A program call; with a timeline, timed to its result."""
+        return fn(*args) if self.timeline is None else self.timeline.run(kind, fn, *args)
+
     def _run(self) -> None:
         try:
             with self._mesh():
                 while True:
                     with self._lock:
-                        while not self._stop and not self.waiting and all(s is None for s in self.slots):
-                            self._lock.wait(0.5)
+                        with self._span("idle"):
+                            while not self._stop and not self.waiting and not self._inflight and \
+                                all(s is None for s in self.slots):
+                                self._lock.wait(0.5)
                         if self._stop:
                             return
                         self._drop_cancelled()
@@ -305,8 +273,10 @@ class Engine:
                     for request in admit:
                         self._admit(request)
                     self._prefill(self.config.prefill_budget)
-                    if any(s is not None and s.tokens and s.finish is None for s in self.slots):
-                        self._step()
+                    if any(self._running(s) for s in self.slots):
+                        self._dispatch()  # the next N steps, before reading the previous call's tokens
+                    if len(self._inflight) > 1 or (self._inflight and not any(map(self._running, self.slots))):
+                        self._read(*self._inflight.pop(0))
                     if self._answers and self._answers_due():
                         self._cache_answers()
         except BaseException as e:  # noqa: BLE001 - reported to every waiting client, then re-raised in the thread
@@ -344,14 +314,15 @@ class Engine:
         self.metrics.running_slots.set(sum(s is not None and s.finish is None for s in self.slots))
 
     def _features(self, image: tuple[np.ndarray, np.ndarray | None]) -> tuple[str, np.ndarray]:
-        key = caches.pixel_hash(*image)
+        with self._span("image_hash"):
+            key = caches.pixel_hash(*image)
         feats = self.image_cache.get(key)
         if feats is not None:
             self.metrics.image_hits.inc()
             return key, feats
         pix, high = image
         put = lambda x: None if x is None else programs.replicated_put(self.model.mesh, np.asarray(x, np.float32)[None])
-        feats = np.asarray(self.programs.encode(self.params, put(pix), put(high)))
+        feats = np.asarray(self._call("encode", self.programs.encode, self.params, put(pix), put(high)))
         self.metrics.images_encoded.inc()
         self.image_cache.put(key, feats)
         return key, feats
@@ -394,14 +365,15 @@ class Engine:
                 hit = self.prefix_cache.longest_hit(keys, bounds, n, runs) if keys else 0
                 for j in range(hit):  # in order: each block's C slots overwrite the previous one's unused tail
                     block = self.prefix_cache.get(keys[j])
-                    self.cache = self.programs.load_block(self.cache, block, np.int32(seq.slot), np.int32(bounds[j]))
+                    self.cache = self._call("load_block", self.programs.load_block, self.cache, block,
+                                            np.int32(seq.slot), np.int32(bounds[j]))
                 if hit:
                     self.metrics.prefix_hits.inc()
                     self.metrics.prefix_hit_tokens.inc(bounds[hit])
                 self.metrics.prefill_tokens.inc(n - bounds[hit])
                 seq.hit = seq.next_block = hit
             j = seq.next_block
-            logits = self._chunks(seq.slot, ids, slab, is_image, bounds, [j])
+            logits = self._chunks(seq.slot, ids, slab, is_image, bounds, [j], "prefill_chunk")
             budget -= min(bounds[j + 1], n) - bounds[j]
             seq.next_block += 1
             if seq.next_block < len(bounds) - 1:
@@ -409,14 +381,15 @@ class Engine:
             self._prefilling.pop(0)
             for j in range(seq.hit, len(keys)):
                 if keys[j] not in self.prefix_cache:
-                    self.prefix_cache.put(keys[j], self.programs.save_block(self.cache, np.int32(seq.slot),
-                                                                            np.int32(bounds[j])))
-            picked = self.programs.pick(logits[None], self._slot_params([seq]))
+                    self.prefix_cache.put(keys[j], self._call("save_block", self.programs.save_block, self.cache,
+                                                              np.int32(seq.slot), np.int32(bounds[j])))
+            picked = self._call("pick", self.programs.pick, logits[None], self._slot_params([seq]))
             seq.position = n
-            with self._lock:
+            with self._lock, self._span("emit"):
                 self._emit([seq], jax.device_get(picked))
 
-    def _chunks(self, slot: int, ids: np.ndarray, slab: np.ndarray, is_image: np.ndarray, bounds, blocks):
+    def _chunks(self, slot: int, ids: np.ndarray, slab: np.ndarray, is_image: np.ndarray, bounds, blocks,
+                kind: str):
         """Prefill blocks [bounds[j], bounds[j + 1]) (j in `blocks`, in order) of ids [n] into row `slot`, each as
         one chunk of C slots (C/4 for a short piece). Returns the logits [V] at the last real token of the last
         block."""
@@ -432,8 +405,8 @@ class Engine:
             f[:m] = slab[start:start + m]
             im = np.zeros(c, bool)
             im[:m] = is_image[start:start + m]
-            self.cache, logits = self.programs.chunk(self.params, self.cache, np.int32(slot), put(chunk_ids), put(f),
-                                                     put(im), np.int32(start), np.int32(m))
+            self.cache, logits = self._call(kind, self.programs.chunk, self.params, self.cache, np.int32(slot),
+                                            put(chunk_ids), put(f), put(im), np.int32(start), np.int32(m))
         return logits
 
     def _answers_due(self) -> bool:
@@ -462,12 +435,14 @@ class Engine:
                 if blocks:
                     extra = len(ids) - len(slab)
                     slab = np.concatenate([slab, np.zeros((extra, slab.shape[1]), slab.dtype)])
-                    self._chunks(s.slot, ids, slab, np.concatenate([is_image, np.zeros(extra, bool)]), bounds, blocks)
+                    self._chunks(s.slot, ids, slab, np.concatenate([is_image, np.zeros(extra, bool)]), bounds, blocks,
+                                 "answer_chunk")
                     keys = caches.block_keys(ids, hashes, runs, bounds)
                     for j in blocks:
                         if keys[j] not in self.prefix_cache:
-                            self.prefix_cache.put(keys[j], self.programs.save_block(self.cache, np.int32(s.slot),
-                                                                                    np.int32(bounds[j])))
+                            self.prefix_cache.put(keys[j], self._call("save_block", self.programs.save_block,
+                                                                      self.cache, np.int32(s.slot),
+                                                                      np.int32(bounds[j])))
                             self.metrics.answer_blocks.inc()
             with self._lock:
                 if self.slots[s.slot] is s:
@@ -491,18 +466,43 @@ class Engine:
                                    seed=np.array(seed, np.uint32), choice=np.array(ch, np.int32),
                                    counter=np.array(cnt, np.int32))
 
-    def _step(self) -> None:
-        seqs = [s if s is not None and s.tokens and s.finish is None else None for s in self.slots]
-        tokens = np.array([s.tokens[-1] if s is not None else 0 for s in seqs], np.int32)
-        # an idle row (free, or holding a finished answer's KV) writes only the last slot, which no position reads
-        positions = np.array([s.position if s is not None else self.shapes.seq_len - 1 for s in seqs], np.int32)
-        self.cache, picked = self.programs.step(self.params, self.cache, tokens, positions, self._slot_params(seqs))
-        picked = jax.device_get(picked)
-        live = [s for s in seqs if s is not None]
-        for s in live:
-            s.position += 1
-        with self._lock:
-            self._emit(live, picked, rows=[s.slot for s in live])
+    @staticmethod
+    def _running(s: _Sequence | None) -> bool:
+        return s is not None and bool(s.tokens) and s.finish is None and not s.request.cancelled
+
+    def _dispatch(self) -> None:
+        """Queue one `decode` call (N steps). A sequence new to decoding gets its row of the state from the host (its last
+        token, position, count and limit); a row whose sequence ended on the host (a stop string, a cancellation, a
+        freed slot) is switched off; the others continue from the device's state."""
+        seqs = [s if self._running(s) else None for s in self.slots]
+        override = np.zeros(len(seqs), bool)
+        fresh = [np.zeros(len(seqs), np.int32) for _ in range(4)] + [np.zeros(len(seqs), bool)]
+        for i, s in enumerate(seqs):
+            if s is None or not s.on_device:
+                override[i] = True
+            if s is not None and not s.on_device:
+                left = min(s.request.limit - len(s.tokens), self.max_positions - s.position)
+                for a, v in zip(fresh, (s.tokens[-1], s.position, len(s.tokens), left, True)):
+                    a[i] = v
+                s.on_device = True
+        fresh = programs.DecodeState(*fresh)
+        self.cache, self._state, picked, valid = self._call(
+            "decode", self.programs.decode, self.params, self.cache, self._state, override, fresh,
+            self._slot_params(seqs), self._eos)
+        self._inflight.append((picked, valid, seqs))
+
+    def _read(self, picked: programs.Picked, valid, seqs: list[_Sequence | None]) -> None:
+        """Hand each sequence of a `decode` call its tokens, step by step (one device-to-host copy per call)."""
+        with self._span("read"):
+            picked, valid = jax.device_get((picked, valid))
+        with self._lock, self._span("emit"):
+            for k in range(valid.shape[0]):
+                live = [s for i, s in enumerate(seqs) if s is not None and valid[k, i] and self._running(s)]
+                if not live:
+                    continue
+                for s in live:
+                    s.position += 1
+                self._emit(live, jax.tree.map(lambda x: x[k], picked), rows=[s.slot for s in live])
 
     def _emit(self, seqs: list[_Sequence], picked: programs.Picked, rows: list[int] | None = None) -> None:
         """Append each sequence's new token, check its stop conditions, send its event; free finished slots."""
