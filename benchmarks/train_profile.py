@@ -3,6 +3,7 @@ batch) run under jax's profiler, each executed op's time summed by phase (forwar
 what it belongs to (op_name metadata of the optimized HLO), beside the compiled program's cost analysis and memory.
 
     python benchmarks/train_profile.py --mode lora [--shape small] [--runs 1] [--remat none] [--top 25]
+    python benchmarks/train_profile.py --mode peft      # transformers + peft LoRA + torch AdamW under torch.profiler
 
 Reads the HF checkpoint bench_train.py writes (`/tmp/deepseek-vl-jax-bench-train-<shape>`, made if missing).
 Prints JSON: wall time per step, op time by category (ms summed over the threads that ran ops, so the total exceeds
@@ -96,9 +97,54 @@ def profile(compiled, args, names: dict, runs: int, top: int) -> dict:
             }, args[0]
 
 
+def profile_torch(runs: int, top: int) -> dict:
+    """bench_train's peft LoRA step under torch.profiler: self CPU time by aten op (mm / addmm / bmm / SDPA ...)."""
+    transformers = bench_train.import_transformers()
+    import peft
+    import torch
+
+    torch.manual_seed(0)
+    model = transformers.DeepseekVLForConditionalGeneration.from_pretrained(bench_train.WEIGHTS,
+                                                                            dtype=torch.float32).train()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=bench_train.LORA_RANK, lora_alpha=bench_train.LORA_ALPHA,
+                                                       target_modules=bench_train.PEFT_TARGETS))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, betas=(0.9, 0.95))
+    batch = {k: torch.from_numpy(v) for k, v in bench_train.make_batch().items()}
+
+    def step():
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        step()
+        times.append(round(time.perf_counter() - t, 2))
+    t = time.perf_counter()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(runs):
+            step()
+    wall = (time.perf_counter() - t) / runs
+    ops = [e for e in prof.key_averages(group_by_input_shape=True)]
+    by_op = collections.Counter()
+    for e in prof.key_averages():
+        by_op[e.key] += e.self_cpu_time_total
+    total = sum(by_op.values())
+    ms = lambda us: round(us / runs / 1e3, 1)
+    return {"step_times_s": times, "threads": torch.get_num_threads(), "wall_s_under_profiler": round(wall, 2),
+            "op_ms_total": ms(total),
+            "by_op": {k: {"ms": ms(v), "share": round(v / total, 3)} for k, v in by_op.most_common(top)},
+            "top_by_shape": [{"op": e.key, "shapes": str(e.input_shapes)[:160], "ms": ms(e.self_cpu_time_total),
+                              "calls": e.count // runs}
+                             for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:top]]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--mode", choices=("full", "lora", "qlora"), default="lora")
+    p.add_argument("--mode", choices=("full", "lora", "qlora", "peft"), default="lora")
     p.add_argument("--shape", choices=("0.45b", "small"), default="0.45b")
     p.add_argument("--remat", default="none")
     p.add_argument("--runs", type=int, default=1)
@@ -114,6 +160,15 @@ def main() -> None:
         subprocess.run([sys.executable, bench_train.__file__, "--write-weights", "--shape", args.shape,
                         "--weights", bench_train.WEIGHTS], check=True)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    if args.mode == "peft":
+        result = {"mode": args.mode, "shape": args.shape, "uptime_at_start": uptime, **profile_torch(args.runs, args.top),
+                  "uptime_at_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
+        text = json.dumps(result, indent=1)
+        print(text)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write(text)
+        return
     import jax
 
     step, state, batch = bench_train.build_jax_step(args.remat, "none" if args.mode == "full" else args.mode)
