@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -77,8 +78,11 @@ def main() -> None:
         t = time.perf_counter()
         if n.startswith("rev:"):
             with swapped(n[4:], [f for f in args.swap.split(",") if f]):
-                inner = step.__wrapped__  # a new function object: traced afresh, not from jit's cache
-                compiled[n] = jax.jit(lambda s, b: inner(s, b), donate_argnums=(0,)).lower(state, batch).compile()
+                inner = step.__wrapped__  # functools.partial(train_step, ...): rebuilt on the swapped module's
+                from deepseek_vl_jax.training import step as step_lib
+
+                fn = functools.partial(step_lib.train_step, *inner.args, **inner.keywords)
+                compiled[n] = jax.jit(fn, donate_argnums=(0,)).lower(state, batch).compile()
         else:
             compiled[n] = lowered.compile(compiler_options=VARIANTS[n] or None)
         compile_s[n] = round(time.perf_counter() - t, 1)

@@ -121,13 +121,14 @@ def target_count(labels: jax.Array) -> jax.Array:
     return jnp.sum(shifted_targets(labels) != IGNORE_INDEX).astype(jnp.float32)
 
 
-def loss_sum(module: DeepseekVL, params, batch: Batch, lora=None, dropout_rng=None) -> jax.Array:
-    """Summed float32 cross-entropy over the learned targets of one micro-batch (logits made chunk by chunk)."""
+def loss_sum(module: DeepseekVL, params, batch: Batch, lora=None, dropout_rng=None, fast_dots=False) -> jax.Array:
+    """Summed float32 cross-entropy over the learned targets of one micro-batch (logits made chunk by chunk).
+    `fast_dots`: LoRA's faster operand form for the frozen kernels (`lora.adapters.kernel_dot`; the train step's)."""
     args = (batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("high_res_pixel_values"),
             shifted_targets(batch["labels"]))
     if lora is not None and lora.enabled:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None and lora.dropout else None
-        return lora_lib.apply(module, params, *args, config=lora, method=_loss_sum, rngs=rngs)
+        return lora_lib.apply(module, params, *args, config=lora, method=_loss_sum, rngs=rngs, fast_dots=fast_dots)
     return module.apply({"params": params}, *args, method=_loss_sum)
 
 
@@ -154,7 +155,7 @@ def train_step(state: TrainState, batch: Batch, *, module: DeepseekVL, tx: optax
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), state.step), i) if dropout else None
 
         def f(p):
-            s = loss_sum(module, opt_lib.merge(p, frozen), mb, lora, rng)
+            s = loss_sum(module, opt_lib.merge(p, frozen), mb, lora, rng, fast_dots=True)
             return s / total, s
         (_, s), g = jax.value_and_grad(f, has_aux=True)(train)
         g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
