@@ -31,6 +31,7 @@ VARIANTS = {
     "ynn_off": _NO_YNN,  # XLA's own (Eigen) dots
     "onednn_dot": {**_NO_YNN, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
     "xnn_dot": {**_NO_YNN, "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "no_concurrency_scheduler": {"xla_cpu_enable_concurrency_optimized_scheduler": False},
 }
 
 
@@ -38,7 +39,7 @@ VARIANTS = {
 def swapped(rev: str, files: list[str]):
     """The modules of `files` with their functions and constants as at git revision `rev` (restored after)."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    mods = [importlib.import_module(f[:-3].replace("/", ".")) for f in files]
+    mods = [importlib.import_module(f[:-3].replace("/", ".").removesuffix(".__init__")) for f in files]
     saved = [dict(m.__dict__) for m in mods]
     try:
         for f, m in zip(files, mods):

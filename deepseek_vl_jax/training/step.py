@@ -132,9 +132,9 @@ def loss_sum(module: DeepseekVL, params, batch: Batch, lora=None, dropout_rng=No
     return module.apply({"params": params}, *args, method=_loss_sum)
 
 
-def mean_loss(module: DeepseekVL, params, batch: Batch, lora=None) -> jax.Array:
+def mean_loss(module: DeepseekVL, params, batch: Batch, lora=None, fast_dots=False) -> jax.Array:
     """transformers' loss for one micro-batch: mean over learned targets."""
-    return loss_sum(module, params, batch, lora) / jnp.maximum(target_count(batch["labels"]), 1.0)
+    return loss_sum(module, params, batch, lora, fast_dots=fast_dots) / jnp.maximum(target_count(batch["labels"]), 1.0)
 
 
 def _micro(batch: Batch, i) -> Batch:
