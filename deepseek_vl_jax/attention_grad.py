@@ -65,6 +65,10 @@ def _logits(qs, kt, mask, s, e):
 # needs no second mask).
 def _attention_fwd(q, k, v, mask, scale, block):
     b, t, n, h = q.shape
+    # q, k, v materialised as they come ([B, T, ., H], rope applied): otherwise XLA:CPU fuses rope into the heads-first
+    # transposes and writes k as [B, K, H, S] from a loop with strided stores; after the barrier the transposes are
+    # plain copies
+    q, k, v = jax.lax.optimization_barrier((q, k, v))
     qg, kt, vt, mg = _grouped(q, k, v, mask)
     qs = qg * jnp.asarray(scale, qg.dtype)
     outs, lses = [], []
