@@ -59,10 +59,46 @@ def _instructions(hlo_text: str, rank: int) -> dict:
             what = "other"
         if opcode in ("copy", "transpose") or opcode == "fusion" and "copy" in name:
             what += " [copy/transpose]"
-        if opcode in ("dynamic-slice", "dynamic-update-slice") or "dynamic_slice" in name or "dynamic_update" in name:
+        if opcode in ("dynamic-slice", "dynamic-update-slice") or "dynamic-slice" in name or "dynamic-update" in name:
             what += " [scan slicing]"
         out[name] = (what, phase, shape, opcode)
     return out
+
+
+def dot_flops_by_part(hlo_text: str, rank: int) -> dict:
+    """GFLOP of the optimized HLO's dots by part of the step, counted statically: a while loop's body (a scanned
+    tower) once, and every loss chunk, run or skipped."""
+    dims = {m.group(1): [int(d) for d in m.group(2).split(",") if d]
+            for m in re.finditer(r"%([\w.\-]+) = \w+\[([0-9,]*)\]", hlo_text)}
+    dot = re.compile(r"%[\w.\-]+ = \w+\[([0-9,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\).*lhs_contracting_dims=\{([0-9,]*)\}")
+    out = collections.Counter()
+    for line in hlo_text.splitlines():
+        m = dot.search(line)
+        if not m:
+            continue
+        shape = [int(d) for d in m.group(1).split(",") if d]
+        k = 1
+        for d in m.group(3).split(","):
+            k *= dims[m.group(2)][int(d)]
+        flops = 2 * k
+        for d in shape:
+            flops *= d
+        meta = re.search(r'op_name="([^"]*)"', line)
+        op = meta.group(1) if meta else ""
+        bwd = "transpose(" in op
+        if "vision_model" in op or "aligner" in op:
+            part = "image encoder + aligner (one scanned layer)"
+        elif "head_loss" in op or "lm_head" in op or "_chunk" in op:
+            part = "LM head + loss (all chunks)"
+        elif re.search(r"(q|k|v|o|gate|up|down)_proj", op):
+            part = (f"LoRA rank-{rank} dots" if rank in shape or k == rank else
+                    "frozen base input gradient dy W^T" if bwd else "decoder dense forward")
+        elif "bkgt" in op or "self_attn" in op:
+            part = "attention backward" if bwd or "_bwd" in op else "attention forward"
+        else:
+            part = "other"
+        out[part] += flops
+    return {k: round(v / 1e9, 1) for k, v in out.most_common()}
 
 
 def profile(compiled, args, names: dict, runs: int, top: int) -> dict:
@@ -194,7 +230,8 @@ def main() -> None:
               "compile_s": round(compile_s, 1), "step_times_s": times,
               "cost_analysis": {"gflops": round(cost.get("flops", 0) / 1e9, 1),
                                 "gbytes_accessed": round(cost.get("bytes accessed", 0) / 1e9, 1)},
-              "temp_gb": round(mem.temp_size_in_bytes / 1e9, 2), **prof}
+              "temp_gb": round(mem.temp_size_in_bytes / 1e9, 2),
+              "dot_gflops_by_part": dot_flops_by_part(compiled.as_text(), bench_train.LORA_RANK), **prof}
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
