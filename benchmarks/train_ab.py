@@ -18,6 +18,7 @@ import functools
 import importlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -99,10 +100,12 @@ def main() -> None:
             jax.block_until_ready(m)
             times[n].append(round(time.perf_counter() - t, 3))
             losses[n].append(float(m["loss"]))
-    med = {n: sorted(v)[len(v) // 2] for n, v in times.items()}
+    print(json.dumps({"step_times_s": times}), flush=True)  # (kept if anything below fails)
+    med = {n: statistics.median(v) for n, v in times.items()}
     result = {"mode": args.mode, "shape": args.shape, "uptime_at_start": uptime,
               "uptime_at_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-              "variants": {n: VARIANTS[n] for n in names}, "compile_s": compile_s, "step_times_s": times,
+              "variants": {n: VARIANTS.get(n, f"{n[4:]}: {args.swap}") for n in names}, "compile_s": compile_s,
+              "step_times_s": times,
               "median_s": med, "ratio_to_first": {n: round(med[names[0]] / med[n], 3) for n in names},
               "losses": losses}
     text = json.dumps(result, indent=1)
