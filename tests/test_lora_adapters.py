@@ -94,23 +94,3 @@ def test_dropout_is_keyed_and_reaches_every_scanned_tower(case):
     a, b, c = (np.asarray(f(params, jax.random.key(k))) for k in (1, 1, 2))
     np.testing.assert_array_equal(a, b)  # the same key, the same masks (exact resume)
     assert np.abs(a - c).max() > 1e-2 and np.abs(a - forward(model, params, inputs, config)).max() > 1e-2
-
-
-def test_kernel_dot_and_its_gradients_equal_torch_autograd():
-    """The train step's frozen-kernel product (forward from a transposed copy, backward from the stored kernel):
-    output and the gradients of x and of the kernel (a trainable tower's) equal torch's F.linear autograd."""
-    import torch
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 5, 24)).astype(np.float32)
-    w = rng.standard_normal((24, 40)).astype(np.float32)  # [in, out]
-    g = rng.standard_normal((2, 5, 40)).astype(np.float32)
-    tx, tw = torch.tensor(x, requires_grad=True), torch.tensor(w.T.copy(), requires_grad=True)  # torch: [out, in]
-    want = torch.nn.functional.linear(tx, tw)
-    want.backward(torch.tensor(g))
-    y, pullback = jax.vjp(lora.adapters.kernel_dot, jnp.asarray(x), jnp.asarray(w))
-    dx, dw = pullback(jnp.asarray(g))
-    err = lambda got, ref: float(np.abs(np.asarray(got) - ref).max() / np.abs(ref).max())
-    assert err(y, want.detach().numpy()) <= 1e-6
-    assert err(dx, tx.grad.numpy()) <= 1e-6
-    assert err(dw, tw.grad.numpy().T) <= 1e-6

@@ -172,48 +172,6 @@ def _frozen_quantized_dense(module: nn.Dense, x: jax.Array, kernel: QTensor) -> 
     return y
 
 
-def _float_dense(module: nn.Dense, x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """nn.Dense's output (promotion, bias) with the product done by `kernel_dot`."""
-    dtype = module.dtype or jnp.result_type(x, kernel)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=dtype)
-    y = kernel_dot(x, kernel)
-    if module.use_bias:
-        y = y + module.get_variable("params", "bias").astype(y.dtype)
-    return y
-
-
-@jax.custom_vjp
-def kernel_dot(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """x [..., I] @ kernel [I, O] -> [..., O], each product in the operand form XLA:CPU runs fastest.
-
-    A kernel stored [in, out] makes the forward product `x @ W` the NN form (both operands contracted as stored)
-    and the input gradient `dy @ W^T` the NT form (the kernel read along its rows). On this project's CPU the NT
-    form runs ~1.4x faster (`benchmarks/train_dot_forms.py`; torch's nn.Linear, whose weight is [out, in], uses it
-    in its forward pass). Here the forward pass also takes the NT form, from a transposed copy of the kernel made
-    in the step (one layer's, a few MB at a time; the optimization barrier keeps XLA from folding the transpose back
-    into the dot), and the backward pass reads the stored kernel. Numerically the same products.
-    """
-    return _kernel_dot_fwd(x, kernel)[0]
-
-
-def _kernel_dot_fwd(x, kernel):
-    kt = jax.lax.optimization_barrier(kernel.T)  # [O, I], materialised
-    y = jnp.einsum("...i,oi->...o", x, kt)
-    return y, (x, kernel)
-
-
-def _kernel_dot_bwd(res, g):
-    x, kernel = res
-    n = g.size // g.shape[-1]
-    dx = jnp.einsum("...o,io->...i", g, kernel).astype(x.dtype)
-    # the kernel's gradient (dropped by XLA when the kernel is frozen)
-    dk = jnp.einsum("ni,no->io", x.reshape(n, x.shape[-1]), g.reshape(n, g.shape[-1])).astype(kernel.dtype)
-    return dx, dk
-
-
-kernel_dot.defvjp(_kernel_dot_fwd, _kernel_dot_bwd)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def lora_delta(h: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
     """The LoRA term `scale * (h @ a) @ b`: h [..., I], a [I, r], b [r, O] -> [..., O].
@@ -246,11 +204,10 @@ def _lora_delta_bwd(scale, res, g):
 lora_delta.defvjp(_lora_delta_fwd, _lora_delta_bwd)
 
 
-def interceptor(config: LoraConfig, deterministic: bool = True, fast_dots: bool = False):
+def interceptor(config: LoraConfig, deterministic: bool = True):
     """A `nn.intercept_methods` interceptor: Dense calls of adapted modules get the LoRA term
     `(alpha / r) * dropout(x) @ A @ B` (computed in the module's dtype) added to their output. A QTensor kernel's
-    output is `_frozen_quantized_dense`'s, a float kernel's `kernel_dot`'s (with `fast_dots`; on CPU); other Dense
-    calls go on to the next interceptor
+    output is `_frozen_quantized_dense`'s; other Dense calls go on to the next interceptor
     (`quantization.quantized_layers`, for QTensor embeddings) or nn.Dense."""
 
     def intercept(next_fun, args, kwargs, context):
@@ -262,9 +219,6 @@ def interceptor(config: LoraConfig, deterministic: bool = True, fast_dots: bool 
         x = args[0]
         if isinstance(kernel, QTensor) and kernel.ndim == 2:
             y = _frozen_quantized_dense(m, x, kernel)
-        elif fast_dots and kernel is not None and kernel.ndim == 2 and m.dot_general is None and \
-                m.dot_general_cls is None and m.precision is None:
-            y = _float_dense(m, x, kernel)
         else:
             y = next_fun(*args, **kwargs)
         if not adapted:
@@ -279,16 +233,12 @@ def interceptor(config: LoraConfig, deterministic: bool = True, fast_dots: bool 
     return intercept
 
 
-def apply(module: nn.Module, params: Mapping, *args, config: LoraConfig, method=None, rngs=None,
-          fast_dots: bool = False, **kwargs) -> Any:
+def apply(module: nn.Module, params: Mapping, *args, config: LoraConfig, method=None, rngs=None, **kwargs) -> Any:
     """`module.apply` of a LoRA model (params with a `lora` collection and/or a base of QTensors). With `rngs`
-    holding a "dropout" key, LoRA dropout is active. `fast_dots` (the train step's, on CPU): float Dense kernels
-    through `kernel_dot` (the same products in another operand form, so equal to nn.Dense's up to rounding);
-    otherwise nn.Dense's own, so that zero adapters give the base model's outputs bit for bit."""
+    holding a "dropout" key, LoRA dropout is active."""
     deterministic = not (rngs and "dropout" in rngs)
-    fast_dots = fast_dots and jax.default_backend() == "cpu"  # (`kernel_dot`: measured on XLA:CPU only)
     # the outer context's interceptor runs first: LoRA's, whose next step is the quantized (or plain) Dense
-    with nn.intercept_methods(interceptor(config, deterministic, fast_dots)), quantized_layers():
+    with nn.intercept_methods(interceptor(config, deterministic)), quantized_layers():
         return module.apply({"params": inject(params)}, *args, method=method, rngs=rngs, **kwargs)
 
 

@@ -27,9 +27,8 @@ from jax.sharding import Mesh
 
 from deepseek_vl_jax import multimodal
 from deepseek_vl_jax import lora as lora_lib
-from deepseek_vl_jax.common import IGNORE_INDEX, RematPolicy
+from deepseek_vl_jax.common import IGNORE_INDEX
 from deepseek_vl_jax.model import DeepseekVL
-from deepseek_vl_jax.quantization import QTensor
 from deepseek_vl_jax.training import head_loss
 from deepseek_vl_jax.training import optimizer as opt_lib
 from deepseek_vl_jax.training.config import TrainableConfig
@@ -55,10 +54,8 @@ def merge_rows(embeds: jax.Array, input_ids: jax.Array, features: jax.Array, ima
     return jnp.where(is_image[..., None], gathered, embeds)
 
 
-def _hidden(module: DeepseekVL, input_ids, attention_mask, pixel_values=None, high_res_pixel_values=None,
-            unrolled=False):
-    """The final-norm hidden states [B, T, D]. `unrolled`: the decoder as a loop over its layers
-    (`DeepseekVL.decode_layers`) rather than the scan: see `_unrolled`."""
+def _hidden(module: DeepseekVL, input_ids, attention_mask, pixel_values=None, high_res_pixel_values=None):
+    """The final-norm hidden states [B, T, D]."""
     embeds = module.language_model.embed(input_ids)
     if pixel_values is not None:
         b = input_ids.shape[0]
@@ -66,33 +63,16 @@ def _hidden(module: DeepseekVL, input_ids, attention_mask, pixel_values=None, hi
         feats = feats.reshape(b, -1, feats.shape[-1])
         embeds = merge_rows(embeds, input_ids, feats, module.config.image_token_id)
     positions = multimodal.positions_from_mask(attention_mask)
-    mask = multimodal.causal_mask(attention_mask)
-    if unrolled:
-        stacked = module.language_model.variables["params"]["layers"]
-        n = module.config.text.num_hidden_layers
-        layers = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
-        return module.decode_layers(embeds, positions, mask, layers)[0]
-    return module.decode(embeds, positions, mask)[0]
-
-
-def _unrolled(module: DeepseekVL, params, lora) -> bool:
-    """Whether a LoRA step runs the decoder unrolled: on CPU, without remat, over a float base. Differentiated, a
-    scan writes every layer's residuals into stacked buffers (zeroed first; 1.8 GB a step at the 0.45B benchmark
-    shape) and slices each layer's weights out twice; the loop keeps each residual where it was made. Not with LoRA
-    dropout (the per-layer apply has no rng streams), nor a QLoRA base (kept as the scan has it)."""
-    layers = params.get("language_model", {}).get("layers", {})
-    return (lora is not None and lora.enabled and not lora.dropout and jax.default_backend() == "cpu"
-            and module.config.remat_policy == RematPolicy.NONE
-            and not any(isinstance(x, QTensor) for x in jax.tree.leaves(layers, is_leaf=lambda x: isinstance(x, QTensor))))
+    hidden, _ = module.decode(embeds, positions, multimodal.causal_mask(attention_mask))
+    return hidden
 
 
 def _logits(module: DeepseekVL, input_ids, attention_mask, pixel_values=None, high_res_pixel_values=None):
     return module.logits(_hidden(module, input_ids, attention_mask, pixel_values, high_res_pixel_values))
 
 
-def _loss_sum(module: DeepseekVL, input_ids, attention_mask, pixel_values, high_res_pixel_values, targets,
-              unrolled=False):
-    hidden = _hidden(module, input_ids, attention_mask, pixel_values, high_res_pixel_values, unrolled)
+def _loss_sum(module: DeepseekVL, input_ids, attention_mask, pixel_values, high_res_pixel_values, targets):
+    hidden = _hidden(module, input_ids, attention_mask, pixel_values, high_res_pixel_values)
     hidden, targets = head_loss.targets_first(hidden, targets)
     b = hidden.shape[0]
     chunk = max(8, LOSS_CHUNK_BYTES // (4 * b * module.config.text.vocab_size) // 8 * 8)
@@ -141,22 +121,19 @@ def target_count(labels: jax.Array) -> jax.Array:
     return jnp.sum(shifted_targets(labels) != IGNORE_INDEX).astype(jnp.float32)
 
 
-def loss_sum(module: DeepseekVL, params, batch: Batch, lora=None, dropout_rng=None, fast_dots=False) -> jax.Array:
-    """Summed float32 cross-entropy over the learned targets of one micro-batch (logits made chunk by chunk).
-    `fast_dots` (the train step's): LoRA's faster operand form for the frozen kernels (`lora.adapters.kernel_dot`)
-    and, where `_unrolled` says so, the decoder unrolled."""
+def loss_sum(module: DeepseekVL, params, batch: Batch, lora=None, dropout_rng=None) -> jax.Array:
+    """Summed float32 cross-entropy over the learned targets of one micro-batch (logits made chunk by chunk)."""
     args = (batch["input_ids"], batch["attention_mask"], batch.get("pixel_values"), batch.get("high_res_pixel_values"),
             shifted_targets(batch["labels"]))
     if lora is not None and lora.enabled:
         rngs = {"dropout": dropout_rng} if dropout_rng is not None and lora.dropout else None
-        return lora_lib.apply(module, params, *args, config=lora, method=_loss_sum, rngs=rngs, fast_dots=fast_dots,
-                              unrolled=fast_dots and _unrolled(module, params, lora))
+        return lora_lib.apply(module, params, *args, config=lora, method=_loss_sum, rngs=rngs)
     return module.apply({"params": params}, *args, method=_loss_sum)
 
 
-def mean_loss(module: DeepseekVL, params, batch: Batch, lora=None, fast_dots=False) -> jax.Array:
+def mean_loss(module: DeepseekVL, params, batch: Batch, lora=None) -> jax.Array:
     """transformers' loss for one micro-batch: mean over learned targets."""
-    return loss_sum(module, params, batch, lora, fast_dots=fast_dots) / jnp.maximum(target_count(batch["labels"]), 1.0)
+    return loss_sum(module, params, batch, lora) / jnp.maximum(target_count(batch["labels"]), 1.0)
 
 
 def _micro(batch: Batch, i) -> Batch:
@@ -177,7 +154,7 @@ def train_step(state: TrainState, batch: Batch, *, module: DeepseekVL, tx: optax
         rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), state.step), i) if dropout else None
 
         def f(p):
-            s = loss_sum(module, opt_lib.merge(p, frozen), mb, lora, rng, fast_dots=True)
+            s = loss_sum(module, opt_lib.merge(p, frozen), mb, lora, rng)
             return s / total, s
         (_, s), g = jax.value_and_grad(f, has_aux=True)(train)
         g = jax.tree.map(lambda x: x.astype(jnp.float32), g)
