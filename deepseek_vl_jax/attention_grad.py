@@ -96,7 +96,7 @@ def _attention_bwd(scale, block, res, dout):
     dv = jnp.zeros(vt.shape, _F32)
     dqs = []
     for s, e in _blocks(t, block):
-        p = jnp.exp(_logits(qs, kt, mg, s, e) - lse[..., s:e, None])  # 0 where masked
+        p = jnp.exp(_logits(qs, kt, mg, s, e) - lse[..., s:e, None])  # 0 where masked (a query seeing no key: padding)
         do = dog[:, :, :, s:e]
         dv = dv.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", p, do))
         dp = jnp.einsum("bkgth,bksh->bkgts", do, vt[:, :, :e], preferred_element_type=_F32)
