@@ -70,7 +70,8 @@ def dot_flops_by_part(hlo_text: str, rank: int) -> dict:
     tower) once, and every loss chunk, run or skipped."""
     dims = {m.group(1): [int(d) for d in m.group(2).split(",") if d]
             for m in re.finditer(r"%([\w.\-]+) = \w+\[([0-9,]*)\]", hlo_text)}
-    dot = re.compile(r"%[\w.\-]+ = \w+\[([0-9,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\).*lhs_contracting_dims=\{([0-9,]*)\}")
+    dot = re.compile(r"%[\w.\-]+ = \w+\[([0-9,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\)"
+                     r".*lhs_contracting_dims=\{([0-9,]*)\}")
     out = collections.Counter()
     for line in hlo_text.splitlines():
         m = dot.search(line)
@@ -197,7 +198,8 @@ def main() -> None:
                         "--weights", bench_train.WEIGHTS], check=True)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     if args.mode == "peft":
-        result = {"mode": args.mode, "shape": args.shape, "uptime_at_start": uptime, **profile_torch(args.runs, args.top),
+        result = {"mode": args.mode, "shape": args.shape, "uptime_at_start": uptime,
+                  **profile_torch(args.runs, args.top),
                   "uptime_at_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()}
         text = json.dumps(result, indent=1)
         print(text)
