@@ -53,23 +53,32 @@ def _blocks(t, block):
     return [(s, min(s + block, t)) for s in range(0, t, block)]
 
 
-def _logits(qg, kt, mask, scale, s, e):
-    """Block [s, e) of queries over keys [0, e): masked float32 logits [B, K, G, e - s, e]."""
-    logits = jnp.einsum("bkgth,bksh->bkgts", qg[:, :, :, s:e], kt[:, :, :e], preferred_element_type=_F32) * scale
+def _logits(qs, kt, mask, s, e):
+    """Block [s, e) of the (pre-scaled) queries over keys [0, e): masked float32 logits [B, K, G, e - s, e]."""
+    logits = jnp.einsum("bkgth,bksh->bkgts", qs[:, :, :, s:e], kt[:, :, :e], preferred_element_type=_F32)
     return jnp.where(mask[..., s:e, :e], logits, _MIN)
 
 
+# Under differentiation both passes below run instead of `layers.causal_attention` (the same math, ordered to touch
+# each block's [.., T_i, S_i] logits as few times as possible: the scale goes on the queries [T, H] and the softmax
+# normaliser on the output [T, H]; in the backward pass exp(masked - lse) is already 0 where the mask is off, so dS
+# needs no second mask).
 def _attention_fwd(q, k, v, mask, scale, block):
     b, t, n, h = q.shape
+    # q, k, v materialised as they come ([B, T, ., H], rope applied): otherwise XLA:CPU fuses rope into the heads-first
+    # transposes and writes k as [B, K, H, S] from a loop with strided stores; after the barrier the transposes are
+    # plain copies
+    q, k, v = jax.lax.optimization_barrier((q, k, v))
     qg, kt, vt, mg = _grouped(q, k, v, mask)
+    qs = qg * jnp.asarray(scale, qg.dtype)
     outs, lses = [], []
     for s, e in _blocks(t, block):
-        logits = _logits(qg, kt, mg, scale, s, e)
+        logits = _logits(qs, kt, mg, s, e)
         top = jnp.max(logits, axis=-1, keepdims=True)
         p = jnp.exp(logits - top)
         total = jnp.sum(p, axis=-1, keepdims=True)
-        o = jnp.einsum("bkgts,bksh->bkgth", (p / total).astype(v.dtype), vt[:, :, :e], preferred_element_type=_F32)
-        outs.append(o)
+        o = jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), vt[:, :, :e], preferred_element_type=_F32)
+        outs.append(o / total)
         lses.append((top + jnp.log(total))[..., 0])
     og = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H] float32
     out = og.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
@@ -80,21 +89,21 @@ def _attention_bwd(scale, block, res, dout):
     q, k, v, mask, og, lse = res
     b, t, n, h = q.shape
     qg, kt, vt, mg = _grouped(q, k, v, mask)
+    qs = qg * jnp.asarray(scale, qg.dtype)
     dog = dout.reshape(b, t, k.shape[2], n // k.shape[2], h).transpose(0, 2, 3, 1, 4).astype(_F32)
     delta = jnp.sum(dog * og, axis=-1)  # [B, K, G, T]
     dk = jnp.zeros(kt.shape, _F32)
     dv = jnp.zeros(vt.shape, _F32)
     dqs = []
     for s, e in _blocks(t, block):
-        logits = _logits(qg, kt, mg, scale, s, e)
-        p = jnp.exp(logits - lse[..., s:e, None])
+        p = jnp.exp(_logits(qs, kt, mg, s, e) - lse[..., s:e, None])  # 0 where masked (a query seeing no key: padding)
         do = dog[:, :, :, s:e]
         dv = dv.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", p, do))
         dp = jnp.einsum("bkgth,bksh->bkgts", do, vt[:, :, :e], preferred_element_type=_F32)
-        ds = jnp.where(mg[..., s:e, :e], p * (dp - delta[..., s:e, None]), 0.0) * scale
+        ds = p * (dp - delta[..., s:e, None])
         dqs.append(jnp.einsum("bkgts,bksh->bkgth", ds, kt[:, :, :e], preferred_element_type=_F32))
-        dk = dk.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", ds, qg[:, :, :, s:e], preferred_element_type=_F32))
-    dq = jnp.concatenate(dqs, axis=3).transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
+        dk = dk.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", ds, qs[:, :, :, s:e], preferred_element_type=_F32))
+    dq = (jnp.concatenate(dqs, axis=3) * scale).transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
     return dq, dk.transpose(0, 2, 1, 3).astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype), None
 
 

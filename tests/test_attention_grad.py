@@ -37,12 +37,17 @@ def test_output_and_gradients_equal_torch_autograd(block):
     want.backward(torch.tensor(dout))
 
     f = lambda q, k, v: attention_grad.causal_attention(q, k, v, jnp.asarray(mask), scale, block)
-    out, grads = jax.jit(lambda q, k, v, d: (f(q, k, v), jax.vjp(f, q, k, v)[1](d)))(q, k, v, dout)
+    def run(q, k, v, d):
+        out_fwd, pullback = jax.vjp(f, q, k, v)  # the forward pass of the differentiated function (`_attention_fwd`)
+        return f(q, k, v), out_fwd, pullback(d)
+
+    out, out_fwd, grads = jax.jit(run)(q, k, v, dout)
     err = lambda got, ref: float(np.abs(np.asarray(got) - ref).max() / np.abs(ref).max())
     assert err(out, want.detach().numpy()) <= 1e-6
+    assert err(out_fwd, want.detach().numpy()) <= 1e-6
     for got, ref in zip(grads, (tq.grad, tk.grad, tv.grad)):
         assert err(got, ref.numpy()) <= 2e-6
-    # the forward pass is layers.causal_attention's, unchanged
+    # undifferentiated, the forward pass is layers.causal_attention's, unchanged
     same = jax.jit(lambda q, k, v: layers.causal_attention(q, k, v, jnp.asarray(mask), scale, block))(q, k, v)
     np.testing.assert_array_equal(np.asarray(jax.jit(f)(q, k, v)), np.asarray(same))
 
