@@ -303,7 +303,7 @@ def program_memory(model, batch) -> dict:
     progs, params, gen_len = loop.programs(c, sampler, None), weights.generation_params(model), \
         kv_cache.gen_buffer_length(LONG)
     args = (params, inputs, jax.random.key(0), sp, stop, gen_len)
-    state = jax.eval_shape(progs.prefill, *args)
+    state = progs.prefill.eval_shape(*args)
     compiled = {"generate": progs.generate.lower(*args), "prefill": progs.prefill.lower(*args),
                 "decode_step": progs.step.lower(params, state, sp, stop),
                 "image_encoder": model._image_features.lower(model.params, inputs["pixel_values"], None)}

@@ -325,6 +325,10 @@ class ByRows:
     def lower(self, *args):
         return self.jitted(*args).lower(*args)
 
+    def eval_shape(self, *args):
+        """The program's output shapes for these arguments (static ones stay static, unlike `jax.eval_shape`)."""
+        return self.jitted(*args).eval_shape(*args)
+
     def __call__(self, *args):
         return self.jitted(*args)(*args)
 
