@@ -6,7 +6,7 @@
 - `decode`: up to N decode steps (N = --decode-steps) over all B slots at once, each slot at its own position, with
   per-slot sampling; eos and the token limit are checked on the device (a finished row masks itself; the loop ends
   early once no row is active), so the host reads N steps' tokens in one copy and admits new requests between calls;
-- `pick`: the first token of a request from the last prompt logits (the same per-row sampler as `step`);
+- `pick`: the first token of a request from the last prompt logits (the same per-row sampler as `decode`);
 - `save_block` / `load_block`: copy C cache slots of one row out to / back from the prefix cache.
 
 Shapes: B slots (--max-batch), S cache slots per row (--max-seq-len rounded up to a multiple of C, plus C), C the prefill chunk, K kv
