@@ -133,7 +133,7 @@ class Program:
         if data is not None:
             try:
                 _register_nodes()
-                call = self._exported_call(export.deserialize(bytearray(data)), options)
+                call = self._exported_compiled(export.deserialize(bytearray(data)), options, dynamic)
                 COUNTS["programs_loaded"] += 1
                 return [call, False, key]
             except Exception:  # noqa: BLE001
@@ -189,17 +189,20 @@ class Program:
         try:
             exp = export.export(self._named(key, static, options))(*dynamic)
             payload = bytes(exp.serialize())
+            compiled = self._exported_compiled(exp, options, dynamic)
         except Exception:  # noqa: BLE001 — e.g. a tree node jax.export cannot serialize
             return None
         if self.store.write(key, EXPORTED, payload):
             COUNTS["programs_saved"] += 1
             self.store.remove(key, EXECUTABLE)
-        return [self._exported_call(exp, options), False, key]
+        return [compiled, False, key]
 
-    def _exported_call(self, exp, options: dict | None) -> Callable:
+    def _exported_compiled(self, exp, options: dict | None, dynamic):
+        """The exported program compiled for `dynamic`'s signature with `options`: the same kind of executable
+        (a `Compiled`) whichever way the program was obtained, so a caller (or test) reads one kind."""
         import jax
 
-        return jax.jit(exp.call, donate_argnums=self.donate, compiler_options=options)
+        return jax.jit(exp.call, donate_argnums=self.donate, compiler_options=options).lower(*dynamic).compile()
 
 
 def programs(store: Store, progs: Any, ident: str):
