@@ -304,3 +304,28 @@ def test_fine_detail_set_writes_a_hybrid_processor_transformers_reads_identicall
     for key in ("pixel_values", "high_res_pixel_values"):
         np.testing.assert_array_equal(ours[key], theirs[key])  # bit-identical (measured)
     assert main(["synthetic", str(tmp_path / "bad"), "--details", "--styles", "grid"]) == 2
+
+
+def test_chats_of_one_question_kind(tmp_path, capsys):
+    """--train-kind side --turns 3 (the demo's stage-8 set): every training turn asks a side, each about a different
+    shape and true of its scene; the held-out split keeps every kind; "number" needs fine-detail scenes."""
+    from deepseek_vl_jax.synthetic.questions import ask_turns
+    from deepseek_vl_jax.synthetic.styles import FAMILIES, styled_scene
+
+    rng = np.random.default_rng(11)
+    for i in range(60):
+        scene, _ = styled_scene(rng, FAMILIES[i % len(FAMILIES)], min_shapes=2)
+        asked = ask_turns(scene, rng, 3, "side")
+        named = [q.removeprefix("Is the ").removesuffix(" on the left or the right?") for _, q, _ in asked]
+        sides = {f"{s.color} {s.kind}": s.side for s in scene.shapes}
+        unique = [n for n in sides if sum(f"{s.color} {s.kind}" == n for s in scene.shapes) == 1]
+        assert {k for k, _, _ in asked} <= {"side"} and sorted(named) == sorted(unique)
+        assert all(a == sides[n] for n, (_, _, a) in zip(named, asked))
+    out = tmp_path / "side"
+    assert main(["synthetic", str(out), "--train", "20", "--heldout", "30", "--turns", "3", "--min-shapes", "2",
+                 "--train-kind", "side", "--styles", "grid,solid"]) == 0
+    rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(set(r["kinds"]) == {"side"} and 1 <= len(r["kinds"]) <= 3 for r in rows)
+    assert len({json.loads(line)["kind"] for line in (out / "heldout.jsonl").read_text().splitlines()}) > 2
+    assert main(["synthetic", str(tmp_path / "n"), "--train-kind", "number"]) == 2
+    assert "--train-kind number asks about the digits of --details scenes" in capsys.readouterr().err

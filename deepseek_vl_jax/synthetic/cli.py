@@ -12,6 +12,7 @@ import os
 from deepseek_vl_jax.cli_errors import UserError
 from deepseek_vl_jax.conversion import atomic
 from deepseek_vl_jax.synthetic.dataset import write_dataset
+from deepseek_vl_jax.synthetic.questions import QUESTION_KINDS
 from deepseek_vl_jax.synthetic.styles import FAMILIES
 from deepseek_vl_jax.synthetic.tokenizer import write_processor
 
@@ -43,6 +44,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-shapes", type=int, default=1,
                    help="every picture has at least this many shapes (1..3; e.g. 2: every question must pick out one "
                         "shape among others)")
+    p.add_argument("--train-kind", choices=QUESTION_KINDS, default=None,
+                   help="every training question is of this kind (with --turns N: up to N per chat, each about a "
+                        "different shape; e.g. side: a position-heavy set to mix into a stage's data)")
     p.add_argument("--high-res-size", type=int, default=0,
                    help="> 0: write a DeepSeek-VL-Hybrid processor whose high-resolution (SAM) input has this size")
     p.add_argument("--tokenizer-from", metavar="DIR",
@@ -82,6 +86,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--styles is empty; name at least one style family")
     if args.details and "grid" in families(args.styles) + families(args.heldout_styles):
         raise UserError("--details draws free layouts only; leave grid out of --styles and --heldout-styles")
+    if args.train_kind == "number" and not args.details:
+        raise UserError("--train-kind number asks about the digits of --details scenes; add --details")
     if args.high_res_size < 0 or (args.high_res_size and args.high_res_size < args.image_size):
         raise UserError(f"--high-res-size must be 0 or >= --image-size {args.image_size}, got {args.high_res_size}")
     if args.image_size % args.patch_size:
@@ -106,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     with atomic.staged_directory(out, force=force) as tmp:
         paths = write_dataset(tmp, args.train, args.heldout, args.seed, args.pretrain,
                               args.questions_per_image, args.turns, families(args.styles),
-                              families(args.heldout_styles), args.details, args.min_shapes)
+                              families(args.heldout_styles), args.details, args.min_shapes, args.train_kind)
         tokens = (args.image_size // args.patch_size) ** 2
         corpus = [t for split in ("train", "pretrain") if split in paths for t in texts(paths[split])]
         tok = write_processor(os.path.join(tmp, "processor"), corpus, args.image_size, tokens, args.vocab_size,

@@ -39,9 +39,10 @@ def write_split(directory: str, name: str, count: int, seed: int, captions: bool
     one row: a chat of up to `turns` questions (`questions.ask_turns`), labelled with the kind of each.
     Each picture is drawn in a style of one of `families` (`styles.FAMILIES`, drawn uniformly), recorded in its rows
     as "style"; the default, the grid layout alone, draws what this function always drew. labels=True: fine-detail
-    scenes (a small digit inside each shape, and "number" questions about it). kind: every held-out-style row asks a
-    question of this kind ("number" or "count": kinds every scene allows). min_shapes: every scene has at least this
-    many shapes (of at most 3), e.g. 2 for a set of scenes whose questions must pick out one shape among others."""
+    scenes (a small digit inside each shape, and "number" questions about it). kind: every row asks a question of
+    this kind, or with turns > 1 every turn does (e.g. "side": a turn per shape whose side can be asked).
+    min_shapes: every scene has at least this many shapes (of at most 3), e.g. 2 for a set of scenes whose questions
+    must pick out one shape among others."""
     for family in families:
         if family not in FAMILIES:
             raise ValueError(f"unknown style family {family!r}; choose from {', '.join(FAMILIES)}")
@@ -59,7 +60,7 @@ def write_split(directory: str, name: str, count: int, seed: int, captions: bool
             if captions:
                 records = [{"messages": chat(rel, DESCRIBE, describe(scene)), "kind": "describe"}]
             elif turns > 1:
-                asked = ask_turns(scene, rng, turns)
+                asked = ask_turns(scene, rng, turns, kind)
                 records = [{"messages": conversation(rel, [(q, a) for _, q, a in asked]),
                             "kinds": [k for k, _, _ in asked]}]
             else:
@@ -77,16 +78,16 @@ def write_split(directory: str, name: str, count: int, seed: int, captions: bool
 def write_dataset(directory: str, train: int = 6000, heldout: int = 300, seed: int = 0,
                   pretrain: int = 0, questions_per_image: int = 1, turns: int = 1,
                   families: tuple[str, ...] = ("grid",), heldout_families: tuple[str, ...] = (),
-                  labels: bool = False, min_shapes: int = 1) -> dict[str, str]:
+                  labels: bool = False, min_shapes: int = 1, train_kind: str | None = None) -> dict[str, str]:
     """The splits, from independent seeds (the held-out pictures are never seen in training): `pretrain` (captions,
     when pretrain > 0), `train` (`train` pictures, `questions_per_image` rows or `turns` turns each) and `heldout`
     (one question per picture), all drawn in the styles of `families`; and for each of `heldout_families`, a split
     `heldout_<family>` of `heldout` pictures in that family alone (a family not in `families` measures
     generalisation to a style never trained on). labels=True: fine-detail scenes in every split; min_shapes: the
-    least number of shapes of every scene of every split."""
+    least number of shapes of every scene of every split; train_kind: every training question is of this kind."""
     os.makedirs(directory, exist_ok=True)
     out = {"train": write_split(directory, "train", train, seed, questions_per_image=questions_per_image, turns=turns,
-                                families=families, labels=labels, min_shapes=min_shapes),
+                                families=families, labels=labels, kind=train_kind, min_shapes=min_shapes),
            "heldout": write_split(directory, "heldout", heldout, seed + 1_000_003, families=families, labels=labels,
                                   min_shapes=min_shapes)}
     if pretrain:

@@ -64,12 +64,13 @@ def ask_several(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[st
     return out
 
 
-def ask_turns(scene: Scene, rng: np.random.Generator, n: int) -> list[tuple[str, str, str]]:
+def ask_turns(scene: Scene, rng: np.random.Generator, n: int, kind: str | None = None) -> list[tuple[str, str, str]]:
     """Up to `n` questions for the turns of one chat about the scene. The whole scene and each shape are the subject
     of at most one question, so no turn's question or answer gives away another's answer and every answer must be
     read from the picture; each question's kind is drawn uniformly among the kinds still possible. Several shapes
-    asked about in one chat contrast them: the answer depends on which shape the question names."""
-    left = _by_object(scene)
+    asked about in one chat contrast them: the answer depends on which shape the question names. kind: only
+    questions of this kind (e.g. "side": a turn per shape the scene allows, a position-heavy chat)."""
+    left = [c for c in _by_object(scene) if kind is None or c[1] == kind]
     out = []
     while left and len(out) < n:
         subject, *asked = _draw(left, rng)
