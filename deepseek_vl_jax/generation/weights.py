@@ -1,8 +1,9 @@
-"""The parameters in the layout generation runs on, held once. On CPU: the decoder's stacked layers split into one
-tree per layer (see `llama.apply_layers` for why) whose arrays are views of the stacked ones (the same memory, no
-copy), everything else the model's own parameters. On TPU/GPU: the model's own parameters, the decoder scanned
-over its stacked layers. Either way a generating model holds its weights once, float or quantized (`QTensor`
-leaves split like any other: values and scales).
+"""The parameters in the layout generation runs on, held once. On CPU with float weights: the decoder's stacked
+layers split into one tree per layer (see `llama.apply_layers` for why) whose arrays are views of the stacked ones
+(the same memory, no copy), everything else the model's own parameters. On TPU/GPU, and on CPU for a quantized
+decoder (`quantized_decoder`): the model's own parameters, the decoder scanned over its stacked layers. Either way
+a generating model holds its weights once, float or quantized (`QTensor` leaves split like any other: values and
+scales).
 
 `split_layers(params, fuse=True)` instead concatenates q/k/v and gate/up into new buffers (`llama.fuse_layer`):
 one matrix-vector product instead of three (two), but a second copy of those weights; it is an explicit choice
