@@ -12,8 +12,9 @@
   --repeats) and the last 32 positions' logits of an image prompt, compared with float32 (max |error| / max
   |logit|, top-1 agreement). Then, after those measurements, the generate program's `memory_analysis()` (its
   temporaries hold the KV cache) and kernel counts, and for int8/int4 the decode rate of the block-loop form
-  (`quantization.ops.DECODE_FORM = DecodeForm.BLOCKED`, the default before) in the same process, side by side
-  with the default (`DecodeForm.WHOLE`).
+  (`quantization.ops.DECODE_FORM = DecodeForm.BLOCKED`, the default before) and of the decoder split into
+  per-layer views (`weights.split_on`, the float32 layout and the quantized one before; a quantized decoder is
+  scanned by default) in the same process, side by side with the default.
 The peak is accounted for (`peak_account_bytes`, heap trimmed at each point so only resident memory counts):
 parameters; what loading leaves besides them; what the first generate calls keep (the compiled executable,
 jax's trace caches, new threads' stacks); the transient while generating (sampled RssAnon peak minus idle: the
@@ -203,17 +204,23 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
     gen_peak = status_kb("VmHWM")
     peak_file = status_kb("RssFile")
     program = program_memory(model, batch)
-    blocked_rate = None
-    if scheme is not None:  # the previous decode form (a block loop per layer), side by side in this process
+    blocked_rate = split_rate = None
+    if scheme is not None:  # side by side in this process: the block-loop form, the decoder split into layers
         from deepseek_vl_jax.generation import loop
 
+        def other_rate():
+            loop.programs.cache_clear()
+            runner.run_ours(batch, SHORT)
+            return runner.decode_rate(batch, SHORT, LONG, repeats, "ours")
+
         form, ops.DECODE_FORM = ops.DECODE_FORM, ops.DecodeForm.BLOCKED
-        loop.programs.cache_clear()
-        runner.run_ours(batch, SHORT)
-        blocked_rate = runner.decode_rate(batch, SHORT, LONG, repeats, "ours")
+        blocked_rate = other_rate()
         ops.DECODE_FORM = form
+        split_on, weights.split_on = weights.split_on, lambda model: True
+        split_rate = other_rate()
+        weights.split_on = split_on
         loop.programs.cache_clear()
-        rate = max(rate, runner.decode_rate(batch, SHORT, LONG, repeats, "ours"))  # the default again, after it
+        rate = max(rate, runner.decode_rate(batch, SHORT, LONG, repeats, "ours"))  # the default again, after them
     logits = np.asarray(model(**batch))[0, -32:]
     np.save(out + ".npy", logits)
     kept_anon, _ = rss_file_anon()
@@ -256,6 +263,8 @@ def child(mode: str, checkpoint: str, out: str, repeats: int) -> None:
         "decode_tokens_per_s": rate,
         "decode_form": None if scheme is None else ops.DECODE_FORM.value,
         "decode_tokens_per_s_blocked_form": blocked_rate,
+        "decoder_layout": "split" if weights.split_on(model) else "scanned",
+        "decode_tokens_per_s_split_layout": split_rate,
         "load_average_after": os.getloadavg(),
     }
     with open(out, "w") as f:

@@ -45,6 +45,11 @@ def _blocked_form(monkeypatch):
     loop.programs.cache_clear()
 
 
+def _split_decoder(monkeypatch):
+    monkeypatch.setattr(weights, "split_on", lambda model: True)
+    loop.programs.cache_clear()
+
+
 def _rel(a, ref):
     return float(np.abs(np.asarray(a, np.float64) - ref).max() / np.abs(ref).max())
 
@@ -85,7 +90,8 @@ def test_blocked_tied_head_equals_the_whole_form(monkeypatch):
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_generate_with_each_decode_form_equals_the_whole_form(models, scheme, monkeypatch):
     """Same greedy tokens and log-probabilities to float32 noise (measured <= 2e-6): decode steps in the default
-    form and in the block loop, against the prompt's whole-kernel form everywhere."""
+    form and in the block loop, against the prompt's whole-kernel form everywhere, with the decoder scanned (the
+default for quantized layers)."""
     cfg, quantized = models
     model = quantized[scheme]
     batch = F.make_inputs(cfg, rows=((1, 0), (0, 4)), padding="left")
@@ -125,14 +131,16 @@ def _float_kernel_bytes(layer) -> int:
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_decode_step_temporaries_are_a_fraction_of_one_layer(models, scheme, monkeypatch):
     """The block loop: the step's temporaries stay below a quarter of ONE layer's float32 kernels (each block
-    converts 64 rows); the default form needs at least one whole kernel in float32."""
+    converts 64 rows); the default form needs at least one whole kernel in float32. The decoder split into
+    per-layer trees (a scanned one adds its slices of the KV cache to the temporaries)."""
     cfg, quantized = models
     model = quantized[scheme]
     batch = F.make_inputs(cfg, rows=((1, 0),), padding="left")
-    one_layer = _float_kernel_bytes(weights.generation_params(model)["layers"][0])
+    _split_decoder(monkeypatch)
+    layer0 = weights.generation_params(model)["layers"][0]
+    one_layer = _float_kernel_bytes(layer0)
     largest = max(4 * int(np.prod(x.shape)) for x in jax.tree.leaves(
-        weights.generation_params(model)["layers"][0], is_leaf=lambda x: isinstance(x, Q.QTensor))
-        if isinstance(x, Q.QTensor))
+        layer0, is_leaf=lambda x: isinstance(x, Q.QTensor)) if isinstance(x, Q.QTensor))
     loop.programs.cache_clear()
     whole = _compiled_step(model, batch).memory_analysis().temp_size_in_bytes
     _blocked_form(monkeypatch)
@@ -142,29 +150,37 @@ def test_decode_step_temporaries_are_a_fraction_of_one_layer(models, scheme, mon
     assert whole >= largest, (whole, largest)
 
 
-# Kernels (fusions) the decode step adds per quantized Dense over the float32 step: int8 the convert of its kernel
-# (the scale multiply fuses into the consumer), int4 the two nibble planes and x's even/odd split. Measured on this
-# 6-layer model: 1.14 / 2.71; the block loop: 5.1 / 7.8 (and one while loop per layer).
+# Kernels (fusions) the decode step adds per quantized Dense over the float32 step, both with the decoder split into
+# per-layer trees: int8 the convert of its kernel (the scale multiply fuses into the consumer), int4 the two nibble
+# planes and x's even/odd split. Measured on this 6-layer model: 1.14 / 2.71; the block loop: 5.1 / 7.8 (and one
+# while loop per layer).
 EXTRA_KERNELS = {"int8": 1.5, "int4": 3.0}
 
 
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_decode_step_adds_few_kernels_per_quantized_layer(models, scheme, monkeypatch):
     """XLA:CPU keeps runtime memory per compiled kernel whatever its size (~60-100 KB at the 0.45B shape,
-    benchmarks/bench_quantize.py), so the decode step's kernel count is its memory: counted in the optimized HLO."""
+    benchmarks/bench_quantize.py), so the decode step's kernel count is its memory: counted in the optimized HLO.
+    By default a quantized decoder is scanned (`weights.quantized_decoder`): the step compiles one layer's kernels,
+    so it has at least the other layers' 7 converts per layer fewer kernels than with the decoder split."""
     cfg, models_ = models
     batch = F.make_inputs(cfg, rows=((1, 0),), padding="left")
+    n = cfg.text_config.num_hidden_layers
+    fusions = lambda m: _compiled_step(m, batch).as_text().count(" fusion(")
+    loop.programs.cache_clear()
+    assert weights.generation_params(models_[scheme])["layers"] is None
+    scanned = fusions(models_[scheme])
+    _split_decoder(monkeypatch)
     dense = sum(isinstance(x, Q.QTensor) and x.ndim == 2 and x.axis == -2 for layer in
                 weights.generation_params(models_[scheme])["layers"] for x in
                 jax.tree.leaves(layer, is_leaf=lambda x: isinstance(x, Q.QTensor)))
-    assert dense == 7 * cfg.text_config.num_hidden_layers
-    fusions = lambda m: _compiled_step(m, batch).as_text().count(" fusion(")
-    loop.programs.cache_clear()
-    base, default = fusions(models_["float32"]), fusions(models_[scheme])
+    assert dense == 7 * n
+    base, split = fusions(models_["float32"]), fusions(models_[scheme])
     _blocked_form(monkeypatch)
     blocked = fusions(models_[scheme])
     loop.programs.cache_clear()
-    assert (default - base) / dense <= EXTRA_KERNELS[scheme] < (blocked - base) / dense, (base, default, blocked)
+    assert (split - base) / dense <= EXTRA_KERNELS[scheme] < (blocked - base) / dense, (base, split, blocked)
+    assert scanned + 7 * (n - 1) <= split, (scanned, split)
 
 
 def test_prompt_attention_holds_one_query_block():

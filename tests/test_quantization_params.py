@@ -87,21 +87,23 @@ def test_untied_lm_head_is_planned_on_request(checkpoints):
 
 
 def test_generate_on_both_decoder_layouts(checkpoints, monkeypatch):
-    """Greedy generation with int4 weights equals the float model on the dequantized weights with the decoder split
-    into per-layer views (CPU), and the decoder scanned over the stacked quantized weights (TPU/GPU) equals that."""
+    """Greedy generation with int4 weights equals the float model on the dequantized weights with the decoder
+    scanned over the stacked quantized weights (the default for a quantized decoder, CPU included), and split into
+    per-layer views (float weights on CPU) equals that."""
     cfg, ref, path, inputs, _ = checkpoints["vl"]
     model = D.load_pretrained(path, progress=False, quantize=SCHEMES["int4"])
     batch = F.make_inputs(cfg, rows=((1, 0), (0, 4)), padding="left")
+    assert weights.generation_params(model)["layers"] is None
     got = D.generate(model, batch, max_new_tokens=8, eos_token_id=-1)
     want = D.generate(D.Model(model.config, _dequantized(model.params)), batch, max_new_tokens=8, eos_token_id=-1)
     np.testing.assert_array_equal(got, want)
+    monkeypatch.setattr(weights, "split_on", lambda model: True)
     # the per-layer trees are views of the stacked quantized arrays: no second copy
     stacked = model.params["language_model"]["layers"]["mlp"]["gate_proj"]["kernel"]
     layer1 = weights.generation_params(model)["layers"][1]["mlp"]["gate_proj"]["kernel"]
     for part in ("values", "scales"):
         a, b = getattr(layer1, part), getattr(stacked, part)
         assert a.unsafe_buffer_pointer() - b.unsafe_buffer_pointer() == a.nbytes
-    monkeypatch.setattr(weights, "split_on", lambda model: False)
     np.testing.assert_array_equal(D.generate(model, batch, max_new_tokens=8, eos_token_id=-1), got)
 
 

@@ -1,8 +1,9 @@
-"""The parameters in the layout generation runs on, held once. On CPU: the decoder's stacked layers split into one
-tree per layer (see `llama.apply_layers` for why) whose arrays are views of the stacked ones (the same memory, no
-copy), everything else the model's own parameters. On TPU/GPU: the model's own parameters, the decoder scanned
-over its stacked layers. Either way a generating model holds its weights once, float or quantized (`QTensor`
-leaves split like any other: values and scales).
+"""The parameters in the layout generation runs on, held once. On CPU with float weights: the decoder's stacked
+layers split into one tree per layer (see `llama.apply_layers` for why) whose arrays are views of the stacked ones
+(the same memory, no copy), everything else the model's own parameters. On TPU/GPU, and on CPU for a quantized
+decoder (`quantized_decoder`): the model's own parameters, the decoder scanned over its stacked layers. Either way
+a generating model holds its weights once, float or quantized (`QTensor` leaves split like any other: values and
+scales).
 
 `split_layers(params, fuse=True)` instead concatenates q/k/v and gate/up into new buffers (`llama.fuse_layer`):
 one matrix-vector product instead of three (two), but a second copy of those weights; it is an explicit choice
@@ -25,6 +26,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from deepseek_vl_jax.llama import fuse_layer
+from deepseek_vl_jax.quantization.qtensor import QTensor
 
 FUSED_INPUTS = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("mlp", "gate_proj"),
                 ("mlp", "up_proj"))
@@ -105,9 +107,22 @@ def split_layers(params, fuse: bool = False) -> dict:
 
 
 def split_on(model) -> bool:
-    """Whether generation splits the decoder into per-layer trees: on CPU, where it is much faster (see
-    `llama.apply_layers`). On TPU/GPU the decoder is scanned over the stacked weights."""
-    return all(d.platform == "cpu" for d in jax.tree.leaves(model.params)[0].devices())
+    """Whether generation splits the decoder into per-layer trees: on CPU, where it is much faster for float
+    weights (see `llama.apply_layers`). On TPU/GPU the decoder is scanned over the stacked weights, and on CPU too
+    when its layers are quantized (`quantized_decoder`)."""
+    on_cpu = all(d.platform == "cpu" for d in jax.tree.leaves(model.params)[0].devices())
+    return on_cpu and not quantized_decoder(model.params)
+
+
+def quantized_decoder(params) -> bool:
+    """Whether the decoder's stacked layers hold `QTensor`s. XLA:CPU converts each quantized kernel into a float
+    temporary before its dot (quantization.ops) and fuses the layer's dynamic slice of the stacked values into
+    that conversion, so scanning reads no weight twice (a float kernel the dot would read from a copy of its
+    slice); and a scan compiles one layer's kernels instead of one per layer (XLA:CPU keeps ~60-100 KB of runtime
+    memory per kernel: benchmarks/bench_quantize.py)."""
+    stacked = params.get("language_model", {}).get("layers")
+    return stacked is not None and any(isinstance(x, QTensor) for x in jax.tree.leaves(
+        stacked, is_leaf=lambda x: isinstance(x, QTensor)))
 
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
