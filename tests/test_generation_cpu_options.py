@@ -1,6 +1,7 @@
-"""The CPU generation programs compile with the dot path `loop.CPU_DOT_POLICY` chooses for their batch size: the
-default (YNNPACK dots off at every size, as measured) and a policy with YNNPACK dots from 8 rows, in the jitted
-programs and in the ones program_cache compiles and stores. Read from the compiled HLO text, not from timing."""
+"""The CPU generation programs compile with the dot path `loop.CPU_DOT_POLICY` chooses for their batch size and
+kind: the default (the prompt program with YNNPACK dots, the decode loop and step without, so generate runs as two
+programs), a policy with YNNPACK dots from 8 rows, and split programs, in the jitted programs and in the ones
+program_cache compiles and stores. Read from the compiled HLO text, not from timing."""
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +44,13 @@ def args(model, rows: int):
 
 
 def test_the_policy_is_the_measured_choice():
-    """benchmarks/results/cpu_dot_options.json: YNNPACK dots slowed batch-8 decode steps natively (1.62x); they sped
-    up the prompt programs only under AVX2 emulation, and a program holds the prompt and the decode loop."""
+    """benchmarks/results/cpu_dot_options.json: YNNPACK dots slowed batch-8 decode steps natively (1.23-1.62x) and
+    sped up the prompt programs under AVX2 emulation (0.56-0.69x the time), neutral natively; the second program
+    of a split generate costs a dispatch (`split cost`)."""
     policy = loop.CPU_DOT_POLICY
     assert policy.options(1) == policy.options(8) == {"xla_cpu_experimental_ynn_fusion_type": ""}
-    assert loop.compiler_options(8) == policy.options(8)
+    assert policy.options(1, prompt=True) == policy.options(8, prompt=True) == {}
+    assert loop.compiler_options(8) == policy.options(8) and loop.compiler_options() == policy.options(1)
 
 
 @pytest.fixture
@@ -68,9 +71,10 @@ def compiled_texts(model, rows: int) -> list[str]:
             progs.step.lower(a[0], state, a[3], a[4]).compile().as_text()]
 
 
-def test_default_programs_compile_without_ynnpack_dots(model):
+def test_default_programs_dot_paths(model):
+    """generate's one-program form and the step: no YNNPACK dots; the prefill program: YNNPACK dots."""
     for rows in (1, 8):
-        assert not any(YNN in text for text in compiled_texts(model, rows))
+        assert [YNN in text for text in compiled_texts(model, rows)] == [False, True, False]
 
 
 @pytest.mark.parametrize("rows, ynn", [(1, False), (8, True)])
@@ -106,6 +110,8 @@ def test_a_split_generate_equals_the_one_program(model, policy):
     without YNNPACK), the two programs give the one program's tokens and log-probabilities bit for bit; the prompt
     is traced once, in the prefill program."""
     a = args(model, 1)
+    policy(loop.CpuDotPolicy(prompt=None))  # one program, YNNPACK dots off
+    assert not loop.programs(model.config, sampling.Sampler(), None).generate.splits(*a)
     want = G.generate(model, batch(1), max_new_tokens=6, eos_token_id=-1, return_dict=True, top_logprobs=2)
     policy(loop.CpuDotPolicy(few_rows=(), many_rows=(), prompt=loop.YNN_DOTS_OFF))
     progs = loop.programs(model.config, sampling.Sampler(), None)
@@ -121,7 +127,9 @@ def test_a_split_generate_equals_the_one_program(model, policy):
 @pytest.mark.parametrize("rows", [1, 8])
 def test_a_prompt_with_ynnpack_dots_before_a_decode_loop_without(model, policy, rows):
     """`CpuDotPolicy(prompt=())`: the prefill program compiles with YNNPACK dots, the decode loop (and the step)
-    without, at both sizes; the greedy tokens are the default programs' (the prompt's logits differ by rounding)."""
+    without, at both sizes; the greedy tokens are the one program's (YNNPACK dots off; the prompt's logits differ
+    by rounding)."""
+    policy(loop.CpuDotPolicy(prompt=None))
     want = G.generate(model, batch(rows), max_new_tokens=6, eos_token_id=-1, return_dict=True)
     policy(loop.CpuDotPolicy(prompt=()))
     progs = loop.programs(model.config, sampling.Sampler(), None)

@@ -266,16 +266,17 @@ class Programs:
     decode: Any = None  # (params, state, sp, stop) -> the final DecodeState of the decode loop (state donated)
 
 
-# XLA:CPU compiler options for the generation programs, chosen per program by its batch size B (the rows of its
-# decode dots; `CpuDotPolicy`). This jaxlib hands float32 dots of 8 rows or more to YNNPACK by default
-# (`ynn_fusion`; the prompt's ~600-row GEMMs too), fewer rows to XLA's own kernels. Timed side by side in one
-# process, programs alternating sample by sample (benchmarks/bench_cpu_dot_options.py,
-# results/cpu_dot_options.json): at batch 8 YNNPACK dots made a decode step 1.6x slower (6 of 6 rounds, Xeon under
-# load); the prompt programs were within noise there but 0.56-0.69x the time under AVX2 emulation; a 1-row step
-# compiles to the same kernels either way. A program holds the prompt and the decode loop, so YNNPACK dots are off
-# at every size until a measurement says otherwise for some size (`few_rows` / `many_rows`). Passed per
-# program (`jax.jit(compiler_options=)`), so nothing else in the process changes and no environment variable is
-# involved; TPU/GPU programs get none.
+# XLA:CPU compiler options for the generation programs, chosen per program by its kind (prompt or decode) and batch
+# size B (the rows of its decode dots; `CpuDotPolicy`). This jaxlib hands float32 dots of 8 rows or more to YNNPACK
+# by default (`ynn_fusion`; the prompt's ~600-row GEMMs too), fewer rows to XLA's own kernels. Timed side by side
+# in one process, programs alternating sample by sample (benchmarks/bench_cpu_dot_options.py,
+# results/cpu_dot_options.json; quiet Xeon, 3 rounds, on / off): YNNPACK dots made a batch-8 decode step slower
+# natively (1.23; 1.62 under load), and the prompt programs faster under AVX2 emulation (0.66 at batch 1, 0.60 at
+# batch 8) and no slower natively (0.99, 1.04); a 1-row step compiles to the same kernels either way. So the
+# prompt program keeps XLA's defaults and every decoding program has YNNPACK dots off, and `generate` runs as two
+# programs (`SplitGenerate`: the second dispatch is the split's cost, the KV cache is handed over in place).
+# Passed per program (`jax.jit(compiler_options=)`), so nothing else in the process changes and no environment
+# variable is involved; TPU/GPU programs get none.
 YNN_DOTS_OFF = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 
@@ -297,7 +298,7 @@ class CpuDotPolicy:
         return dict(self.few_rows if rows < self.many_rows_from else self.many_rows)
 
 
-CPU_DOT_POLICY = CpuDotPolicy()
+CPU_DOT_POLICY = CpuDotPolicy(prompt=())
 
 
 def compiler_options(rows: int = 1, policy: CpuDotPolicy | None = None, prompt: bool = False) -> dict | None:
