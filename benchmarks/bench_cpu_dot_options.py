@@ -3,6 +3,7 @@ batch size and program.
 
     flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py [--rounds 6] [--isa avx2] [--variants ...]
     flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py --dots-only [--isa avx2]
+    flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py --split-cost [--isa avx2]
     flock /work/wt/bench.lock python benchmarks/bench_cpu_dot_options.py --end-to-end --variants off,on,policy,split
 
 Same 0.45B checkpoint as bench_generate.py (built there once, cached in --checkpoint). Each variant compiles its own
@@ -13,8 +14,9 @@ samples are short, the variants alternate sample by sample (order reversed every
   (`loop.CPU_DOT_POLICY`). (The "+t512" / "+t2048" entries in the results: the decoder's few-row products in column
   tiles, a variant of commit addb7b8, measured and not kept.)
 - `--end-to-end`: whole `generate` calls per round (time to first token, batch-1 / batch-8 decode tokens/s), plus
-  `policy` (`loop.CPU_DOT_POLICY`) and `split` (a batch-1 prompt program with YNNPACK on, then the decode loop as a
-  second program with it off).
+  `policy` (`loop.CPU_DOT_POLICY`) and `split` (`CpuDotPolicy(prompt=())`: the prompt program with YNNPACK on,
+  then the decode loop as a second program with it off; `loop.SplitGenerate`).
+- `--split-cost` (`split_cost`): what running generate as two programs adds, the second program's call alone.
 - `--dots-only` (`dot_forms`): GB/s of decode-shaped products alone ([in, out] plain or in column tiles, [out, in]),
   each with YNNPACK dots on and off.
 `--isa avx2` reruns itself with XLA limited to AVX2. Writes benchmarks/results/cpu_dot_options.json, per machine key
@@ -52,29 +54,6 @@ def policy_programs(policy):
             return loop.programs.__wrapped__(config, sampler, mesh, extras)
         finally:
             loop.CPU_DOT_POLICY = saved
-    return progs
-
-
-def split_programs(prompt_policy, decode_policy):
-    """A `programs=` factory whose generate runs the prompt program (prompt_policy) and then the decode loop as a
-    second program (decode_policy; the state donated)."""
-    from deepseek_vl_jax.generation import loop
-    from deepseek_vl_jax.model import DeepseekVL
-    from deepseek_vl_jax.quantization import quantized_layers
-
-    @functools.lru_cache(maxsize=None)
-    def progs(config, sampler, mesh, extras=loop.Extras()):
-        module, pre = DeepseekVL(config), policy_programs(prompt_policy)(config, sampler, mesh, extras).prefill
-
-        def decode(params, state, sp, stop):
-            with quantized_layers():
-                return loop.decode_loop(module, sampler, params, state, sp, stop, extras)
-
-        dec = loop.ByRows(decode, loop._state_rows, decode_policy, donate_argnums=1)
-
-        def gen(params, inputs, rng, sp, stop, gen_len):
-            return loop.finish_run(dec(params, pre(params, inputs, rng, sp, stop, gen_len), sp, stop), extras)
-        return loop.Programs(generate=gen, prefill=pre, step=None)
     return progs
 
 
@@ -188,6 +167,42 @@ def program_times(model, variants: dict, rounds: int, steps: int = 4) -> dict:
     return out
 
 
+def split_cost(model, reps: int) -> dict:
+    """What running generate as two programs adds (`loop.SplitGenerate`): ms of the decode program called on a
+    prefilled state with max_new_tokens=1, so that its loop takes no step; what is left is the second dispatch and
+    the state handed over (params, cache, buffers: donated, so in place). Median and quartiles of `reps` calls at
+    batch 1 (image prompt) and batch 8, under `CpuDotPolicy(prompt=())`; the whole prompt program's median beside it."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from deepseek_vl_jax.generation import kv_cache, loop, sampling, weights
+    from deepseek_vl_jax.generation.inputs import place, prepare_inputs
+
+    progs = policy_programs(loop.CpuDotPolicy(prompt=()))(model.config, sampling.Sampler(), None)
+    sp = sampling.SamplingParams.create()
+    stop = loop.StopParams(eos=jnp.full((4,), -1, jnp.int32), pad=jnp.int32(B.TEXT["pad_token_id"]),
+                           max_new_tokens=jnp.int32(1))
+    params, out = weights.generation_params(model), {}
+    for case, batch in (("batch1", B.image_batch(40)), ("batch8", B.text_batch(8, 64, seed=1))):
+        inputs = place(prepare_inputs(model, batch, 64)[0], None)
+        a = (params, inputs, jax.random.key(0), sp, stop, kv_cache.gen_buffer_length(64))
+        assert progs.generate.splits(*a)
+        state = jax.block_until_ready(progs.prefill(*a))
+        jax.block_until_ready(progs.decode(params, jax.tree.map(jnp.copy, state), sp, stop))  # compile
+        prompt = [timed(lambda: jax.block_until_ready(progs.prefill(*a))) * 1e3 for _ in range(3)]
+        ts = []
+        for _ in range(reps):
+            s = jax.block_until_ready(jax.tree.map(jnp.copy, state))
+            ts.append(timed(lambda: jax.block_until_ready(progs.decode(params, s, sp, stop))) * 1e3)
+        q = np.percentile(ts, [25, 50, 75])
+        out[case] = {"decode_program_no_steps_ms": {"p25": round(q[0], 3), "median": round(q[1], 3),
+                                                    "p75": round(q[2], 3)},
+                     "prompt_program_ms_median_of_3": round(statistics.median(prompt), 1), "calls": reps}
+        print(case, out[case], flush=True)
+    return out
+
+
 def timed(fn) -> float:
     t0 = time.perf_counter()
     fn()
@@ -200,10 +215,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--isa", choices=("native", "avx2"), default="native")
     parser.add_argument("--variants", default="off,on", help="comma-separated: off, on, policy (YNNPACK dots off, "
-                        "on, loop.CPU_DOT_POLICY); split (--end-to-end only)")
+                        "on, loop.CPU_DOT_POLICY); split (CpuDotPolicy(prompt=()): prompt on, decode off)")
     parser.add_argument("--end-to-end", action="store_true",
                         help="time whole generate calls (TTFT, decode rates) instead of the programs alone")
     parser.add_argument("--dots-only", action="store_true", help="only the decode dot forms (`dot_forms`)")
+    parser.add_argument("--split-cost", action="store_true",
+                        help="only what a split generate adds: the decode program with no step (`split_cost`)")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "cpu_dot_options.json"))
     args = parser.parse_args(argv)
     if args.isa == "avx2" and any(os.environ.get(k) != v for k, v in B.P.AVX2_ENV.items()):
@@ -220,11 +237,17 @@ def main(argv=None) -> int:
         return store(args.out, result, "dot forms")
     B.build_checkpoint(args.checkpoint)
     model = D.load_pretrained(args.checkpoint, progress=False)
+    if args.split_cost:
+        result = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()], "machine": B.P.machine(),
+                  "isa": args.isa, "split_cost": split_cost(model, 20 * args.rounds)}
+        result["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        return store(args.out, result, "split cost")
     off, on = loop.CpuDotPolicy(loop.YNN_DOTS_OFF, loop.YNN_DOTS_OFF), loop.CpuDotPolicy((), ())
-    policies = {"off": off, "on": on, "policy": loop.CPU_DOT_POLICY}
+    policies = {"off": off, "on": on, "policy": loop.CPU_DOT_POLICY,
+                "split": loop.CpuDotPolicy(loop.YNN_DOTS_OFF, loop.YNN_DOTS_OFF, prompt=())}
     variants = {}
     for name in args.variants.split(","):  # off | on | policy | split
-        variants[name] = split_programs(on, off) if name == "split" else policy_programs(policies[name])
+        variants[name] = policy_programs(policies[name])
     if not args.end_to_end:
         result = {"load_average_at_start": [round(x, 2) for x in os.getloadavg()], "machine": B.P.machine(),
                   "isa": args.isa, "programs": program_times(model, variants, args.rounds)}

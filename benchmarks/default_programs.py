@@ -1,5 +1,6 @@
 """Do the default programs stay the same? Lowers the plain forward (`Model.__call__` without options) and the default
-generate program (greedy, no stop strings / min_new_tokens / logprobs) of a tiny model with the code at --root, and
+generate program (greedy, no stop strings / min_new_tokens / logprobs; where it exists, also its prefill and decode
+programs, which CPU generate runs) of a tiny model with the code at --root, and
 prints a hash of their StableHLO text. Run once with the current tree and once with an older checkout:
 identical hashes mean identical compiled programs, hence identical speed (a measurement that no machine load skews).
 
@@ -51,6 +52,11 @@ def main() -> None:
     report = dict(report=True, top_logprobs=2)
     with_logprobs = loop.programs(config, sampler, None, loop.Extras(**report)) if hasattr(loop, "Extras") else None
     programs = [("plain_forward", forward), ("default_generate", gen)]
+    if getattr(progs, "decode", None) is not None:  # generate as two programs (`loop.SplitGenerate`, CPU default)
+        a = (weights.generation_params(model), inputs, jax.random.key(0), sp, stop, kv_cache.gen_buffer_length(32))
+        state = progs.prefill.eval_shape(*a)
+        programs += [("default_prefill", progs.prefill.lower(*a).as_text()),
+                     ("default_decode", progs.decode.lower(a[0], state, sp, stop).as_text())]
     if with_logprobs is not None:  # a control: a program that does differ hashes differently
         programs.append(("generate_with_logprobs", with_logprobs.generate.lower(
             weights.generation_params(model), inputs, jax.random.key(0), sp, stop, 64).as_text()))

@@ -6,7 +6,7 @@ import pytest
 
 import deepseek_vl_jax as D
 from deepseek_vl_jax import generation as G
-from deepseek_vl_jax.generation import kv_cache
+from deepseek_vl_jax.generation import kv_cache, loop
 
 import hf_fixtures as F
 
@@ -31,6 +31,13 @@ def prompt(cfg, length: int, seed: int, images: int = 1):
     return out
 
 
+def generate_programs() -> tuple[str, ...]:
+    """The programs one `generate` call compiles: prefill and decode where the CPU policy gives the prompt its own
+    options (`loop.SplitGenerate`), else generate's one program."""
+    return ("prefill", "decode") if loop.compiler_options(1, prompt=True) != loop.compiler_options(1) else \
+        ("generate",)
+
+
 def test_bucket_lengths():
     assert [kv_cache.bucket_length(n) for n in (1, 64, 65, 128, 129, 600, 700, 1024, 1025, 2049)] == \
         [64, 64, 128, 128, 192, 640, 704, 1024, 1152, 2304]
@@ -49,15 +56,18 @@ def test_no_recompilation_within_a_bucket(tiny):
         outputs.append(G.generate(model, prompt(cfg, n, seed=i), max_new_tokens=8 + i % 3))
     assert G.compile_count() == before
     assert len({tuple(o[0, :4]) for o in outputs}) > 5  # they really were different prompts
-    # A longer prompt lands in the next bucket: exactly one new compilation, then none.
-    generate_before = G.compile_count("generate")
+    # A longer prompt lands in the next bucket: exactly one new compilation (of each of generate's programs:
+    # prefill and decode where the CPU policy splits it, `loop.SplitGenerate`), then none.
+    parts = generate_programs()
+    counts = lambda: [G.compile_count(kind) for kind in parts]
+    generate_before = counts()
     G.generate(model, prompt(cfg, 70, seed=0), max_new_tokens=8)
-    assert G.compile_count() == before + 1 and G.compile_count("generate") == generate_before + 1
+    assert G.compile_count() == before + len(parts) and counts() == [n + 1 for n in generate_before]
     G.generate(model, prompt(cfg, 90, seed=1), max_new_tokens=8)
-    assert G.compile_count() == before + 1
+    assert G.compile_count() == before + len(parts)
     # max_new_tokens past the buffer size (64) needs a longer cache: one more.
     G.generate(model, prompt(cfg, 30, seed=1), max_new_tokens=65)
-    assert G.compile_count() == before + 2
+    assert G.compile_count() == before + 2 * len(parts)
 
 
 def test_sampling_values_and_eos_do_not_recompile(tiny):
@@ -70,7 +80,7 @@ def test_sampling_values_and_eos_do_not_recompile(tiny):
                    eos_token_id=[i, i + 1])
     assert G.compile_count() == before
     G.generate(model, x, max_new_tokens=8, do_sample=True, top_k=5)  # another processor set: a new program
-    assert G.compile_count() == before + 1
+    assert G.compile_count() == before + len(generate_programs())
 
 
 def test_seed_reproduces_end_to_end(tiny):
@@ -128,3 +138,36 @@ def test_decode_loop_updates_the_cache_in_place(tiny, monkeypatch, scan):
                                sampling.SamplingParams.create(), stop, 64)
     monkeypatch.undo()
     np.testing.assert_array_equal(np.asarray(tokens)[:, :8], G.generate(model, prompt(cfg, 30, seed=0), 8))
+
+
+def test_split_decode_program_keeps_the_cache_in_place(tiny, monkeypatch):
+    """Where the prompt and the decode loop are two programs (`loop.SplitGenerate`), the decode program takes the
+    prefilled state donated and copies no KV-cache buffer, in its loop or around it: the cache is handed over in
+    place."""
+    import jax
+
+    from deepseek_vl_jax.generation import inputs as inputs_mod
+    from deepseek_vl_jax.generation import loop, sampling, weights
+
+    cfg, model = tiny
+    monkeypatch.setattr(loop, "CPU_DOT_POLICY", loop.CpuDotPolicy(prompt=()))
+    loop.programs.cache_clear()
+    try:
+        inputs, _ = inputs_mod.prepare_inputs(model, prompt(cfg, 30, seed=0), 8)
+        stop = loop.StopParams(eos=np.full((1,), -1, np.int32), pad=np.int32(0), max_new_tokens=np.int32(8))
+        progs = loop.programs(model.config, sampling.Sampler(), None)
+        params, sp = weights.generation_params(model), sampling.SamplingParams.create()
+        args = (params, inputs, jax.random.key(0), sp, stop, 64)
+        assert progs.generate.splits(*args)
+        state = progs.prefill(*args)
+        hlo = progs.decode.lower(params, state, sp, stop).compile().as_text()
+    finally:
+        loop.programs.cache_clear()
+    t = model.config.text
+    k_shape = f"f32[1,{t.num_key_value_heads},128,{t.head_dim}]"
+    v_shape = f"f32[1,{t.num_key_value_heads},{t.head_dim},128]"
+    assert len(while_bodies(hlo, k_shape)) == 1
+    copies = [line.strip()[:120] for line in hlo.splitlines() if " copy(" in line and (k_shape in line or
+                                                                                       v_shape in line)]
+    assert not copies, copies
+    assert "input_output_alias" in hlo  # the donated state is the result's buffers

@@ -1,6 +1,7 @@
-"""The CPU generation programs compile with the dot path `loop.CPU_DOT_POLICY` chooses for their batch size: the
-default (YNNPACK dots off at every size, as measured) and a policy with YNNPACK dots from 8 rows, in the jitted
-programs and in the ones program_cache compiles and stores. Read from the compiled HLO text, not from timing."""
+"""The CPU generation programs compile with the dot path `loop.CPU_DOT_POLICY` chooses for their batch size and
+kind: the default (the prompt program with YNNPACK dots, the decode loop and step without, so generate runs as two
+programs), a policy with YNNPACK dots from 8 rows, and split programs, in the jitted programs and in the ones
+program_cache compiles and stores. Read from the compiled HLO text, not from timing."""
 
 import jax
 import jax.numpy as jnp
@@ -43,11 +44,13 @@ def args(model, rows: int):
 
 
 def test_the_policy_is_the_measured_choice():
-    """benchmarks/results/cpu_dot_options.json: YNNPACK dots slowed batch-8 decode steps natively (1.62x); they sped
-    up the prompt programs only under AVX2 emulation, and a program holds the prompt and the decode loop."""
+    """benchmarks/results/cpu_dot_options.json: YNNPACK dots slowed batch-8 decode steps natively (1.23-1.62x) and
+    sped up the prompt programs under AVX2 emulation (0.56-0.69x the time), neutral natively; the second program
+    of a split generate costs a dispatch (`split cost`)."""
     policy = loop.CPU_DOT_POLICY
     assert policy.options(1) == policy.options(8) == {"xla_cpu_experimental_ynn_fusion_type": ""}
-    assert loop.compiler_options(8) == policy.options(8)
+    assert policy.options(1, prompt=True) == policy.options(8, prompt=True) == {}
+    assert loop.compiler_options(8) == policy.options(8) and loop.compiler_options() == policy.options(1)
 
 
 @pytest.fixture
@@ -68,9 +71,10 @@ def compiled_texts(model, rows: int) -> list[str]:
             progs.step.lower(a[0], state, a[3], a[4]).compile().as_text()]
 
 
-def test_default_programs_compile_without_ynnpack_dots(model):
+def test_default_programs_dot_paths(model):
+    """generate's one-program form and the step: no YNNPACK dots; the prefill program: YNNPACK dots."""
     for rows in (1, 8):
-        assert not any(YNN in text for text in compiled_texts(model, rows))
+        assert [YNN in text for text in compiled_texts(model, rows)] == [False, True, False]
 
 
 @pytest.mark.parametrize("rows, ynn", [(1, False), (8, True)])
@@ -84,7 +88,74 @@ def test_stored_programs_take_the_same_options(model, ynn_from_8_rows, tmp_path)
     for rows, ynn in ((1, False), (8, True)):
         tokens = G.generate(model, batch(rows), max_new_tokens=4, eos_token_id=-1, programs=store.programs)
         np.testing.assert_array_equal(tokens, G.generate(model, batch(rows), max_new_tokens=4, eos_token_id=-1))
-        stored = store.programs(model.config, sampling.Sampler(), None, extras).generate
+        stored = store.programs(model.config, sampling.Sampler(), None, extras).generate.whole  # (not split)
         texts = [entry[0].as_text() for entry in stored.memo.values()
                  if entry is not None and entry[0].__class__.__name__ == "Compiled"]
         assert texts and (YNN in texts[-1]) == ynn
+
+
+@pytest.fixture
+def policy(monkeypatch):
+    """Set `loop.CPU_DOT_POLICY` for the programs made in the test (the program caches cleared around it)."""
+    def use(p):
+        monkeypatch.setattr(loop, "CPU_DOT_POLICY", p)
+        loop.programs.cache_clear()
+    yield use
+    loop.programs.cache_clear()
+
+
+def test_a_split_generate_equals_the_one_program(model, policy):
+    """Prompt options other than the decode's: generate runs the prefill program, then the decode loop as a second
+    program. With the prompt's dots as before (YNNPACK off) and 1-row decode dots (the same kernels with or
+    without YNNPACK), the two programs give the one program's tokens and log-probabilities bit for bit; the prompt
+    is traced once, in the prefill program."""
+    a = args(model, 1)
+    policy(loop.CpuDotPolicy(prompt=None))  # one program, YNNPACK dots off
+    assert not loop.programs(model.config, sampling.Sampler(), None).generate.splits(*a)
+    want = G.generate(model, batch(1), max_new_tokens=6, eos_token_id=-1, return_dict=True, top_logprobs=2)
+    policy(loop.CpuDotPolicy(few_rows=(), many_rows=(), prompt=loop.YNN_DOTS_OFF))
+    progs = loop.programs(model.config, sampling.Sampler(), None)
+    assert progs.generate.splits(*a) and progs.prefill.options(*a) == dict(loop.YNN_DOTS_OFF)
+    before = {k: loop.compile_count(k) for k in ("generate", "prefill", "decode")}
+    got = G.generate(model, batch(1), max_new_tokens=6, eos_token_id=-1, return_dict=True, top_logprobs=2)
+    assert {k: loop.compile_count(k) - v for k, v in before.items()} == {"generate": 0, "prefill": 1, "decode": 1}
+    for name in ("sequences", "logprobs", "lengths", "top_logprob_ids", "top_logprobs"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
+    assert got.finish_reasons == want.finish_reasons
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_a_prompt_with_ynnpack_dots_before_a_decode_loop_without(model, policy, rows):
+    """`CpuDotPolicy(prompt=())`: the prefill program compiles with YNNPACK dots, the decode loop (and the step)
+    without, at both sizes; the greedy tokens are the one program's (YNNPACK dots off; the prompt's logits differ
+    by rounding)."""
+    policy(loop.CpuDotPolicy(prompt=None))
+    want = G.generate(model, batch(rows), max_new_tokens=6, eos_token_id=-1, return_dict=True)
+    policy(loop.CpuDotPolicy(prompt=()))
+    progs = loop.programs(model.config, sampling.Sampler(), None)
+    a = args(model, rows)
+    assert progs.generate.splits(*a)
+    state = progs.prefill(*a)
+    texts = [progs.prefill.lower(*a).compile().as_text(), progs.decode.lower(a[0], state, a[3], a[4]).compile()
+             .as_text(), progs.step.lower(a[0], state, a[3], a[4]).compile().as_text()]
+    assert [YNN in text for text in texts] == [True, False, False]
+    got = G.generate(model, batch(rows), max_new_tokens=6, eos_token_id=-1, return_dict=True)
+    np.testing.assert_array_equal(got.sequences, want.sequences)
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-5, atol=1e-6)
+
+
+def test_stored_split_programs(model, policy, tmp_path):
+    """program_cache under a splitting policy stores the prefill and decode programs (not the one-program form),
+    a fresh store loads them without tracing, and both give the jitted split's tokens."""
+    from deepseek_vl_jax.program_cache import COUNTS
+
+    policy(loop.CpuDotPolicy(prompt=()))
+    want = G.generate(model, batch(1), max_new_tokens=4, eos_token_id=-1)
+    for expect in ({"programs_saved": 2}, {"programs_loaded": 2}):
+        before, traces = dict(COUNTS), loop.compile_count()
+        tokens = G.generate(model, batch(1), max_new_tokens=4, eos_token_id=-1,
+                            programs=ProgramStore(tmp_path).programs)
+        assert {k: v - before.get(k, 0) for k, v in COUNTS.items() if v != before.get(k, 0)} == expect
+        if "programs_loaded" in expect:
+            assert loop.compile_count() == traces
+        np.testing.assert_array_equal(tokens, want)

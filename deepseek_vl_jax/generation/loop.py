@@ -33,7 +33,7 @@ _TRACES: collections.Counter = collections.Counter()
 
 def compile_count(kind: str | None = None) -> int:
     """How many times a generation program was traced (= compiled): all kinds, or one of 'prefill', 'step',
-    'generate'. Tests use it to check that prompts of different lengths within a bucket share one compilation."""
+    'generate', 'decode'. Tests use it to check that prompts of different lengths within a bucket share one compilation."""
     return sum(_TRACES.values()) if kind is None else _TRACES[kind]
 
 
@@ -263,43 +263,50 @@ class Programs:
     generate: Any  # (params, inputs, rng, sp, stop, gen_len) -> (tokens [B, G], steps), or a DecodeState (extras)
     prefill: Any  # (params, inputs, rng, sp, stop, gen_len) -> DecodeState
     step: Any  # (params, state, sp, stop) -> DecodeState (state donated)
+    decode: Any = None  # (params, state, sp, stop) -> the final DecodeState of the decode loop (state donated)
 
 
-# XLA:CPU compiler options for the generation programs, chosen per program by its batch size B (the rows of its
-# decode dots; `CpuDotPolicy`). This jaxlib hands float32 dots of 8 rows or more to YNNPACK by default
-# (`ynn_fusion`; the prompt's ~600-row GEMMs too), fewer rows to XLA's own kernels. Timed side by side in one
-# process, programs alternating sample by sample (benchmarks/bench_cpu_dot_options.py,
-# results/cpu_dot_options.json): at batch 8 YNNPACK dots made a decode step 1.6x slower (6 of 6 rounds, Xeon under
-# load); the prompt programs were within noise there but 0.56-0.69x the time under AVX2 emulation; a 1-row step
-# compiles to the same kernels either way. A program holds the prompt and the decode loop, so YNNPACK dots are off
-# at every size until a measurement says otherwise for some size (`few_rows` / `many_rows`). Passed per
-# program (`jax.jit(compiler_options=)`), so nothing else in the process changes and no environment variable is
-# involved; TPU/GPU programs get none.
+# XLA:CPU compiler options for the generation programs, chosen per program by its kind (prompt or decode) and batch
+# size B (the rows of its decode dots; `CpuDotPolicy`). This jaxlib hands float32 dots of 8 rows or more to YNNPACK
+# by default (`ynn_fusion`; the prompt's ~600-row GEMMs too), fewer rows to XLA's own kernels. Timed side by side
+# in one process, programs alternating sample by sample (benchmarks/bench_cpu_dot_options.py,
+# results/cpu_dot_options.json; quiet Xeon, 3 rounds, on / off): YNNPACK dots made a batch-8 decode step slower
+# natively (1.23; 1.62 under load), and the prompt programs faster under AVX2 emulation (0.66 at batch 1, 0.60 at
+# batch 8) and no slower natively (0.99, 1.04); a 1-row step compiles to the same kernels either way. So the
+# prompt program keeps XLA's defaults and every decoding program has YNNPACK dots off, and `generate` runs as two
+# programs (`SplitGenerate`: the second dispatch is the split's cost, the KV cache is handed over in place).
+# Passed per program (`jax.jit(compiler_options=)`), so nothing else in the process changes and no environment
+# variable is involved; TPU/GPU programs get none.
 YNN_DOTS_OFF = (("xla_cpu_experimental_ynn_fusion_type", ""),)
 
 
 @dataclasses.dataclass(frozen=True)
 class CpuDotPolicy:
     """XLA:CPU compiler options (as (name, value) pairs) of a program whose batch has `rows` rows:
-    `few_rows` below `many_rows_from`, else `many_rows` (empty: XLA's defaults)."""
+    `few_rows` below `many_rows_from`, else `many_rows` (empty: XLA's defaults). `prompt`: the options of the
+    prompt program (`prefill`) at every size instead, or None (the same as the decode's). Where a batch's prompt
+    and decode options differ, `generate` runs as two programs (`SplitGenerate`)."""
 
     few_rows: tuple = YNN_DOTS_OFF
     many_rows: tuple = YNN_DOTS_OFF
     many_rows_from: int = 8
+    prompt: tuple | None = None
 
-    def options(self, rows: int) -> dict:
+    def options(self, rows: int, prompt: bool = False) -> dict:
+        if prompt and self.prompt is not None:
+            return dict(self.prompt)
         return dict(self.few_rows if rows < self.many_rows_from else self.many_rows)
 
 
-CPU_DOT_POLICY = CpuDotPolicy()
+CPU_DOT_POLICY = CpuDotPolicy(prompt=())
 
 
-def compiler_options(rows: int = 1, policy: CpuDotPolicy | None = None) -> dict | None:
-    """`policy.options(rows)` (default `CPU_DOT_POLICY`) when the default backend is the CPU, else None (the
-    backend's defaults)."""
+def compiler_options(rows: int = 1, policy: CpuDotPolicy | None = None, prompt: bool = False) -> dict | None:
+    """`policy.options(rows, prompt)` (default `CPU_DOT_POLICY`) when the default backend is the CPU, else None
+    (the backend's defaults). prompt: for the prompt program (`prefill`), else for programs that decode."""
     if jax.default_backend() != "cpu":
         return None
-    return (policy or CPU_DOT_POLICY).options(rows)
+    return (policy or CPU_DOT_POLICY).options(rows, prompt)
 
 
 class ByRows:
@@ -308,12 +315,12 @@ class ByRows:
     `lower(*args)` and calls take the program's arguments; `__wrapped__` is the function (program_cache jits it
     itself, with `options(*args)`)."""
 
-    def __init__(self, fun, rows, policy: CpuDotPolicy | None = None, **jit_kwargs):
+    def __init__(self, fun, rows, policy: CpuDotPolicy | None = None, prompt: bool = False, **jit_kwargs):
         self.__wrapped__, self._rows, self._jit_kwargs, self._jits = fun, rows, jit_kwargs, {}
-        self.policy = policy or CPU_DOT_POLICY
+        self.policy, self.prompt = policy or CPU_DOT_POLICY, prompt
 
     def options(self, *args) -> dict | None:
-        return compiler_options(self._rows(*args), self.policy)
+        return compiler_options(self._rows(*args), self.policy, self.prompt)
 
     def jitted(self, *args):
         opts = self.options(*args)
@@ -331,6 +338,37 @@ class ByRows:
 
     def __call__(self, *args):
         return self.jitted(*args)(*args)
+
+
+class SplitGenerate:
+    """`generate` as one program (prefill + decode loop, `whole`) where the policy gives a batch's prompt and its
+    decode the same compiler options (always off the CPU), else as two: the `prefill` program, then the `decode`
+    program (the state donated and returned, so the loop writes the KV cache in place; `finish_run` then drops
+    it). Same arguments and result either way. `lower`, `eval_shape`, `options` and `__wrapped__` are the
+    one-program form's."""
+
+    def __init__(self, whole: ByRows, prefill: ByRows, decode: ByRows, extras: Extras = Extras()):
+        self.whole, self.prefill, self.decode, self.extras = whole, prefill, decode, extras
+        self.__wrapped__, self.policy = whole.__wrapped__, whole.policy
+
+    def splits(self, *args) -> bool:
+        """Whether a call with these arguments runs as two programs."""
+        return self.prefill.options(*args) != self.whole.options(*args)
+
+    def options(self, *args) -> dict | None:
+        return self.whole.options(*args)
+
+    def lower(self, *args):
+        return self.whole.lower(*args)
+
+    def eval_shape(self, *args):
+        return self.whole.eval_shape(*args)
+
+    def __call__(self, *args):
+        if not self.splits(*args):
+            return self.whole(*args)
+        params, _, _, sp, stop, _ = args
+        return finish_run(self.decode(params, self.prefill(*args), sp, stop), self.extras)
 
 
 def _prompt_rows(params, inputs, *_):
@@ -362,6 +400,13 @@ def programs(config: ModelConfig, sampler: sampling.Sampler, mesh: Mesh | None,
         with quantized_layers():
             return decode_step(module, sampler, params, state, sp, stop, extras)
 
-    return Programs(generate=ByRows(gen, _prompt_rows, static_argnums=5),
-                    prefill=ByRows(pre, _prompt_rows, static_argnums=5),
-                    step=ByRows(step, _state_rows, donate_argnums=1))
+    def dec(params, state, sp, stop):
+        _TRACES["decode"] += 1
+        with quantized_layers():
+            return decode_loop(module, sampler, params, state, sp, stop, extras)
+
+    prefill_program = ByRows(pre, _prompt_rows, prompt=True, static_argnums=5)
+    decode_program = ByRows(dec, _state_rows, donate_argnums=1)
+    return Programs(generate=SplitGenerate(ByRows(gen, _prompt_rows, static_argnums=5), prefill_program,
+                                           decode_program, extras),
+                    prefill=prefill_program, step=ByRows(step, _state_rows, donate_argnums=1), decode=decode_program)

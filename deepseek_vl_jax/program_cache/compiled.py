@@ -205,10 +205,31 @@ class Program:
         return jax.jit(exp.call, donate_argnums=self.donate, compiler_options=options).lower(*dynamic).compile()
 
 
+class SplitProgram:
+    """A `loop.SplitGenerate` called as stored programs: the stored one-program form (`whole`), or where the
+    policy splits a call, the stored prefill and then the stored decode loop."""
+
+    def __init__(self, split, whole: Program, prefill: Program, decode: Program):
+        self.split, self.whole, self.prefill, self.decode = split, whole, prefill, decode
+
+    def __call__(self, *args):
+        if not self.split.splits(*args):
+            return self.whole(*args)
+        from deepseek_vl_jax.generation import loop
+
+        params, _, _, sp, stop, _ = args
+        return loop.finish_run(self.decode(params, self.prefill(*args), sp, stop), self.split.extras)
+
+
 def programs(store: Store, progs: Any, ident: str):
     """`progs` (a `loop.Programs`) with each field called as a stored program."""
     from deepseek_vl_jax.generation import loop
 
-    return loop.Programs(generate=Program(store, "generate", ident, progs.generate, static=True),
-                         prefill=Program(store, "prefill", ident, progs.prefill, static=True),
-                         step=Program(store, "step", ident, progs.step, donate=(1,)))
+    prefill = Program(store, "prefill", ident, progs.prefill, static=True)
+    step = Program(store, "step", ident, progs.step, donate=(1,))
+    generate = Program(store, "generate", ident, getattr(progs.generate, "whole", progs.generate), static=True)
+    if progs.decode is None or not hasattr(progs.generate, "splits"):
+        return loop.Programs(generate=generate, prefill=prefill, step=step)
+    decode = Program(store, "decode", ident, progs.decode, donate=(1,))
+    return loop.Programs(generate=SplitProgram(progs.generate, generate, prefill, decode), prefill=prefill,
+                         step=step, decode=decode)
