@@ -21,7 +21,9 @@ source train/stages.sh
 if [ ! -f "$WORK/init/config.json" ]; then
   run deepseek-vl-jax init "$WORK/init.tmp" --config "$DEMO/model_config.json" --processor "$WORK/data/processor" \
     --seed 0 --force
-  run "$PYTHON" "$DEMO/graft.py" "$DONOR" "$WORK/init.tmp"
+  # the SAM half made as loud as SigLIP's, its patch filters row-alternating (graft.py; probe.py reads the stripes
+  # from the embeddings at 0.89 after this graft, 0.51 without)
+  run "$PYTHON" "$DEMO/graft.py" "$DONOR" "$WORK/init.tmp" --sam-gain 1.4 --sam-feature-gain 4 --alternating-filters 64
   mv "$WORK/init.tmp" "$WORK/init"
 fi
 
