@@ -30,7 +30,7 @@ fi
 
 # stage 1: the stripes question alone (LLaMA learns to read the SAM half); stage 2: mixed chats bring the ordinary
 # answers back (results/probes.json, probes H and I)
-run_stages "$WORK" "$DEMO" "$WORK/init" stage1_stripes_only:data/stripes stage2_mixed:data/train
+run_stages "$WORK" "$DEMO" "$WORK/init" stage1_stripes_only:data/stripes stage2_mixed:data/train stage3_mixed:data/train
 prev=$STAGES_OUT
 
 rm -rf "$OUT.new" && cp -r "$prev" "$OUT.new" && rm -rf "$OUT" && mv "$OUT.new" "$OUT"
