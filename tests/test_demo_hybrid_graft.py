@@ -50,3 +50,43 @@ def test_graft_seeds_the_hybrid_aligner_from_the_donors(generation_checkpoints, 
         assert np.abs((random(low, high) - random(low2, high)).numpy() - expected).max() > 1e-2
         np.testing.assert_allclose((grafted(low, high) - grafted(low, high2)).numpy(),
                                    (random(low, high) - random(low, high2)).numpy(), atol=5e-6)
+
+
+def test_graft_options_amplify_the_sam_half(generation_checkpoints, tmp_path):
+    """--sam-gain K, --sam-feature-gain C, --alternating-filters N: in transformers the grafted aligner's response
+    to a change of the high-resolution features is K times the random model's; the last SAM projection conv is C
+    times the random one; the first N patch filters keep their magnitudes with signs alternating row by row, the
+    others are unchanged. An N above SAM's filter count is a one-line error that leaves the model untouched."""
+    from transformers import DeepseekVLHybridForConditionalGeneration
+
+    *_, donor_dir = generation_checkpoints("vl")
+    *_, hybrid_dir = generation_checkpoints("hybrid")
+    target = shutil.copytree(hybrid_dir, tmp_path / "hybrid")
+    n, k, c = 3, 2.5, 4.0
+    cmd = [sys.executable, SCRIPT, donor_dir, str(target), "--sam-gain", str(k), "--sam-feature-gain", str(c)]
+    out = subprocess.run(cmd + ["--alternating-filters", str(n)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+    grafted = DeepseekVLHybridForConditionalGeneration.from_pretrained(str(target)).eval().model
+    random = DeepseekVLHybridForConditionalGeneration.from_pretrained(hybrid_dir).eval().model
+    g = torch.Generator().manual_seed(0)
+    ch = grafted.aligner.high_res_vision_proj.in_features
+    low = torch.randn(2, 5, grafted.aligner.vision_proj.in_features, generator=g)
+    high, high2 = torch.randn(2, 5, ch, generator=g), torch.randn(2, 5, ch, generator=g)
+    with torch.no_grad():
+        np.testing.assert_allclose((grafted.aligner(low, high) - grafted.aligner(low, high2)).numpy(),
+                                   k * (random.aligner(low, high) - random.aligner(low, high2)).numpy(), atol=1e-5)
+        np.testing.assert_allclose(grafted.high_res_vision_proj.conv2.weight.numpy(),
+                                   c * random.high_res_vision_proj.conv2.weight.numpy(), rtol=1e-6)
+        ours = grafted.high_res_vision_model.vision_encoder.patch_embed.projection.weight.numpy()
+        theirs = random.high_res_vision_model.vision_encoder.patch_embed.projection.weight.numpy()
+    np.testing.assert_array_equal(np.abs(ours), np.abs(theirs))
+    np.testing.assert_array_equal(ours[n:], theirs[n:])
+    signs = np.sign(ours[:n])
+    assert (signs[:, :, 1:, :] == -signs[:, :, :-1, :]).all() and not np.array_equal(ours[:n], theirs[:n])
+
+    before = (target / "model.safetensors").read_bytes()
+    out = subprocess.run(cmd + ["--alternating-filters", str(ours.shape[0] + 1)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode != 0 and out.stderr.strip().startswith("error: --alternating-filters")
+    assert len(out.stderr.strip().splitlines()) == 1 and (target / "model.safetensors").read_bytes() == before

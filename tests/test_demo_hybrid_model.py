@@ -1,7 +1,4 @@
-"""NOT YET COLLECTED: move to tests/test_demo_hybrid_model.py in the commit that ships models/deepseek-vl-hybrid-tiny
-(the stripes are not learned yet: train/demo_hybrid/results/probes.json). Thresholds are the goals.
-
-The tiny DeepSeek-VL-Hybrid shipped in models/deepseek-vl-hybrid-tiny (trained by
+"""The tiny DeepSeek-VL-Hybrid shipped in models/deepseek-vl-hybrid-tiny (trained by
 train/demo_hybrid/make_demo_hybrid_model.sh): it answers the ordinary questions about pictures in the training styles,
 tells a shape filled with 1-px stripes (`synthetic/stripes.py`: visible at SAM's 128 px, averaged away at SigLIP's
 64 px) from a plain one far better than the same model with its high-resolution tower's contribution removed (so the
