@@ -15,7 +15,6 @@ import pytest
 from deepseek_vl_jax.serving import Options, programs
 from deepseek_vl_jax.serving.timeline import Timeline
 
-import serving_fixtures as S
 from test_serving_engine import TEXTS, collect, prompt, same
 
 

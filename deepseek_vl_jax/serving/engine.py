@@ -426,19 +426,10 @@ class Engine:
         to the row bucket (or `rows`) with rows that write nothing; seqs[i] samples row i's token. Updates
         `self.cache` (or runs on and returns `cache`); returns the device's `Picked` [R]."""
         r = rows or self.shapes.rows_for(len(pieces))
-        slots = np.full(r, self.shapes.slots, np.int32)  # out of range: a padding row
-        ids = np.zeros((r, c), np.int32)
-        feats = np.zeros((r, c, self.model.config.text.hidden_size), np.float32)
-        im = np.zeros((r, c), bool)
-        starts, valid = np.zeros(r, np.int32), np.ones(r, np.int32)
-        for i, (slot, pid, pf, pim, start) in enumerate(pieces):
-            m = len(pid)
-            slots[i], starts[i], valid[i] = slot, start, m
-            ids[i, :m], feats[i, :m], im[i, :m] = pid, pf, pim
-        put = lambda x: programs.replicated_put(self.model.mesh, x)
+        arrays = programs.chunk_rows(self.shapes, c, self.model.config.text.hidden_size, pieces, r)
         params = self._slot_params(list(seqs) + [None] * (r - len(seqs)))
         out, picked = self._call(kind, self.programs.chunk, self.params, self.cache if cache is None else cache,
-                                 put(slots), put(ids), put(feats), put(im), put(starts), put(valid), params)
+                                 *(programs.replicated_put(self.model.mesh, x) for x in arrays), params)
         if cache is not None:
             return out
         self.cache = out

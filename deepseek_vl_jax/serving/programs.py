@@ -304,6 +304,21 @@ class Programs:
         return self._constrain(out)
 
 
+def chunk_rows(shapes: Shapes, c: int, hidden: int, pieces, rows: int) -> tuple[np.ndarray, ...]:
+    """The host arrays of one `chunk` call of c tokens a row over pieces (slot, ids [m], feats [m, D], is_image [m],
+    start), m <= c, padded to `rows` rows with padding rows (slot B, one valid token, writing nothing): (slots [R],
+    ids [R, c], feats [R, c, D], is_image [R, c], starts [R], n_valid [R])."""
+    slots = np.full(rows, shapes.slots, np.int32)
+    ids, im = np.zeros((rows, c), np.int32), np.zeros((rows, c), bool)
+    feats = np.zeros((rows, c, hidden), np.float32)
+    starts, valid = np.zeros(rows, np.int32), np.ones(rows, np.int32)
+    for i, (slot, pid, pf, pim, start) in enumerate(pieces):
+        m = len(pid)
+        slots[i], starts[i], valid[i] = slot, start, m
+        ids[i, :m], feats[i, :m], im[i, :m] = pid, pf, pim
+    return slots, ids, feats, im, starts, valid
+
+
 def replicated_put(mesh: Mesh | None, x):
     """Host array -> device (replicated over the mesh)."""
     if mesh is None:
