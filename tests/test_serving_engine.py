@@ -64,7 +64,7 @@ def test_batch_invariance_cold_and_warm_prefix_cache(serving_engine, serving_mod
     _, _, proc = serving_models("vl")
     reqs = requests(proc)
     programs = engine.warmup()  # compiles every program (and empties the caches)
-    assert programs == 12  # encode, chunk of C and of C/4 tokens for 2, 4, 8 and 16 rows, decode, save and load a block
+    assert programs == 12, engine.programs.traces  # encode, C and C/4 chunks of 2, 4, 8, 16 rows, decode, save, load
     alone = []
     for r in reqs:  # one at a time, each into an otherwise idle engine (and no prefix cache hits beyond its own)
         engine.prefix_cache.entries.clear()

@@ -44,7 +44,8 @@ def test_a_row_gets_the_same_bits_for_any_row_count_and_neighbours(serving_engin
             image, start
 
     target = piece(5, 2 * c, c - 3)  # the third block of a prompt (attends to 2C cached slots), 3 slots empty
-    sampled = programs.SlotParams(*(np.asarray(x)[None] for x in (False, 0.9, 40, 0.9, 7, 0, 0)))
+    sampled = programs.SlotParams(*(np.asarray([x], t) for x, t in zip(
+        (False, 0.9, 40, 0.9, 7, 0, 0), (bool, np.float32, np.int32, np.float32, np.uint32, np.int32, np.int32))))
     base = _random_cache(engine, 1)
     got = []
     for r in s.row_buckets:
@@ -65,6 +66,10 @@ def test_a_row_gets_the_same_bits_for_any_row_count_and_neighbours(serving_engin
                         if slot not in written:
                             assert all(np.array_equal(a, b) for a, b in zip(_row(base, slot), _row(cache, slot)))
                     got.append((greedy, _row(cache, target[0]), jax.tree.map(lambda x: np.asarray(x)[at], picked)))
+    traces, scratch = engine.programs.traces["chunk"], jax.tree.map(jnp.copy, base)
+    for r in s.row_buckets:  # the engine's own calls run the programs checked above: nothing new is compiled
+        scratch = engine._chunk_call("check", c, [], [], rows=r, cache=scratch)
+    assert engine.programs.traces["chunk"] == traces
     for greedy in (True, False):
         runs = [g for g in got if g[0] == greedy]
         kv, pk = runs[0][1], runs[0][2]
@@ -87,7 +92,8 @@ def _call(engine, cache, c, rows, r, params):
         m = len(pid)
         slots[i], starts[i], valid[i] = slot, start, m
         ids[i, :m], feats[i, :m], im[i, :m] = pid, pf, pim
-    return engine.programs.chunk(engine.params, cache, slots, ids, feats, im, starts, valid, params)
+    arrays = (jnp.asarray(x) for x in (slots, ids, feats, im, starts, valid))  # as the engine passes them
+    return engine.programs.chunk(engine.params, cache, *arrays, params)
 
 
 def test_batched_prefill_alone_or_beside_1_3_15_others_or_joining(serving_engine, serving_models):
