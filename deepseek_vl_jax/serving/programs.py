@@ -19,7 +19,7 @@ reduction crosses slots), in a loop whose every iteration is that same step (a t
 N iterations computed it), and the prompt is always computed in chunks of at most C tokens whose starts depend only on
 the content before them (`caches.boundaries`), so the KV of a prefix is bitwise the same whether it was computed now
 or restored from the prefix cache. `chunk` vmaps one request row's computation over R >= 2 rows: every R >= 2 gives
-a row the same bits whatever the other rows hold (tests/test_serving_prefill_rows.py; R = 1 would not, see
+a row the same bits whatever the other rows hold (tests/test_serving_prefill_rows.py; see
 `Shapes.row_buckets`), so a request alone runs beside a padding row.
 """
 
@@ -152,9 +152,10 @@ class Shapes:
 
     @property
     def row_buckets(self) -> tuple[int, ...]:
-        """The request-row counts R of the `chunk` programs: 2, 4, ... up to the first power of two >= B. Never 1:
-        with a size-1 row axis XLA folds it away and the dots take another form (a few ulp apart), so a request
-        prefilled alone would not get the bits it gets beside others; every R >= 2 gives each row the same bits."""
+        """The request-row counts R of the `chunk` programs: 2, 4, ... up to the first power of two >= B. The
+        decoder's dots (M = R * C rows) gave every R the same bits; the LM head did not (a matrix-vector dot at R = 1,
+        another kernel at R = 2, 4 than at 8, 16), so `_chunk` runs it over a fixed row count. R = 1 then measured
+        equal too (benchmarks/serve_prefill_rows.py) but is not used: a lone request runs beside a padding row."""
         out = [2]
         while out[-1] < self.slots:
             out.append(out[-1] * 2)
