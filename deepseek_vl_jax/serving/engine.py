@@ -235,6 +235,12 @@ class Engine:
         for _ in range(2):  # the second run restores the first's prefix block
             self.generate(prompt, Options(max_tokens=2, temperature=0.0))
         self.generate(prompt, Options(max_tokens=2, temperature=0.8, top_k=3, top_p=0.9, seed=0))
+        with self._mesh():  # every (rows, chunk) program, on a scratch cache (the engine thread owns self.cache)
+            scratch = self.programs.init_cache(stacked=self.params["layers"] is None)
+            for r in self.shapes.row_buckets:
+                for chunk in sorted({self.shapes.chunk, self.shapes.small_chunk}):
+                    scratch = self._chunk_call("warmup", chunk, [], [], rows=r, cache=scratch)
+            del scratch
         self.image_cache.entries.clear()
         self.image_cache.bytes = 0
         self.prefix_cache.entries.clear()
@@ -347,67 +353,87 @@ class Engine:
         self._prefilling.extend(request.sequences)
 
     def _prefill(self, budget: int) -> None:
-        """Run queued prefill chunks, first come first served, until `budget` prompt tokens ran (then the decode
-        step runs, so a long prompt does not stall the running sequences). A sequence's first chunk restores the
-        longest cached prefix (which the sequences before it may just have saved); its last picks its first
-        token."""
-        while self._prefilling and budget > 0:
-            seq = self._prefilling[0]
-            req = seq.request
-            if req.cancelled:  # its slots were freed by `_drop_cancelled`
-                self._prefilling.pop(0)
+        """Run queued prefill chunks until `budget` prompt tokens ran (then the decode step runs, so a long prompt
+        does not stall the running sequences). One `chunk` call runs the next block of up to R sequences: the first
+        queued one's and those of the sequences after it (first come first served) whose block runs in the same
+        chunk length. A sequence's first chunk restores the longest cached prefix (which the sequences before it may
+        just have saved); its last gives its first token."""
+        while budget > 0:
+            self._prefilling = [q for q in self._prefilling if not q.request.cancelled]  # slots freed already
+            if not self._prefilling:
+                return
+            group, pieces, length = [], [], None
+            for seq in self._prefilling:
+                if len(group) == self.shapes.row_buckets[-1]:
+                    break
+                if seq.next_block < 0:
+                    self._restore(seq)
+                c, piece = self._piece(seq.slot, seq.request.prompt.ids, *seq.request.content[2:],
+                                       seq.request.blocks[0], seq.next_block)
+                if length in (None, c):
+                    length = c
+                    group.append(seq)
+                    pieces.append(piece)
+            picked = self._chunk_call(f"prefill_chunk[R={self.shapes.rows_for(len(group))},C={length}]", length,
+                                      pieces, group)
+            budget -= sum(len(p[1]) for p in pieces)
+            done = []
+            for row, seq in enumerate(group):
+                seq.next_block += 1
+                if seq.next_block == len(seq.request.blocks[0]) - 1:
+                    done.append(row)
+            if not done:
                 continue
-            ids = req.prompt.ids
-            n = len(ids)
-            hashes, runs, slab, is_image = req.content
-            bounds, keys = req.blocks
-            if seq.next_block < 0:
-                hit = self.prefix_cache.longest_hit(keys, bounds, n, runs) if keys else 0
-                for j in range(hit):  # in order: each block's C slots overwrite the previous one's unused tail
-                    block = self.prefix_cache.get(keys[j])
-                    self.cache = self._call("load_block", self.programs.load_block, self.cache, block,
-                                            np.int32(seq.slot), np.int32(bounds[j]))
-                if hit:
-                    self.metrics.prefix_hits.inc()
-                    self.metrics.prefix_hit_tokens.inc(bounds[hit])
-                self.metrics.prefill_tokens.inc(n - bounds[hit])
-                seq.hit = seq.next_block = hit
-            j = seq.next_block
-            logits = self._chunks(seq.slot, ids, slab, is_image, bounds, [j], "prefill_chunk")
-            budget -= min(bounds[j + 1], n) - bounds[j]
-            seq.next_block += 1
-            if seq.next_block < len(bounds) - 1:
-                continue
-            self._prefilling.pop(0)
-            for j in range(seq.hit, len(keys)):
-                if keys[j] not in self.prefix_cache:
-                    self.prefix_cache.put(keys[j], self._call("save_block", self.programs.save_block, self.cache,
-                                                              np.int32(seq.slot), np.int32(bounds[j])))
-            picked = self._call("pick", self.programs.pick, logits[None], self._slot_params([seq]))
-            seq.position = n
+            for row in done:
+                seq = group[row]
+                self._prefilling.remove(seq)
+                bounds, keys = seq.request.blocks
+                for j in range(seq.hit, len(keys)):
+                    if keys[j] not in self.prefix_cache:
+                        self.prefix_cache.put(keys[j], self._call("save_block", self.programs.save_block, self.cache,
+                                                                  np.int32(seq.slot), np.int32(bounds[j])))
+                seq.position = len(seq.request.prompt.ids)
+            picked = jax.device_get(picked)
             with self._lock, self._span("emit"):
-                self._emit([seq], jax.device_get(picked))
+                self._emit([group[r] for r in done], picked, rows=done)
 
-    def _chunks(self, slot: int, ids: np.ndarray, slab: np.ndarray, is_image: np.ndarray, bounds, blocks,
-                kind: str):
-        """Prefill blocks [bounds[j], bounds[j + 1]) (j in `blocks`, in order) of ids [n] into row `slot`, each as
-        one chunk of C slots (C/4 for a short piece). Returns the logits [V] at the last real token of the last
-        block."""
-        n, logits = len(ids), None
-        put = lambda x: programs.replicated_put(self.model.mesh, x)
-        for j in blocks:
-            start = bounds[j]
-            m = min(bounds[j + 1], n) - start
-            c = self.shapes.chunk_for(m)
-            chunk_ids = np.zeros(c, np.int32)
-            chunk_ids[:m] = ids[start:start + m]
-            f = np.zeros((c, slab.shape[1]), np.float32)
-            f[:m] = slab[start:start + m]
-            im = np.zeros(c, bool)
-            im[:m] = is_image[start:start + m]
-            self.cache, logits = self._call(kind, self.programs.chunk, self.params, self.cache, np.int32(slot),
-                                            put(chunk_ids), put(f), put(im), np.int32(start), np.int32(m))
-        return logits
+    def _restore(self, seq: _Sequence) -> None:
+        """A sequence's first prefill step: load the longest cached prefix of its prompt into its row."""
+        req = seq.request
+        n, (_, runs, _, _), (bounds, keys) = len(req.prompt.ids), req.content, req.blocks
+        hit = self.prefix_cache.longest_hit(keys, bounds, n, runs) if keys else 0
+        for j in range(hit):  # in order: each block's C slots overwrite the previous one's unused tail
+            block = self.prefix_cache.get(keys[j])
+            self.cache = self._call("load_block", self.programs.load_block, self.cache, block, np.int32(seq.slot),
+                                    np.int32(bounds[j]))
+        if hit:
+            self.metrics.prefix_hits.inc()
+            self.metrics.prefix_hit_tokens.inc(bounds[hit])
+        self.metrics.prefill_tokens.inc(n - bounds[hit])
+        seq.hit = seq.next_block = hit
+
+    def _piece(self, slot: int, ids: np.ndarray, slab: np.ndarray, is_image: np.ndarray, bounds, j: int):
+        """Block [bounds[j], bounds[j + 1]) of ids [n] (features slab [n, D], is_image [n]) for row `slot`: (its
+        chunk length, (slot, ids [m], feats [m, D], is_image [m], start))."""
+        start = bounds[j]
+        end = min(bounds[j + 1], len(ids))
+        return (self.shapes.chunk_for(end - start),
+                (slot, ids[start:end], slab[start:end], is_image[start:end], start))
+
+    def _chunk_call(self, kind: str, c: int, pieces: list, seqs: Sequence[_Sequence | None], rows: int = 0,
+                    cache=None):
+        """One `chunk` call of c tokens a row over pieces (slot, ids [m], feats [m, D], is_image [m], start), padded
+        to the row bucket (or `rows`) with rows that write nothing; seqs[i] samples row i's token. Updates
+        `self.cache` (or runs on and returns `cache`); returns the device's `Picked` [R]."""
+        r = rows or self.shapes.rows_for(len(pieces))
+        arrays = programs.chunk_rows(self.shapes, c, self.model.config.text.hidden_size, pieces, r)
+        params = self._slot_params(list(seqs) + [None] * (r - len(seqs)))
+        out, picked = self._call(kind, self.programs.chunk, self.params, self.cache if cache is None else cache,
+                                 *(programs.replicated_put(self.model.mesh, x) for x in arrays), params)
+        if cache is not None:
+            return out
+        self.cache = out
+        return picked
 
     def _answers_due(self) -> bool:
         """Answer caching is background work: it runs when nothing is being decoded or prefilled, or when a waiting
@@ -435,8 +461,10 @@ class Engine:
                 if blocks:
                     extra = len(ids) - len(slab)
                     slab = np.concatenate([slab, np.zeros((extra, slab.shape[1]), slab.dtype)])
-                    self._chunks(s.slot, ids, slab, np.concatenate([is_image, np.zeros(extra, bool)]), bounds, blocks,
-                                 "answer_chunk")
+                    is_image = np.concatenate([is_image, np.zeros(extra, bool)])
+                    for j in blocks:  # in order: each block attends to the ones before it
+                        c, piece = self._piece(s.slot, ids, slab, is_image, bounds, j)
+                        self._chunk_call("answer_chunk", c, [piece], [None])
                     keys = caches.block_keys(ids, hashes, runs, bounds)
                     for j in blocks:
                         if keys[j] not in self.prefix_cache:

@@ -1,12 +1,13 @@
 """The engine's jitted programs, each over fixed shapes so a running server compiles a bounded set:
 
 - `encode`: one image -> its features [P, D] (pixel values [1, 3, H, W], and [1, 3, Hh, Wh] for the hybrid model);
-- `chunk`: C prompt tokens of one slot, written into that slot's cache row at slots [start, start + C); a piece of at
-  most C/4 tokens (the few before or after an image's run) runs as a C/4-token chunk, which costs ~1/3 of a full one;
+- `chunk`: C prompt tokens of each of R requests (R in 2, 4, .., >= B: one program per R and chunk length), each
+  written into its slot's cache row at slots [start, start + C), and a token picked from each row's last logits (a
+  request's first token, from its last chunk); a piece of at most C/4 tokens (the few before or after an image's
+  run) runs as a C/4-token chunk, which costs ~1/3 of a full one;
 - `decode`: up to N decode steps (N = --decode-steps) over all B slots at once, each slot at its own position, with
   per-slot sampling; eos and the token limit are checked on the device (a finished row masks itself; the loop ends
   early once no row is active), so the host reads N steps' tokens in one copy and admits new requests between calls;
-- `pick`: the first token of a request from the last prompt logits (the same per-row sampler as `decode`);
 - `save_block` / `load_block`: copy C cache slots of one row out to / back from the prefix cache.
 
 Shapes: B slots (--max-batch), S cache slots per row (--max-seq-len rounded up to a multiple of C, plus C), C the prefill chunk, K kv
@@ -17,7 +18,9 @@ Batch invariance by construction: `decode` runs each slot's row through the same
 reduction crosses slots), in a loop whose every iteration is that same step (a token does not depend on which of the
 N iterations computed it), and the prompt is always computed in chunks of at most C tokens whose starts depend only on
 the content before them (`caches.boundaries`), so the KV of a prefix is bitwise the same whether it was computed now
-or restored from the prefix cache.
+or restored from the prefix cache. `chunk` vmaps one request row's computation over R >= 2 rows: every R >= 2 gives
+a row the same bits whatever the other rows hold (tests/test_serving_prefill_rows.py; see
+`Shapes.row_buckets`), so a request alone runs beside a padding row.
 """
 
 from __future__ import annotations
@@ -147,6 +150,21 @@ class Shapes:
         """The chunk size a piece of m prompt tokens runs in."""
         return self.small_chunk if m <= self.small_chunk else self.chunk
 
+    @property
+    def row_buckets(self) -> tuple[int, ...]:
+        """The request-row counts R of the `chunk` programs: 2, 4, ... up to the first power of two >= B. The
+        decoder's dots (M = R * C rows) gave every R the same bits; the LM head did not (a matrix-vector dot at R = 1,
+        another kernel at R = 2, 4 than at 8, 16), so `_chunk` runs it over a fixed row count. R = 1 then measured
+        equal too (benchmarks/serve_prefill_rows.py) but is not used: a lone request runs beside a padding row."""
+        out = [2]
+        while out[-1] < self.slots:
+            out.append(out[-1] * 2)
+        return tuple(out)
+
+    def rows_for(self, r: int) -> int:
+        """The smallest row bucket holding r requests."""
+        return next(b for b in self.row_buckets if b >= r)
+
 
 class Programs:
     """The jitted programs for one model config, mesh and `Shapes`. `traces` counts compilations per program."""
@@ -161,7 +179,6 @@ class Programs:
         self.encode = jax.jit(self._counted("encode", self._encode))
         self.chunk = jax.jit(self._counted("chunk", self._chunk), donate_argnums=1, compiler_options=opts)
         self.decode = jax.jit(self._counted("decode", self._decode), donate_argnums=1, compiler_options=opts)
-        self.pick = jax.jit(self._counted("pick", pick), compiler_options=opts)
         self.save_block = jax.jit(self._counted("save_block", self._save_block))
         self.load_block = jax.jit(self._counted("load_block", self._load_block), donate_argnums=0)
 
@@ -193,19 +210,41 @@ class Programs:
         """pixel_values [1, 3, H, W] -> features [P, D]."""
         return self._apply(params)(pixel_values, high_res_pixel_values, method="encode_images")[0]
 
-    def _chunk(self, params, cache, slot, ids, feats, is_image, start, n_valid):
-        """ids [C], feats [C, D] (image features where is_image [C]), written at slots [start, start + C) of row
-        `slot`; the first n_valid tokens are real. Returns (cache, logits [V] at the last real token)."""
+    def _chunk_row(self, params, row, ids, feats, is_image, start, n_valid):
+        """One request row: ids [C], feats [C, D] (image features where is_image [C]), written at slots
+        [start, start + C) of `row` (one slot's cache, no batch axis); the first n_valid tokens are real. Returns
+        (hidden state [D] at the last real token, row)."""
         apply = self._apply(params)
+        axis = 1 if kv_cache.is_stacked(row) else 0
+        row = jax.tree.map(lambda x: jnp.expand_dims(x, axis), row)
         c = ids.shape[0]
         embeds = apply(ids[None], method="embed")
         embeds = jnp.where(is_image[None, :, None], feats[None].astype(embeds.dtype), embeds)
         positions = (start + jnp.arange(c, dtype=jnp.int32))[None]
         key_valid = (jnp.arange(self.shapes.seq_len) < start + n_valid)[None]
         mask = multimodal.cache_mask(key_valid, start, c)
-        hidden, row = _decoder(apply, params, embeds, positions, mask, _row(cache, slot), start)
+        hidden, row = _decoder(apply, params, embeds, positions, mask, row, start)
         last = jax.lax.dynamic_slice_in_dim(hidden, n_valid - 1, 1, axis=1)
-        return self._constrain(_put_row(cache, row, slot)), apply(last, method="logits")[0, 0]
+        return last[0, 0], jax.tree.map(lambda x: jnp.squeeze(x, axis), row)
+
+    def _chunk(self, params, cache, slots, ids, feats, is_image, starts, n_valid, p: SlotParams):
+        """R request rows at once (R in `Shapes.row_buckets`): row r's chunk ids [R, C], feats [R, C, D], is_image
+        [R, C] is written at slots [starts[r], starts[r] + C) of cache row slots[r], its first n_valid[r] tokens
+        real. A padding row has slot B (out of range: it reads a clipped row and writes nothing). Returns (cache,
+        Picked [R]: a token picked with p from each row's last real logits; a request's last chunk gives its first
+        token)."""
+        axis = _batch_axis(cache)
+        rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=axis, mode="clip"), cache)
+        run = jax.vmap(functools.partial(self._chunk_row, params), in_axes=(axis, 0, 0, 0, 0, 0), out_axes=(0, axis))
+        last, rows = run(rows, ids, feats, is_image, starts, n_valid)
+        index = (slice(None),) * axis + (slots,)
+        cache = jax.tree.map(lambda x, r: x.at[index].set(r.astype(x.dtype), mode="drop"), cache, rows)
+        # The LM head and the sampler always run over the largest bucket's rows (the others padded): their dots take
+        # another form for few rows (on CPU, M = 2, 4 and M = 8, 16 differ by an ulp at the 117M shape).
+        r, pad = last.shape[0], self.shapes.row_buckets[-1] - last.shape[0]
+        edge = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
+        logits = self._apply(params)(edge(last)[:, None], method="logits")[:, 0]
+        return self._constrain(cache), jax.tree.map(lambda x: x[:r], pick(logits, jax.tree.map(edge, p)))
 
     def _step_row(self, params, row, token, position):
         """One slot: feed `token` at `position` (= its cache slot). row: the slot's cache without the batch axis."""
@@ -269,6 +308,21 @@ class Programs:
         else:
             out = tuple((put(k, bk, ka), put(v, bv, va)) for (k, v), (bk, bv) in zip(cache, block))
         return self._constrain(out)
+
+
+def chunk_rows(shapes: Shapes, c: int, hidden: int, pieces, rows: int) -> tuple[np.ndarray, ...]:
+    """The host arrays of one `chunk` call of c tokens a row over pieces (slot, ids [m], feats [m, D], is_image [m],
+    start), m <= c, padded to `rows` rows with padding rows (slot B, one valid token, writing nothing): (slots [R],
+    ids [R, c], feats [R, c, D], is_image [R, c], starts [R], n_valid [R])."""
+    slots = np.full(rows, shapes.slots, np.int32)
+    ids, im = np.zeros((rows, c), np.int32), np.zeros((rows, c), bool)
+    feats = np.zeros((rows, c, hidden), np.float32)
+    starts, valid = np.zeros(rows, np.int32), np.ones(rows, np.int32)
+    for i, (slot, pid, pf, pim, start) in enumerate(pieces):
+        m = len(pid)
+        slots[i], starts[i], valid[i] = slot, start, m
+        ids[i, :m], feats[i, :m], im[i, :m] = pid, pf, pim
+    return slots, ids, feats, im, starts, valid
 
 
 def replicated_put(mesh: Mesh | None, x):
