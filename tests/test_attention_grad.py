@@ -21,8 +21,9 @@ def torch_attention(q, k, v, mask, scale):
     return (torch.softmax(logits, -1) @ v).transpose(1, 2)
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep_probs"])
 @pytest.mark.parametrize("block", [8, 64], ids=["three_blocks", "one_block"])
-def test_output_and_gradients_equal_torch_autograd(block):
+def test_output_and_gradients_equal_torch_autograd(block, keep):
     rng = np.random.default_rng(0)
     b, t, n, kh, h = 2, 20, 4, 2, 16
     q, k, v = (rng.standard_normal((b, t, m, h)).astype(np.float32) for m in (n, kh, kh))
@@ -36,7 +37,7 @@ def test_output_and_gradients_equal_torch_autograd(block):
     want = torch_attention(tq, tk, tv, torch.tensor(mask), scale)
     want.backward(torch.tensor(dout))
 
-    f = lambda q, k, v: attention_grad.causal_attention(q, k, v, jnp.asarray(mask), scale, block)
+    f = lambda q, k, v: attention_grad.causal_attention(q, k, v, jnp.asarray(mask), scale, block, keep)
     def run(q, k, v, d):
         out_fwd, pullback = jax.vjp(f, q, k, v)  # the forward pass of the differentiated function (`_attention_fwd`)
         return f(q, k, v), out_fwd, pullback(d)
