@@ -9,7 +9,10 @@ softmax backward reduces over them. Here the forward pass keeps only the output 
     P = exp(Q K^T * scale - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
     dQ = dS K * scale,  dK = dS^T Q * scale
 
-(rowsum(dO * O) equals rowsum(dP * P) but costs [T, H], not [T, S]). Letters as in `layers`: B batch, T queries,
+(rowsum(dO * O) equals rowsum(dP * P) but costs [T, H], not [T, S]). By default (`keep_probs`) the forward pass
+keeps each block's exp(logits - max) once instead (0.33 GB more temporaries at the benchmark's LoRA step, 1.72 ->
+2.06 GB) and the backward pass recomputes nothing: the LoRA step 1.13x faster in an interleaved A/B
+(`benchmarks/train_ab.py`, results/train_ab_attention.json, load 3-4). Letters as in `layers`: B batch, T queries,
 S keys (= T), N query heads, K key/value heads, G = N / K, H head dim.
 """
 
@@ -27,10 +30,10 @@ _MIN = jnp.finfo(jnp.float32).min
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                     block: int | None = None, keep_probs: bool = False) -> jax.Array:
+                     block: int | None = None, keep_probs: bool = True) -> jax.Array:
     """`layers.causal_attention` (q [B, T, N, H], k/v [B, T, K, H], mask bool broadcastable to [B, 1, T, T] ->
-    [B, T, N, H]), whose gradient keeps no probabilities (`keep_probs`: keeps each block's exp(logits - max)
-    [B, K, G, block, S_i] once, and its backward pass recomputes nothing)."""
+    [B, T, N, H]), whose gradient keeps each block's exp(logits - max) [B, K, G, block, S_i] once and recomputes
+    nothing (`keep_probs`; False: keeps no probabilities and recomputes them from the logsumexp)."""
     return _attention(q, k, v, mask, scale, block or layers.prefill_block(q.shape[1]), keep_probs)
 
 
