@@ -7,7 +7,8 @@ A variant is a set of XLA:CPU compiler options (`VARIANTS`) passed to `Lowered.c
 / fusion backend), or `rev:REV`: the step traced with the `--swap` source files as they are at git revision REV
 (their functions put in place of the current ones while it is traced), compiled with the default options; e.g.
 `--variants default,rev:HEAD~1 --swap deepseek_vl_jax/attention_grad.py` times a change against its parent.
-Prints and writes per variant: step times, median, and the ratio to the first variant.
+Prints and writes per variant: step times, median, the ratio to the first variant, and the compiled step's
+temporaries.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def main() -> None:
     step, state, batch = bench_train.build_jax_step("none", "none" if args.mode == "full" else args.mode)
     lowered = step.lower(state, batch)
     names = args.variants.split(",")
-    compiled, compile_s = {}, {}
+    compiled, compile_s, temp_gb = {}, {}, {}
     for n in names:
         t = time.perf_counter()
         if n.startswith("rev:"):
@@ -88,6 +89,7 @@ def main() -> None:
         else:
             compiled[n] = lowered.compile(compiler_options=VARIANTS[n] or None)
         compile_s[n] = round(time.perf_counter() - t, 1)
+        temp_gb[n] = round(compiled[n].memory_analysis().temp_size_in_bytes / 2**30, 3)
     for n in names:  # a warm-up step each
         state, m = compiled[n](state, batch)
         jax.block_until_ready(m)
@@ -105,6 +107,7 @@ def main() -> None:
     result = {"mode": args.mode, "shape": args.shape, "uptime_at_start": uptime,
               "uptime_at_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
               "variants": {n: VARIANTS.get(n, f"{n[4:]}: {args.swap}") for n in names}, "compile_s": compile_s,
+              "temp_gb": temp_gb,  # the compiled step's temporaries (`memory_analysis`)
               "step_times_s": times,
               "median_s": med, "ratio_to_first": {n: round(med[names[0]] / med[n], 3) for n in names},
               "losses": losses}

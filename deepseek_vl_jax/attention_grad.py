@@ -9,7 +9,10 @@ softmax backward reduces over them. Here the forward pass keeps only the output 
     P = exp(Q K^T * scale - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),
     dQ = dS K * scale,  dK = dS^T Q * scale
 
-(rowsum(dO * O) equals rowsum(dP * P) but costs [T, H], not [T, S]). Letters as in `layers`: B batch, T queries,
+(rowsum(dO * O) equals rowsum(dP * P) but costs [T, H], not [T, S]). By default (`keep_probs`) the forward pass
+keeps each block's exp(logits - max) once instead (0.33 GB more temporaries at the benchmark's LoRA step, 1.72 ->
+2.06 GB) and the backward pass recomputes nothing: the LoRA step 1.13x faster in an interleaved A/B
+(`benchmarks/train_ab.py`, results/train_ab_attention.json, load 3-4). Letters as in `layers`: B batch, T queries,
 S keys (= T), N query heads, K key/value heads, G = N / K, H head dim.
 """
 
@@ -27,14 +30,15 @@ _MIN = jnp.finfo(jnp.float32).min
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
-                     block: int | None = None) -> jax.Array:
+                     block: int | None = None, keep_probs: bool = True) -> jax.Array:
     """`layers.causal_attention` (q [B, T, N, H], k/v [B, T, K, H], mask bool broadcastable to [B, 1, T, T] ->
-    [B, T, N, H]), whose gradient keeps no probabilities."""
-    return _attention(q, k, v, mask, scale, block or layers.prefill_block(q.shape[1]))
+    [B, T, N, H]), whose gradient keeps each block's exp(logits - max) [B, K, G, block, S_i] once and recomputes
+    nothing (`keep_probs`; False: keeps no probabilities and recomputes them from the logsumexp)."""
+    return _attention(q, k, v, mask, scale, block or layers.prefill_block(q.shape[1]), keep_probs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, mask, scale, block):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, mask, scale, block, keep):
     return layers.causal_attention(q, k, v, mask, scale, block)
 
 
@@ -63,7 +67,7 @@ def _logits(qs, kt, mask, s, e):
 # each block's [.., T_i, S_i] logits as few times as possible: the scale goes on the queries [T, H] and the softmax
 # normaliser on the output [T, H]; in the backward pass exp(masked - lse) is already 0 where the mask is off, so dS
 # needs no second mask).
-def _attention_fwd(q, k, v, mask, scale, block):
+def _attention_fwd(q, k, v, mask, scale, block, keep):
     b, t, n, h = q.shape
     # q, k, v materialised as they come ([B, T, ., H], rope applied): otherwise XLA:CPU fuses rope into the heads-first
     # transposes and writes k as [B, K, H, S] from a loop with strided stores; after the barrier the transposes are
@@ -71,7 +75,7 @@ def _attention_fwd(q, k, v, mask, scale, block):
     q, k, v = jax.lax.optimization_barrier((q, k, v))
     qg, kt, vt, mg = _grouped(q, k, v, mask)
     qs = qg * jnp.asarray(scale, qg.dtype)
-    outs, lses = [], []
+    outs, lses, ps = [], [], []
     for s, e in _blocks(t, block):
         logits = _logits(qs, kt, mg, s, e)
         top = jnp.max(logits, axis=-1, keepdims=True)
@@ -79,14 +83,18 @@ def _attention_fwd(q, k, v, mask, scale, block):
         total = jnp.sum(p, axis=-1, keepdims=True)
         o = jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), vt[:, :, :e], preferred_element_type=_F32)
         outs.append(o / total)
-        lses.append((top + jnp.log(total))[..., 0])
+        if keep:
+            ps.append(p)
+            lses.append(1 / total[..., 0])
+        else:
+            lses.append((top + jnp.log(total))[..., 0])
     og = jnp.concatenate(outs, axis=3)  # [B, K, G, T, H] float32
     out = og.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
-    return out, (q, k, v, mask, og, jnp.concatenate(lses, axis=3))
+    return out, (q, k, v, mask, og, jnp.concatenate(lses, axis=3), ps)
 
 
-def _attention_bwd(scale, block, res, dout):
-    q, k, v, mask, og, lse = res
+def _attention_bwd(scale, block, keep, res, dout):
+    q, k, v, mask, og, lse, ps = res
     b, t, n, h = q.shape
     qg, kt, vt, mg = _grouped(q, k, v, mask)
     qs = qg * jnp.asarray(scale, qg.dtype)
@@ -95,12 +103,18 @@ def _attention_bwd(scale, block, res, dout):
     dk = jnp.zeros(kt.shape, _F32)
     dv = jnp.zeros(vt.shape, _F32)
     dqs = []
-    for s, e in _blocks(t, block):
-        p = jnp.exp(_logits(qs, kt, mg, s, e) - lse[..., s:e, None])  # 0 where masked (a query seeing no key: padding)
+    for i, (s, e) in enumerate(_blocks(t, block)):
         do = dog[:, :, :, s:e]
-        dv = dv.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", p, do))
-        dp = jnp.einsum("bkgth,bksh->bkgts", do, vt[:, :, :e], preferred_element_type=_F32)
-        ds = p * (dp - delta[..., s:e, None])
+        if keep:  # p = exp(logits - max), 1 / its row sum in `lse`: P = p * inv, dV = p^T (dO * inv), dS = p * ..
+            p, inv = ps[i], lse[..., s:e, None]
+            dv = dv.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", p, do * inv))
+            dp = jnp.einsum("bkgth,bksh->bkgts", do, vt[:, :, :e], preferred_element_type=_F32)
+            ds = p * ((dp - delta[..., s:e, None]) * inv)
+        else:
+            p = jnp.exp(_logits(qs, kt, mg, s, e) - lse[..., s:e, None])  # 0 where masked (a query seeing no key)
+            dv = dv.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", p, do))
+            dp = jnp.einsum("bkgth,bksh->bkgts", do, vt[:, :, :e], preferred_element_type=_F32)
+            ds = p * (dp - delta[..., s:e, None])
         dqs.append(jnp.einsum("bkgts,bksh->bkgth", ds, kt[:, :, :e], preferred_element_type=_F32))
         dk = dk.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", ds, qs[:, :, :, s:e], preferred_element_type=_F32))
     dq = (jnp.concatenate(dqs, axis=3) * scale).transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)

@@ -21,8 +21,9 @@ def torch_attention(q, k, v, mask, scale):
     return (torch.softmax(logits, -1) @ v).transpose(1, 2)
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["recompute", "keep_probs"])
 @pytest.mark.parametrize("block", [8, 64], ids=["three_blocks", "one_block"])
-def test_output_and_gradients_equal_torch_autograd(block):
+def test_output_and_gradients_equal_torch_autograd(block, keep):
     rng = np.random.default_rng(0)
     b, t, n, kh, h = 2, 20, 4, 2, 16
     q, k, v = (rng.standard_normal((b, t, m, h)).astype(np.float32) for m in (n, kh, kh))
@@ -36,7 +37,7 @@ def test_output_and_gradients_equal_torch_autograd(block):
     want = torch_attention(tq, tk, tv, torch.tensor(mask), scale)
     want.backward(torch.tensor(dout))
 
-    f = lambda q, k, v: attention_grad.causal_attention(q, k, v, jnp.asarray(mask), scale, block)
+    f = lambda q, k, v: attention_grad.causal_attention(q, k, v, jnp.asarray(mask), scale, block, keep)
     def run(q, k, v, d):
         out_fwd, pullback = jax.vjp(f, q, k, v)  # the forward pass of the differentiated function (`_attention_fwd`)
         return f(q, k, v), out_fwd, pullback(d)
@@ -54,19 +55,25 @@ def test_output_and_gradients_equal_torch_autograd(block):
 
 def test_gradient_keeps_no_probabilities():
     """Under a scan over 6 layers the automatic gradient keeps every layer's [B, N, T, T] probabilities twice (12.6
-    of its 13.5 MB of temporaries); this one keeps none (4.2 MB: one layer's backward blocks, the residuals)."""
-    b, t, n, h, layers_n = 1, 256, 4, 16, 6
+    of its 13.5 MB of temporaries); this one keeps none (4.2 MB: one layer's backward blocks, the residuals), and
+    with `keep_probs` each layer's causal blocks once (block 64 of T = 256: 5/8 of [T, T])."""
+    b, t, n, h, layers_n, block = 1, 256, 4, 16, 6, 64
     x = jnp.ones((b, t, n, h), jnp.float32)
     mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
 
     def stack(attend):
         def loss(x):
             def body(x, _):
-                return jnp.tanh(attend(x, x, x, mask, 0.25, 64)) , None
+                return jnp.tanh(attend(x, x, x, mask, 0.25, block)) , None
             return jnp.sum(jax.lax.scan(body, x, None, length=layers_n)[0])
         return jax.jit(jax.grad(loss)).lower(x).compile().memory_analysis().temp_size_in_bytes
 
     probs_per_layer = 4 * b * n * t * t
-    ours, automatic = stack(attention_grad.causal_attention), stack(layers.causal_attention)
+    blocks_per_layer = 4 * b * n * sum(block * e for e in range(block, t + 1, block))
+    ours = stack(lambda *a: attention_grad.causal_attention(*a, keep_probs=False))
+    automatic = stack(layers.causal_attention)
+    kept = stack(attention_grad.causal_attention)  # the default
     assert automatic >= 2 * layers_n * probs_per_layer, automatic
     assert ours <= automatic - layers_n * probs_per_layer, (ours, automatic)
+    assert kept <= ours + layers_n * blocks_per_layer, (kept, ours)
+    assert kept >= ours + 0.75 * layers_n * blocks_per_layer, (kept, ours)  # (it does keep them)
