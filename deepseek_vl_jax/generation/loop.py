@@ -365,10 +365,14 @@ class SplitGenerate:
         return self.whole.eval_shape(*args)
 
     def __call__(self, *args):
+        return self.run(self.whole, self.prefill, self.decode, *args)
+
+    def run(self, whole, prefill, decode, *args):
+        """The call with these three programs standing for this one's (program_cache's stored ones)."""
         if not self.splits(*args):
-            return self.whole(*args)
+            return whole(*args)
         params, _, _, sp, stop, _ = args
-        return finish_run(self.decode(params, self.prefill(*args), sp, stop), self.extras)
+        return finish_run(decode(params, prefill(*args), sp, stop), self.extras)
 
 
 def _prompt_rows(params, inputs, *_):

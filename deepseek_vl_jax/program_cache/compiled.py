@@ -213,12 +213,7 @@ class SplitProgram:
         self.split, self.whole, self.prefill, self.decode = split, whole, prefill, decode
 
     def __call__(self, *args):
-        if not self.split.splits(*args):
-            return self.whole(*args)
-        from deepseek_vl_jax.generation import loop
-
-        params, _, _, sp, stop, _ = args
-        return loop.finish_run(self.decode(params, self.prefill(*args), sp, stop), self.split.extras)
+        return self.split.run(self.whole, self.prefill, self.decode, *args)
 
 
 def programs(store: Store, progs: Any, ident: str):
