@@ -130,7 +130,8 @@ def stored_leaves(source: FlaxSource) -> dict[tuple[str, ...], tuple[tuple[int, 
     if source.base is not None:
         from deepseek_vl_jax.conversion import frozen_base
 
-        out.update({p: (tuple(x.shape), x.dtype) for p, x in frozen_base.host_leaves(source.base, f"checkpoint {source.params_dir}").items()})
+        base = frozen_base.host_leaves(source.base, f"checkpoint {source.params_dir}")
+        out.update({p: (tuple(x.shape), x.dtype) for p, x in base.items()})
     return out
 
 
