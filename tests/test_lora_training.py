@@ -273,3 +273,111 @@ def test_qlora_step_keeps_no_float_copy_of_the_base_for_backward(qlora):
     float_model = load_pretrained(qlora.model, progress=False).params
     decoder = sum(lora.adapters.get_path(float_model, p)["kernel"].nbytes for p in lora.adapter_paths(qlora.state.params))
     assert temps[False] - temps[True] < decoder / 4, (temps, decoder)
+
+
+def _dir_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def test_checkpoint_holds_the_trained_leaves_and_a_record_of_the_base(data, straight):
+    """A LoRA checkpoint's params item is the adapters and the trained aligner (bytes on disk), not the base; its
+    meta names the base and fingerprints its bits; resuming it (nothing left to train) gives the run's state back
+    bit for bit, the base reloaded from --model."""
+    from deepseek_vl_jax.conversion import frozen_base, orbax_io
+
+    step_dir = os.path.join(straight.out, "checkpoints", "4")
+    params = jax.device_get(straight.state.params)
+    _, trained = lora.count({"lora": params["lora"], "aligner": params["aligner"]})
+    _, base = lora.count({k: v for k, v in params.items() if k not in ("lora", "aligner")})
+    stored = orbax_io.leaf_metadata(os.path.join(step_dir, "params"))
+    assert {p[0] for p in stored} == {"lora", "aligner"}
+    assert sum(int(np.prod(s)) * d.itemsize for s, d in stored.values()) == trained
+    opt = orbax_io.leaf_metadata(os.path.join(step_dir, "opt_state"))
+    assert 2 * trained <= sum(int(np.prod(s)) * d.itemsize for s, d in opt.values()) <= 2 * trained + 16
+    # measured: 105-134 kB on disk for 59 kB of leaves (Orbax's metadata varies); the base (686 kB here, ~14 GB
+    # for the 7B model) is not there
+    on_disk = _dir_bytes(os.path.join(step_dir, "params"))
+    assert on_disk < base / 2, (on_disk, trained, base)
+    rec = frozen_base.read_record(straight.out, 4)
+    assert rec["path"] == os.path.abspath(data[0]) and rec["collections"] == ["language_model", "vision_model"]
+    assert rec["fingerprint"] == frozen_base.fingerprint(
+        {k: v for k, v in load_pretrained(data[0], progress=False).params.items() if k in rec["collections"]})
+    again = train(H.tiny_config(**SECTIONS), data[0], data[1], straight.out)
+    assert again.start_step == 4 and again.steps == []
+    for a, b in zip(jax.tree.leaves(jax.device_get(again.state)), jax.tree.leaves(jax.device_get(straight.state))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_changed_base_is_refused_in_one_line(data, straight, tmp_path):
+    """The run's base copied elsewhere (its checkpoints' records pointing there): export works; then one weight of
+    the base changes (same shapes, same config.json): resume and export are refused, naming both."""
+    import json
+    import re
+    import shutil
+
+    import safetensors.numpy
+    from deepseek_vl_jax.cli import main
+    from deepseek_vl_jax.training import checkpointing
+
+    model, out = str(tmp_path / "model"), str(tmp_path / "out")
+    shutil.copytree(data[0], model)
+    shutil.copytree(straight.out, out)
+    for step in os.listdir(os.path.join(out, "checkpoints")):
+        file = os.path.join(out, "checkpoints", step, "meta", "metadata")
+        if os.path.isfile(file):
+            with open(file) as f:
+                meta = json.load(f)
+            meta["base"]["path"] = model
+            with open(file, "w") as f:
+                json.dump(meta, f)
+    assert main(["export", out, str(tmp_path / "merged"), "--merge", "--no-progress"]) == 0
+    (weights,) = [f for f in os.listdir(model) if f.endswith(".safetensors")]
+    tensors = safetensors.numpy.load_file(os.path.join(model, weights))
+    name = next(k for k in sorted(tensors) if "layers.0.mlp.up_proj" in k)
+    tensors[name] = tensors[name].copy()
+    tensors[name].flat[0] += 1e-3
+    safetensors.numpy.save_file(tensors, os.path.join(model, weights), metadata={"format": "pt"})
+    with pytest.raises(checkpointing.ResumeError) as e:
+        train(H.tiny_config(**{**SECTIONS, "steps": 5}), model, data[1], out)
+    message = str(e.value)
+    assert "\n" not in message and f"checkpoint 4 in {out} was trained on the frozen base {model}" in message
+    assert len(re.findall(r"fingerprint (now )?[0-9a-f]{12}", message)) == 2, message
+    assert main(["export", out, str(tmp_path / "merged2"), "--merge", "--no-progress"]) == 2
+
+
+def test_an_old_checkpoint_of_every_parameter_still_resumes_and_exports(data, straight, tmp_path):
+    """The layout before trainable-only checkpoints (every parameter in `params`, no base record): resumed, the
+    same state as the run; exported --merge, the same files as the new layout's."""
+    from deepseek_vl_jax.cli import main
+    from deepseek_vl_jax.training import checkpointing
+
+    import shutil
+
+    import grain.checkpoint
+    import orbax.checkpoint as ocp
+
+    out = str(tmp_path / "old")
+    shutil.copytree(straight.out, out, ignore=shutil.ignore_patterns("checkpoints"))
+    src = checkpointing.manager(straight.out, H.tiny_config(**SECTIONS).checkpoint)
+    meta = src.restore(4, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore(), data_iter=grain.checkpoint.CheckpointRestore(checkpointing.IteratorSnapshot())))
+    src.close()
+    old_meta = {k: v for k, v in meta["meta"].items() if k != "base"}
+    mgr = checkpointing.manager(out, H.tiny_config(**SECTIONS).checkpoint)
+    checkpointing.save(mgr, 4, straight.state, meta["data_iter"].state, old_meta, force=True)
+    mgr.wait_until_finished()
+    mgr.close()
+    again = train(H.tiny_config(**SECTIONS), data[0], data[1], out)
+    assert again.start_step == 4
+    for a, b in zip(jax.tree.leaves(jax.device_get(again.state)), jax.tree.leaves(jax.device_get(straight.state))):
+        np.testing.assert_array_equal(a, b)
+    new, old = str(tmp_path / "new_hf"), str(tmp_path / "old_hf")
+    assert main(["export", straight.out, new, "--merge", "--no-progress"]) == 0
+    assert main(["export", out, old, "--merge", "--no-progress"]) == 0
+    for name in sorted(os.listdir(new)):
+        if name.endswith(".safetensors"):
+            assert open(os.path.join(new, name), "rb").read() == open(os.path.join(old, name), "rb").read(), name
+    # the old layout's params item held the base too: the new one is smaller by the base's bytes
+    _, base = lora.count({k: v for k, v in straight.state.params.items() if k not in ("lora", "aligner")})
+    sizes = [_dir_bytes(os.path.join(d, "checkpoints", "4", "params")) for d in (out, straight.out)]
+    assert sizes[0] - sizes[1] >= 0.97 * base, (sizes, base)

@@ -19,7 +19,7 @@ import numpy as np
 
 from deepseek_vl_jax import common, hf_mapping
 from deepseek_vl_jax.config import ModelConfig
-from deepseek_vl_jax.conversion import atomic, fast_mapping, flax_checkpoint, orbax_io
+from deepseek_vl_jax.conversion import atomic, fast_mapping, flax_checkpoint
 from deepseek_vl_jax.conversion import safetensors_writer as sw
 from deepseek_vl_jax.conversion.convert import DTYPES, handle_sigterm, report_errors
 
@@ -52,7 +52,7 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int |
     sw.parse_size(max_shard_size)
     config_dict = flax_checkpoint.read_config_dict(source)
     config = ModelConfig.from_hf(config_dict)
-    stored = orbax_io.leaf_metadata(source.params_dir)
+    stored = flax_checkpoint.stored_leaves(source)
     sources = {}  # merged leaf -> the stored leaves it is made from
     if qconfig is not None and merge is None:  # a quantized checkpoint: dequantized, leaf by leaf
         from deepseek_vl_jax.quantization import checkpoint as quantized
@@ -79,8 +79,8 @@ def export(src: str | os.PathLike, dst: str | os.PathLike, max_shard_size: int |
 
     def arrays():
         for group in _groups(table, nbytes):
-            leaves = orbax_io.restore_leaves_numpy(
-                source.params_dir, [p for e in group for p in sources.get(e.path, [e.path])])
+            leaves = flax_checkpoint.read_leaves(
+                source, [p for e in group for p in sources.get(e.path, [e.path])])
             for e in group:
                 leaf = merge.build(e.path, leaves) if merge is not None else leaves.pop(e.path)
                 for key, x in fast_mapping.hf_from_leaf(e, leaf, leaf_dtype[e.path]):

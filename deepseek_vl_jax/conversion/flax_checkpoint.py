@@ -90,6 +90,7 @@ class FlaxSource:
     root: str
     kind: str  # "flax" (convert output) or "training" (OUT/checkpoints/<step>/params)
     step: int | None = None
+    base: dict | None = None  # a training checkpoint of its trainable leaves only: its frozen base (`frozen_base`)
 
     @property
     def config_file(self) -> str:
@@ -115,9 +116,36 @@ def resolve(path: str | os.PathLike, step: int | None = None) -> FlaxSource:
             have = f"; the steps there are {steps}" if steps else "; it holds no finished checkpoint yet"
             raise FileNotFoundError(f"{path}: no finished step with a '{PARAMS}' item under {TRAINING_CHECKPOINTS}/"
                                     + ("" if step is None else f" (asked for step {step})") + have)
-        return FlaxSource(params, path, "training", chosen)
+        from deepseek_vl_jax.conversion import frozen_base
+
+        return FlaxSource(params, path, "training", chosen, frozen_base.read_record(path, chosen))
     raise FileNotFoundError(f"{path}: neither a Flax checkpoint ({MARKER}) nor a training output "
                             f"({TRAINING_CHECKPOINTS}/<step>/{PARAMS})")
+
+
+def stored_leaves(source: FlaxSource) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    """{flat path: (shape, dtype)} of every stored leaf: the params item's, and a trainable-only checkpoint's frozen
+    base's (loaded from its model directory, see `frozen_base`)."""
+    out = orbax_io.leaf_metadata(source.params_dir)
+    if source.base is not None:
+        from deepseek_vl_jax.conversion import frozen_base
+
+        base = frozen_base.host_leaves(source.base, f"checkpoint {source.params_dir}")
+        out.update({p: (tuple(x.shape), x.dtype) for p, x in base.items()})
+    return out
+
+
+def read_leaves(source: FlaxSource, paths: list[tuple[str, ...]]) -> dict[tuple[str, ...], np.ndarray]:
+    """The stored leaves `paths` as numpy arrays (a trainable-only checkpoint's frozen ones from its base)."""
+    base = {}
+    if source.base is not None:
+        from deepseek_vl_jax.conversion import frozen_base
+
+        base = frozen_base.host_leaves(source.base, f"checkpoint {source.params_dir}")
+    out = orbax_io.restore_leaves_numpy(source.params_dir, [p for p in paths if p not in base]) if any(
+        p not in base for p in paths) else {}
+    out.update({p: base[p] for p in paths if p in base})
+    return out
 
 
 def read_config_dict(source: FlaxSource) -> dict:
@@ -268,6 +296,8 @@ def restore_params(path: str | os.PathLike, config: ModelConfig, dtype: str | No
     from deepseek_vl_jax.quantization import checkpoint as quantized
 
     source = resolve(path, step)
+    if source.base is not None:
+        return _restore_with_base(source, config, dtype, mesh, quantize, scale_dtype)
     boxed = abstract(config)
     stored = quantized.stored_config(read_marker(source.root) if source.kind == "flax" else None)
     qconfig = quantized.choose(stored, quantize, source.root)
@@ -286,3 +316,37 @@ def restore_params(path: str | os.PathLike, config: ModelConfig, dtype: str | No
         shardings = jax.tree.map(lambda _: one, shapes)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, target_dtype, sharding=sh), shapes, shardings)
     return orbax_io.restore_pytree(source.params_dir, target)
+
+
+def _restore_with_base(source: FlaxSource, config: ModelConfig, dtype, mesh, quantize, scale_dtype):
+    """`restore_params` of a trainable-only training checkpoint: the frozen base loaded as the run loaded it (and
+    checked against its fingerprint), the trained leaves restored onto their shardings, then cast to `dtype` /
+    quantized as `quantize` asks (a QLoRA base stays as stored)."""
+    from deepseek_vl_jax import common
+    from deepseek_vl_jax.conversion import frozen_base
+    from deepseek_vl_jax.quantization import QTensor, QuantizeConfig, quantize_params
+    from deepseek_vl_jax.quantization import checkpoint as quantized
+
+    rec = source.base
+    stored = orbax_io.leaf_metadata(source.params_dir)
+    boxed = abstract(config)
+    shapes = {k: tuple(v.shape) for k, v in flat_leaves(meta.unbox(boxed)).items()}
+    base_q = QuantizeConfig.create(rec["quantize"]) if rec["quantize"] else None
+    qconfig = quantized.choose(base_q, quantize, source.root)
+    frozen = frozen_base.load(rec, f"checkpoint {source.params_dir}", mesh)
+    check_tree(shapes, {**{k: s for k, (s, _) in stored.items()},
+                        **{k: shapes[k] for k, _ in hf_mapping._flatten(frozen) if k in shapes}},
+               f"checkpoint {source.params_dir}")
+    target_dtype = common.to_dtype(dtype or config.param_dtype)
+    flat_shardings = dict(hf_mapping._flatten(sharding.param_shardings(boxed, mesh))) if mesh is not None else {}
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target: dict = {}
+    for k, (s, _) in stored.items():
+        hf_mapping.set_path(target, k, jax.ShapeDtypeStruct(s, target_dtype, sharding=flat_shardings.get(k, one)))
+    trained = orbax_io.restore_pytree(source.params_dir, target)
+    frozen = jax.tree.map(lambda x: x if isinstance(x, QTensor) or x.dtype == target_dtype else x.astype(target_dtype),
+                          frozen, is_leaf=lambda x: isinstance(x, QTensor))
+    params = {**frozen, **trained}
+    if qconfig is not None and base_q is None:  # quantized now, tensor by tensor as `load_pretrained` would
+        params = quantize_params(params, boxed, qconfig, scale_dtype or config.dtype, mesh)
+    return params

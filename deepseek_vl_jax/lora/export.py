@@ -150,5 +150,5 @@ def export_merged(src: str | os.PathLike, dst: str | os.PathLike, step: int | No
     from deepseek_vl_jax.conversion.export import export
 
     source, config = _run(src, step)
-    view = merged_view(orbax_io.leaf_metadata(source.params_dir), config.lora)
+    view = merged_view(flax_checkpoint.stored_leaves(source), config.lora)
     return export(src, dst, step=step, force=force, merge=view, **export_kw)

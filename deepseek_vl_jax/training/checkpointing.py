@@ -7,11 +7,17 @@
       metrics.jsonl          one JSON object per step;  eval.jsonl  one per evaluation
       tensorboard/           event files
       checkpoints/<step>/    Orbax CheckpointManager items:
-          params     (StandardSave)  every parameter, the float32 master copy (a QLoRA base's QTensors in the
-                                     quantization layout, `<path>/q_values` + `<path>/q_scales`)
+          params     (StandardSave)  the trainable parameters (LoRA adapters, trainable towers), the float32
+                                     master copy; a run that trains every tower: every parameter
           opt_state  (StandardSave)  optimizer state of the trainable towers
           data_iter  (grain)         one JSON file per process: that host's iterator position
-          meta       (JsonSave)      step, train config, process count
+          meta       (JsonSave)      step, train config, process count, and with frozen parameters (LoRA, QLoRA,
+                                     frozen towers) `base`: the model directory they are loaded from again and a
+                                     fingerprint of their bits (`conversion.frozen_base`)
+
+So a LoRA checkpoint of the 7B model is its adapters and their Adam moments (megabytes), not a copy of the base.
+Checkpoints of the older layout (every parameter, a QLoRA base's QTensors as `<path>/q_values` + `q_scales`) and
+no `base` record restore as before.
 
 Saves are asynchronous (the arrays are copied to host memory before `save` returns, so the state can be donated to
 the next step at once) and collective: every process calls `save` and writes its own shards.
@@ -63,9 +69,12 @@ def manager(out_dir: str, config: CheckpointConfig) -> ocp.CheckpointManager:
                                  item_handlers=handlers)
 
 
-def save(mgr: ocp.CheckpointManager, step: int, state, iterator_state: dict, meta: dict, force: bool = False) -> bool:
+def save(mgr: ocp.CheckpointManager, step: int, state, iterator_state: dict, meta: dict, force: bool = False,
+         params=None) -> bool:
+    """Save `state` (its `params`, or just the given subset: the trainable ones, with `meta["base"]` naming the
+    rest)."""
     args = ocp.args.Composite(**{
-        PARAMS: ocp.args.StandardSave(quantization.to_checkpoint_tree(state.params)),
+        PARAMS: ocp.args.StandardSave(quantization.to_checkpoint_tree(state.params if params is None else params)),
         OPT_STATE: ocp.args.StandardSave(state.opt_state),
         DATA_ITER: grain.checkpoint.CheckpointSave(IteratorSnapshot(iterator_state)),
         META: ocp.args.JsonSave(meta),

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deepseek_vl_jax import common, sharding
 from deepseek_vl_jax.config import ModelConfig
+from deepseek_vl_jax.conversion import frozen_base
 from deepseek_vl_jax.model import DeepseekVL
 from deepseek_vl_jax.processing import load_processor
 from deepseek_vl_jax.training import checkpointing, data, flops, interrupt
@@ -170,23 +171,35 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
 
     latest = mgr.latest_step()
     iterator_state = None
-    if latest is not None:
-        target = state_lib.abstract(model_config, tx, config.trainable, shardings, config.lora, qconfig)
-        try:
-            params, opt_state, iterator_state, _ = checkpointing.restore(mgr, latest, target)
-        except (ValueError, KeyError) as e:
-            raise checkpointing.ResumeError(f"checkpoint {latest} in {out_dir} does not fit --model {model_dir}: "
-                                            f"{e}; use a new --output for another model") from None
-        step0 = jax.jit(lambda: jax.numpy.int32(latest), out_shardings=shardings.step)()
-        state = TrainState(step0, params, opt_state)
-        if primary:
-            log.info("resumed from %s at step %d", mgr.directory, latest)
-    else:
+    base = frozen_base.read_record(out_dir, latest) if latest is not None else None
+    if latest is None or base is not None:
         from deepseek_vl_jax.pretrained import load_pretrained
 
         # a QLoRA base is quantized tensor by tensor as it loads: no float copy of it is ever held
         params = load_pretrained(model_dir, mesh=mesh, progress=primary and config.logging.progress, quantize=qconfig,
                                  **runtime).params
+    if latest is not None:
+        target = state_lib.abstract(model_config, tx, config.trainable, shardings, config.lora, qconfig)
+        if base is not None:  # the checkpoint holds the trained leaves; the frozen ones are the base just loaded
+            frozen = frozen_base.frozen_part(params, base)
+            try:
+                frozen_base.check(base, frozen_base.fingerprint(frozen), f"checkpoint {latest} in {out_dir}",
+                                  model_dir)
+            except frozen_base.BaseChangedError as e:
+                raise checkpointing.ResumeError(str(e)) from None
+            trained, _ = opt_lib.split(target.params, config.trainable)
+            target = target.replace(params=trained)
+        try:
+            restored, opt_state, iterator_state, _ = checkpointing.restore(mgr, latest, target)
+        except (ValueError, KeyError) as e:
+            raise checkpointing.ResumeError(f"checkpoint {latest} in {out_dir} does not fit --model {model_dir}: "
+                                            f"{e}; use a new --output for another model") from None
+        params = restored if base is None else opt_lib.merge(restored, frozen)
+        step0 = jax.jit(lambda: jax.numpy.int32(latest), out_shardings=shardings.step)()
+        state = TrainState(step0, params, opt_state)
+        if primary:
+            log.info("resumed from %s at step %d", mgr.directory, latest)
+    else:
         if config.lora.enabled:
             params = state_lib.add_lora(params, config.lora, config.trainable, jax.random.key(config.seed), shardings)
         state = state_lib.create(params, tx, config.trainable, shardings)
@@ -211,6 +224,16 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
     logger = MetricsLogger(out_dir, primary, config.steps, start, config.logging.tensorboard, config.logging.progress)
     if primary and rows.bad:
         logger.message(f"skipped {len(rows.bad)} bad row(s) of {rows.path}: lines {[e.line for e in rows.bad]}")
+
+    def save(done: int, force: bool) -> None:
+        """A checkpoint of the trained leaves (with frozen ones: a record of the base they are loaded from)."""
+        trained, frozen = opt_lib.split(state.params, config.trainable)
+        if not frozen:
+            checkpointing.save(mgr, done, state, iterator_state, {**meta, "step": done}, force=force)
+            return
+        rec = frozen_base.record(model_dir, frozen, config.model.param_dtype, config.model.dtype, qconfig)
+        checkpointing.save(mgr, done, state, iterator_state, {**meta, "step": done, frozen_base.BASE: rec},
+                           force=force, params=trained)
 
     steps, losses = [], []
     stopped_by = None
@@ -242,8 +265,7 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
                 if done % config.log_every == 0 or done == config.steps:
                     logger.log(done, record)
                 if done % config.checkpoint.every == 0 or done == config.steps:
-                    checkpointing.save(mgr, done, state, iterator_state, {**meta, "step": done},
-                                       force=done == config.steps)
+                    save(done, force=done == config.steps)
                 if eval_rows is not None and config.eval_every and (
                         done % config.eval_every == 0 or done == config.steps):
                     result = evaluate_loss(eval_step, state.params, eval_rows, loader, model_config, config, mesh,
@@ -253,7 +275,7 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
                                    "tokens")
                 if done < config.steps and stop.agreed():
                     if done % config.checkpoint.every:
-                        checkpointing.save(mgr, done, state, iterator_state, {**meta, "step": done}, force=True)
+                        save(done, force=True)
                     stopped_by = stop.signum or int(signal.SIGTERM)  # another host was asked
                     logger.message(f"stopped after step {done} ({_signal_name(stop.signum)}): checkpoint {done} "
                                    "saved; run the same command to resume")
