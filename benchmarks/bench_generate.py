@@ -261,7 +261,8 @@ def kv_bytes(config, context: int, batch: int = 1) -> int:
 
 def breakdown(model, hf, img: dict, batch8: dict) -> dict:
     """Where the time goes: our prefill program (1 image, the TTFT prompt) and decode step (batch 1 on that prompt,
-    batch 8 on the text prompts) under jax's profiler, by category and dot path, with the compiler options each ran with; transformers' prefill under torch's profiler."""
+    batch 8 on the text prompts) under jax's profiler, by category and dot path, with the compiler options each
+    ran with; transformers' prefill under torch's profiler."""
     import jax
     import torch
 
