@@ -261,7 +261,8 @@ def kv_bytes(config, context: int, batch: int = 1) -> int:
 
 def breakdown(model, hf, img: dict, batch8: dict) -> dict:
     """Where the time goes: our prefill program (1 image, the TTFT prompt) and decode step (batch 1 on that prompt,
-    batch 8 on the text prompts) under jax's profiler, by category; transformers' prefill under torch's profiler."""
+    batch 8 on the text prompts) under jax's profiler, by category and dot path, with the compiler options each
+    ran with; transformers' prefill under torch's profiler."""
     import jax
     import torch
 
@@ -279,12 +280,13 @@ def breakdown(model, hf, img: dict, batch8: dict) -> dict:
         gen_len = kv_cache.gen_buffer_length(8)
         args = (params, inputs, jax.random.key(0), sp, stop, gen_len)
         if name.startswith("batch1"):
-            out["ours_prefill_" + name] = P.xla_breakdown(progs.prefill, args)
+            out["ours_prefill_" + name] = dict(P.xla_breakdown(progs.prefill, args),
+                                               compiler_options=progs.prefill.options(*args))
         state = progs.prefill(*args)
         # not donated: the same state is rerun; the one jit takes the programs' compiler options (a nested jit cannot)
-        step = jax.jit(lambda p, s: progs.step.__wrapped__(p, s, sp, stop),
-                       compiler_options=progs.step.options(params, state, sp, stop))
-        out["ours_decode_step_" + name] = P.xla_breakdown(step, (params, state), runs=5)
+        options = progs.step.options(params, state, sp, stop)
+        step = jax.jit(lambda p, s: progs.step.__wrapped__(p, s, sp, stop), compiler_options=options)
+        out["ours_decode_step_" + name] = dict(P.xla_breakdown(step, (params, state), runs=5), compiler_options=options)
     kw = {k: torch.from_numpy(v) for k, v in img.items()}
     with torch.no_grad():
         out["transformers_prefill_batch1_image_prompt"] = P.torch_breakdown(lambda: hf(**kw, use_cache=True))

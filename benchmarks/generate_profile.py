@@ -4,7 +4,9 @@
 XLA flags and the ISA-emulation environment, plus the ISA each library really uses; `machine_key()` names the
 results entry. `gemm_rates()`: float32 GEMM / GEMV GFLOP/s of XLA and torch in this process (shows whether an
 emulated ISA took effect). `xla_breakdown()`: one compiled program run under jax's profiler, each executed op's
-time summed by what it belongs to (op_name metadata of the optimized HLO). `torch_breakdown()`: torch's profiler on
+time summed by what it belongs to (op_name metadata of the optimized HLO; YNNPACK fusions, which carry none, by
+the ops they fuse), and how many of each category's dots run as YNNPACK fusions or XLA's own (`dot_paths`).
+`torch_breakdown()`: torch's profiler on
 the same work in transformers.
 """
 
@@ -122,22 +124,80 @@ CATEGORIES = (
 )
 
 
-def _op_names(hlo_text: str) -> dict:
-    """instruction name -> its op_name metadata; a dot without metadata (XLA:CPU's plain matrix-vector `dot`) is
-    named after the weight it reads (`.../lm_head/...` or `.../<x>_proj/dot_general`)."""
-    names = {}
+def _instructions(hlo_text: str):
+    """(computation, instruction name, line) of each instruction of an HLO module's text."""
+    computation = None
     for line in hlo_text.splitlines():
-        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
-        if not m:
+        head = re.match(r"\s*(?:ENTRY\s+)?%([\w.\-]+) .*\{\s*$", line)
+        if head and " = " not in line.split("{")[0]:
+            computation = head.group(1)
             continue
+        m = re.match(r"\s*(?:ROOT )?%([\w.\-]+) = ", line)
+        if m:
+            yield computation, m.group(1), line
+
+
+def _op_names(hlo_text: str) -> dict:
+    """instruction name -> its op_name metadata. A fusion without metadata of its own (XLA:CPU's YNNPACK fusions,
+    `ynn_fusion.N`) takes that of an instruction inside the computation it calls (its dot's, where it has one),
+    else that of its first named operand (an attention dot reads its operands' transposes); a dot without metadata
+    takes its fusion's or its first named operand's, or (XLA:CPU's plain matrix-vector `dot`) is named after the
+    weight it reads (`.../lm_head/...` or `.../<x>_proj/dot_general`)."""
+    names, inner, calls, callers, bare_dots, operands = {}, {}, {}, {}, [], {}
+    for computation, name, line in _instructions(hlo_text):
         meta = re.search(r'op_name="([^"]*)"', line)
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if called:
+            callers[called.group(1)] = name
         if meta:
-            names[m.group(1)] = meta.group(1)
+            names[name] = meta.group(1)
+            if computation not in inner or " dot(" in line:
+                inner[computation] = meta.group(1)  # a dot's name wins over the computation's other ops
         elif " dot(" in line:
             weight = re.search(r"(lm_head|\w+_proj)_+kernel", line)
-            names[m.group(1)] = ("lm_head/" if weight and weight.group(1) == "lm_head" else
-                                 f"{weight.group(1) if weight else 'unknown'}/dot_general")
+            names[name] = ("lm_head/" if weight and weight.group(1) == "lm_head" else
+                           f"{weight.group(1) if weight else 'unknown'}/dot_general")
+            if not weight:
+                bare_dots.append((computation, name))
+        elif called:
+            calls[name] = called.group(1)
+        operands[name] = re.findall(r"%([\w.\-]+)", line.split(" = ", 1)[1].split("calls=")[0])
+    for name, computation in calls.items():
+        if computation in inner:
+            names[name] = inner[computation]
+        elif any(o in names for o in operands[name]):
+            names[name] = names[next(o for o in operands[name] if o in names)]
+    for computation, name in bare_dots:
+        named = [callers.get(computation)] + operands[name]
+        if any(o in names and not names[o].startswith("unknown/") for o in named):
+            names[name] = names[next(o for o in named if o in names and not names[o].startswith("unknown/"))]
     return names
+
+
+def dot_paths(hlo_text: str) -> dict:
+    """Per category (`CATEGORIES`): how many of the compiled program's dots run as YNNPACK fusions and how many as
+    XLA's own dots (a `dot` instruction anywhere but inside a YNNPACK fusion's computation). YNNPACK fusions
+    without a dot (its reductions: norms, softmax) are not counted."""
+    names = _op_names(hlo_text)
+    found, ynn_bodies, with_dot = [], {}, set()
+    for computation, name, line in _instructions(hlo_text):
+        if " dot(" in line:
+            with_dot.add(computation)
+        if '"kind":"__ynn_fusion"' in line:
+            ynn_bodies[name] = re.search(r"calls=%([\w.\-]+)", line).group(1)
+        if name not in names:
+            continue
+        if name in ynn_bodies:
+            found.append((name, "ynn", names[name]))
+        elif " dot(" in line:
+            found.append((computation, "xla", names[name]))
+    out = collections.defaultdict(collections.Counter)
+    bodies = set(ynn_bodies.values())
+    for where, path, op in found:
+        if (path == "xla" and where in bodies) or (path == "ynn" and ynn_bodies[where] not in with_dot):
+            continue
+        out[next((c for c, test in CATEGORIES if test(op)), "other")][path] += 1
+    return {c: dict(v) for c, v in out.items()}
 
 
 def xla_breakdown(jitted, args: tuple, runs: int = 2) -> dict:
@@ -168,7 +228,7 @@ def xla_breakdown(jitted, args: tuple, runs: int = 2) -> dict:
     total = sum(per.values())
     out = {c: {"ms": round(v / runs / 1e6, 1), "share": round(v / total, 3)} for c, v in per.most_common()}
     return {"wall_ms_under_profiler": round(wall * 1000, 1), "op_ms_total": round(total / runs / 1e6, 1),
-            "by_category": out}
+            "by_category": out, "dots_by_path": dot_paths(compiled.as_text())}
 
 
 def torch_breakdown(fn, runs: int = 2, top: int = 8) -> dict:

@@ -159,3 +159,37 @@ def test_stored_split_programs(model, policy, tmp_path):
         if "programs_loaded" in expect:
             assert loop.compile_count() == traces
         np.testing.assert_array_equal(tokens, want)
+
+
+def ynn_dot_names(hlo_text: str) -> list[str]:
+    """The op_name of each dot inside a YNNPACK fusion's computation of a compiled program (the fusion itself
+    carries none)."""
+    import re
+
+    bodies = {re.search(r"calls=%([\w.\-]+)", line).group(1) for line in hlo_text.splitlines() if YNN in line}
+    names, computation = [], None
+    for line in hlo_text.splitlines():
+        head = re.match(r"\s*%([\w.\-]+) \(.*\{\s*$", line)
+        if head:
+            computation = head.group(1)
+        elif computation in bodies and " dot(" in line:
+            names += re.findall(r'op_name="([^"]*)"', line)
+    return names
+
+
+def test_the_image_encoder_takes_the_prompt_programs_dots(model):
+    """The image encoder runs inside the prefill program, so under the default policy its dots (SigLIP's
+    projections and the aligner's) are YNNPACK fusions like the decoder prompt's; the decode step has none."""
+    c = model.config
+    ids = np.array([[1] + [c.image_token_id] * c.num_image_tokens + [5, 6, 7]])
+    pixels = np.random.default_rng(0).standard_normal((1, 3, 32, 32)).astype(np.float32)
+    inputs, _ = G.inputs.prepare_inputs(model, {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                                "pixel_values": pixels}, 8)
+    a = args(model, 1)
+    a = (a[0], {k: jnp.asarray(v) for k, v in inputs.items()}) + a[2:]
+    progs = loop.programs(c, sampling.Sampler(), None)
+    names = ynn_dot_names(progs.prefill.lower(*a).compile().as_text())
+    assert any("vision_model" in n for n in names) and any("aligner" in n for n in names)
+    assert any("_proj/dot_general" in n and "LlamaBlock" in n for n in names)
+    state = progs.prefill(*a)
+    assert ynn_dot_names(progs.step.lower(a[0], state, a[3], a[4]).compile().as_text()) == []
