@@ -4,9 +4,8 @@
 # 64 px) -> random hybrid init -> SigLIP, LLaMA and half the aligner grafted from the tiny DeepSeek-VL (SAM half
 # amplified) -> three stages (the stripes question alone, then twice chats mixing it with the ordinary questions),
 # SigLIP frozen -> export -> evaluation, and the same evaluation with the high-resolution tower's contribution
-# removed (the ablation). Deterministic (two runs from scratch: the same model.safetensors bit for bit), but not
-# the shipped one, which was trained before the attention gradient's keep_probs became the default (30b2d21);
-# results/recipe_run.json: why, its evaluations against the shipped model's, and its time on this machine.
+# removed (the ablation). Deterministic: two runs from scratch give the same model.safetensors bit for bit, the one
+# shipped (results/recipe_run.json: its evaluations, its time on this machine, and the probes' model it replaced).
 #   bash train/demo_hybrid/make_demo_hybrid_model.sh [OUT=models/deepseek-vl-hybrid-tiny]
 #   (WORK=runs/demo_hybrid_stripes by default)
 # The donor is pinned by the sha256 of its model.safetensors (DONOR_SHA256: the tiny model's stage-5 export, shipped
