@@ -90,3 +90,17 @@ def test_graft_options_amplify_the_sam_half(generation_checkpoints, tmp_path):
                          timeout=120)
     assert out.returncode != 0 and out.stderr.strip().startswith("error: --alternating-filters")
     assert len(out.stderr.strip().splitlines()) == 1 and (target / "model.safetensors").read_bytes() == before
+
+
+def test_the_recipe_refuses_another_donor(generation_checkpoints, tmp_path):
+    """make_demo_hybrid_model.sh grafts only the donor the shipped hybrid came from (pinned by the sha256 of its
+    model.safetensors): another tiny DeepSeek-VL is a one-line error that says how to get the pinned one, before
+    any data is drawn."""
+    *_, donor_dir = generation_checkpoints("vl")
+    recipe = os.path.join(REPO, "train", "demo_hybrid", "make_demo_hybrid_model.sh")
+    env = dict(os.environ, WORK=str(tmp_path / "work"), DONOR=donor_dir, PYTHON=sys.executable)
+    out = subprocess.run(["bash", recipe, str(tmp_path / "out")], capture_output=True, text=True, timeout=60, env=env)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"error: {donor_dir} is not the donor") and "git archive" in lines[0], lines[0]
+    assert os.listdir(tmp_path / "work") == [] and not (tmp_path / "out").exists()

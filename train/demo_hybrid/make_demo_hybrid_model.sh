@@ -1,22 +1,43 @@
 #!/usr/bin/env bash
-# Reproduce the tiny DeepSeek-VL-Hybrid shipped in models/deepseek-vl-hybrid-tiny: striped fine-detail data (1-px
+# The recipe of the tiny DeepSeek-VL-Hybrid in models/deepseek-vl-hybrid-tiny: striped fine-detail data (1-px
 # stripes filling the shapes of half the pictures, shown at the SAM tower's 128 px and averaged away at SigLIP's
-# 64 px) -> random hybrid init -> SigLIP, LLaMA and half the aligner grafted from the shipped tiny model (SAM half
-# amplified) -> two stages (the stripes question alone, then chats mixing it
-# with the ordinary questions), SigLIP frozen -> export ->
-# evaluation, and the same evaluation with the high-resolution tower's contribution removed (the ablation).
+# 64 px) -> random hybrid init -> SigLIP, LLaMA and half the aligner grafted from the tiny DeepSeek-VL (SAM half
+# amplified) -> three stages (the stripes question alone, then twice chats mixing it with the ordinary questions),
+# SigLIP frozen -> export -> evaluation, and the same evaluation with the high-resolution tower's contribution
+# removed (the ablation). Deterministic: two runs from scratch give the same model.safetensors bit for bit, the one
+# shipped (results/recipe_run.json: its evaluations, its time on this machine, and the probes' model it replaced).
 #   bash train/demo_hybrid/make_demo_hybrid_model.sh [OUT=models/deepseek-vl-hybrid-tiny]
-#   (WORK=runs/demo_hybrid_stripes, DONOR=models/deepseek-vl-tiny by default)
+#   (WORK=runs/demo_hybrid_stripes by default)
+# The donor is pinned by the sha256 of its model.safetensors (DONOR_SHA256: the tiny model's stage-5 export, shipped
+# in models/deepseek-vl-tiny at commit DONOR_COMMIT, which the shipped hybrid was grafted from). If
+# models/deepseek-vl-tiny is another model (it has been retrained since), the recipe takes the pinned one from git
+# history into $WORK/donor; DONOR=<dir> gives it from elsewhere (checked the same way).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-models/deepseek-vl-hybrid-tiny}
 WORK=${WORK:-runs/demo_hybrid_stripes}
-DONOR=${DONOR:-models/deepseek-vl-tiny}
 PYTHON=${PYTHON:-python}
 DEMO=train/demo_hybrid
+DONOR_SHA256=fdc64306b016b72d28218cf8ed66a337bb289a43820050ba933f938ae82325eb
+DONOR_COMMIT=38320d48d0c6495708c6887e9c3292b8ed15aa28
 mkdir -p "$WORK"
 source train/stages.sh
-[ -f "$DONOR/config.json" ] || { echo "error: no donor model at $DONOR; give DONOR=<a tiny DeepSeek-VL directory>" >&2; exit 2; }
+sha256() { "$PYTHON" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"; }
+is_donor() { [ -f "$1/config.json" ] && [ -f "$1/model.safetensors" ] && [ "$(sha256 "$1/model.safetensors")" = \
+  "$DONOR_SHA256" ]; }
+if [ -z "${DONOR:-}" ]; then
+  DONOR=models/deepseek-vl-tiny
+  if ! is_donor "$DONOR" && ! is_donor "$WORK/donor" && git cat-file -e "$DONOR_COMMIT" 2>/dev/null; then
+    echo "+ models/deepseek-vl-tiny is not the pinned donor: taking it from commit $DONOR_COMMIT into $WORK/donor" >&2
+    rm -rf "$WORK/donor.tmp" && mkdir -p "$WORK/donor.tmp"
+    git archive "$DONOR_COMMIT" models/deepseek-vl-tiny | tar -x -C "$WORK/donor.tmp" --strip-components=2
+    rm -rf "$WORK/donor" && mv "$WORK/donor.tmp" "$WORK/donor"
+  fi
+  is_donor "$DONOR" || DONOR=$WORK/donor
+fi
+is_donor "$DONOR" || { echo "error: $DONOR is not the donor the shipped hybrid was grafted from (model.safetensors" \
+  "sha256 $DONOR_SHA256); give DONOR=DIR after mkdir DIR && git archive $DONOR_COMMIT models/deepseek-vl-tiny |" \
+  "tar -x -C DIR --strip-components=2" >&2; exit 2; }
 
 [ -f "$WORK/data/heldout.jsonl" ] || run "$PYTHON" "$DEMO/make_data.py" "$WORK/data" "$DONOR" --train 4000 --seed 1
 if [ ! -f "$WORK/init/config.json" ]; then
