@@ -7,7 +7,9 @@ aligner output, LLaMA's hidden states at the image tokens) three linear read-out
 - token_column_half: every image token -> is its column in the left or the right half of the grid;
 - centre_token_side: the token under each shape's centre -> the shape's side;
 - box_avg_side: the tokens under each shape's box, averaged (error_analysis.py's probe) -> the shape's side;
-and the RMS of each stage and of the position-embedding table. Read with transformers (an independent reader).
+and the RMS of each stage and of the position-embedding table. Read with transformers (an independent reader). And,
+with the model's own processor, whether any shape's ink reaches the other half of the picture the model sees (the
+centre line is a patch boundary at 64 px / 16-px patches, so a side is visible only if no ink crosses it).
 
     python train/demo/position_probe.py MODEL OUT.json [--pictures 800]
 """
@@ -29,6 +31,8 @@ torchvision_ops.ensure_importable()
 import torch  # noqa: E402
 from transformers import AutoProcessor, DeepseekVLForConditionalGeneration  # noqa: E402
 
+import deepseek_vl_jax as D  # noqa: E402
+from deepseek_vl_jax.synthetic.scenes import Scene  # noqa: E402
 from deepseek_vl_jax.synthetic.styles import FAMILIES, draw_styled, styled_scene  # noqa: E402
 
 SEED = 99  # error_analysis.py's PROBE_SEED: the same pictures
@@ -67,6 +71,31 @@ def states(model, processor, scenes) -> dict[str, np.ndarray]:
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def ink_across_centre(model_dir: str, scenes) -> dict:
+    """Per family: shapes whose ink (|pixel - background| > 0.05 of the [-1, 1] range, each shape drawn alone on its
+    picture's background) reaches the other half of the processed picture, and the columns between ink and line."""
+    processor = D.load_processor(model_dir)
+
+    def pixels(img):
+        chat = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "?"}]}]
+        return np.asarray(processor([chat])["pixel_values"], np.float32)[0]
+
+    out = {}
+    for family in FAMILIES:
+        crossing, gaps = 0, []
+        for scene, style in [s for i, s in enumerate(scenes) if FAMILIES[i % len(FAMILIES)] == family]:
+            background = pixels(draw_styled(Scene(()), style))
+            for s in scene.shapes:
+                ink = np.abs(pixels(draw_styled(Scene((s,)), style)) - background).max(0) > 0.05  # [H, W]
+                mid = ink.shape[1] // 2
+                cols = np.nonzero(ink.any(0))[0]
+                crossing += int(ink[:, mid:].any() if s.side == "left" else ink[:, :mid].any())
+                gaps.append(int(mid - 1 - cols.max() if s.side == "left" else cols.min() - mid))
+        out[family] = {"shapes": len(gaps), "ink_across_centre_line": crossing, "min_gap_px": min(gaps),
+                       "median_gap_px": int(np.median(gaps))}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model")
@@ -100,6 +129,8 @@ def main() -> None:
             "box_avg_side": ridge(np.asarray(in_box), side, 2),
             "rms": round(float(np.sqrt((f ** 2).mean())), 3)}
         print(name, result["stages"][name], flush=True)
+    result["ink_across_centre_line"] = ink_across_centre(args.model, scenes)
+    print(result["ink_across_centre_line"])
     with open(args.out, "w") as fh:
         json.dump(result, fh, indent=1)
 

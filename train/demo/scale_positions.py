@@ -3,7 +3,9 @@
 The demo model's patch embeddings reach an RMS of ~3.6 while its position embeddings, initialised at 0.02 and moved
 by Adam at most ~learning rate per step, stay at ~0.08: a 40x gap, so SigLIP's output no longer tells a token's
 column (train/demo/results/position_probe_stage8.json) and the language model must recover where a shape is
-from causal attention alone. Scaling the table by FACTOR gives the next stage positions it can use.
+from causal attention alone. Scaling the table by FACTOR makes SigLIP's output tell the column again (x25: 1.0).
+Tried as a stage 9 (train/demo/trial_stage9_positions_sft.json, not in the recipe): the trained aligner dropped most
+of it and the model came out worse than stage 8 (train/demo/results/heldout_exact_match.json, "not shipped: stage 9").
 
     python train/demo/scale_positions.py MODEL_DIR OUT_DIR FACTOR
 """
