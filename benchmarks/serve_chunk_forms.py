@@ -11,6 +11,7 @@ Also offline `generate`'s prefill of the 16 bench chats (one batch, max_new_toke
 every form writes the same cache bits and picks the same tokens as `blocks` with the engine's options.
 
     flock /work/wt/bench.lock python benchmarks/serve_chunk_forms.py   # -> benchmarks/results/serve_chunk_forms.json
+    ... serve_chunk_forms.py --forms blocks --rounds 8 --no-offline --out NAME.json   # options A/B only
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ torchvision_ops.ensure_importable()
 
 import numpy as np  # noqa: E402
 
-ROUNDS = 4
 
 
 def whole_rows_chunk(self, params, cache, slots, ids, feats, is_image, starts, n_valid, p):
@@ -54,6 +54,14 @@ def whole_rows_chunk(self, params, cache, slots, ids, feats, is_image, starts, n
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--forms", default="blocks,whole_rows")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--no-offline", action="store_true", help="skip offline generate's prefill")
+    parser.add_argument("--out", default="serve_chunk_forms.json", help="file name in benchmarks/results")
+    args = parser.parse_args()
     import bench_serve
     import jax
     import jax.numpy as jnp
@@ -70,11 +78,11 @@ def main() -> None:
     s, d = engine.shapes, model.config.text.hidden_size
     result = {"shape": "bench_serve's 117M (LLaMA 8x1024, SigLIP 6x384), float32; engine 16 slots, C = 64, "
                        f"S = {s.seq_len}; R = 16 rows, each the third block of a prompt",
-              "uptime_start": bench_serve.uptime(), "rounds": ROUNDS}
+              "uptime_start": bench_serve.uptime(), "rounds": args.rounds}
     options = {"decode_options": loop.compiler_options(), "prompt_options": loop.compiler_options(16, prompt=True)}
     forms = {}
     for name, opts in options.items():
-        for form in ("blocks", "whole_rows"):
+        for form in args.forms.split(","):
             progs = programs.Programs(model.config, model.mesh, s, compiler_options=opts)
             if form == "whole_rows":
                 progs.chunk = jax.jit(progs._counted("chunk", functools.partial(whole_rows_chunk, progs)),
@@ -89,7 +97,7 @@ def main() -> None:
         arrays = programs.chunk_rows(s, c, d, pieces, 16)
         params = engine._slot_params([None] * 16)
         times, bits = {k: [] for k in forms}, {}
-        for i in range(ROUNDS + 1):
+        for i in range(args.rounds + 1):
             for name, progs in forms.items():
                 cache = jax.tree.map(jnp.copy, base)
                 jax.block_until_ready(cache)
@@ -103,10 +111,15 @@ def main() -> None:
                 del cache
         ref = bits["blocks/decode_options"]
         out[f"C={c}"] = {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)),
-                                "same_bits_as_engine": all(np.array_equal(a, b) for a, b in zip(ref, bits[name]))}
+                                "same_bits_as_engine": all(np.array_equal(a, b) for a, b in zip(ref, bits[name])),
+                                # paired by round (the calls of a round run back to back): robust to slow drifts
+                                "median_ratio_to_engine": float(np.median(
+                                    np.array(t) / np.array(times["blocks/decode_options"])))}
                          for name, t in times.items()}
         print(c, json.dumps(out[f"C={c}"]), flush=True)
     result["chunk_call_s"] = out
+    if args.no_offline:
+        return finish(result, args.out)
     chats = [[{"role": "user", "content": [{"type": "image", "image": load_image(bench_serve.image_url(16000 + i),
                                                                                 MediaLimits(), "x")},
                                            {"type": "text", "text": bench_serve.QUESTION}]}] for i in range(16)]
@@ -120,8 +133,14 @@ def main() -> None:
     result["offline_prefill_16_chats_s"] = {"min_s": min(runs), "prompt_tokens": int(batch["input_ids"].shape[1]),
                                             "note": "generate(max_new_tokens=1), images encoded inside"}
     print(json.dumps(result["offline_prefill_16_chats_s"]), flush=True)
+    finish(result, args.out)
+
+
+def finish(result: dict, name: str) -> None:
+    import bench_serve
+
     result["uptime_end"] = bench_serve.uptime()
-    dest = os.path.join(ROOT, "benchmarks", "results", "serve_chunk_forms.json")
+    dest = os.path.join(ROOT, "benchmarks", "results", name)
     with open(dest, "w") as f:
         json.dump(result, f, indent=2)
     print("wrote", dest)

@@ -2,8 +2,9 @@
 
 - `encode`: one image -> its features [P, D] (pixel values [1, 3, H, W], and [1, 3, Hh, Wh] for the hybrid model);
 - `chunk`: C prompt tokens of each of R requests (R in 2, 4, .., >= B: one program per R and chunk length), each
-  written into its slot's cache row at slots [start, start + C), and a token picked from each row's last logits (a
-  request's first token, from its last chunk); a piece of at most C/4 tokens (the few before or after an image's
+  written into its slot's cache row at slots [start, start + C) (the rows are gathered to be read; only each row's
+  C-slot block is written back), and a token picked from each row's last logits (a request's first token, from its
+  last chunk); a piece of at most C/4 tokens (the few before or after an image's
   run) runs as a C/4-token chunk, which costs ~1/3 of a full one;
 - `decode`: up to N decode steps (N = --decode-steps) over all B slots at once, each slot at its own position, with
   per-slot sampling; eos and the token limit are checked on the device (a finished row masks itself; the loop ends
@@ -189,7 +190,9 @@ class Programs:
 
     def __init__(self, config: ModelConfig, mesh: Mesh | None, shapes: Shapes, compiler_options: dict | None = None):
         """compiler_options: XLA options of the prefill and decode programs; default `loop.compiler_options()`, the
-        ones `generate` compiles with (on CPU: YNNPACK's dot fusion off, 1.7x faster 16-row decode steps)."""
+        ones `generate` compiles with (on CPU: YNNPACK's dot fusion off, 1.7x faster 16-row decode steps). The
+        chunk programs keep them too: `generate`'s prompt options (YNNPACK dots on) made a 16-row chunk call no
+        faster (1.09x the time at C = 64, 1.05x at C/4; benchmarks/results/serve_chunk_options.json, loaded)."""
         self.config, self.mesh, self.shapes = config, mesh, shapes
         self.module = DeepseekVL(config)
         self.traces: collections.Counter = collections.Counter()
