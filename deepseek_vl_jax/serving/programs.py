@@ -2,8 +2,9 @@
 
 - `encode`: one image -> its features [P, D] (pixel values [1, 3, H, W], and [1, 3, Hh, Wh] for the hybrid model);
 - `chunk`: C prompt tokens of each of R requests (R in 2, 4, .., >= B: one program per R and chunk length), each
-  written into its slot's cache row at slots [start, start + C), and a token picked from each row's last logits (a
-  request's first token, from its last chunk); a piece of at most C/4 tokens (the few before or after an image's
+  written into its slot's cache row at slots [start, start + C) (the rows are gathered to be read; only each row's
+  C-slot block is written back), and a token picked from each row's last logits (a request's first token, from its
+  last chunk); a piece of at most C/4 tokens (the few before or after an image's
   run) runs as a C/4-token chunk, which costs ~1/3 of a full one;
 - `decode`: up to N decode steps (N = --decode-steps) over all B slots at once, each slot at its own position, with
   per-slot sampling; eos and the token limit are checked on the device (a finished row masks itself; the loop ends
@@ -125,6 +126,24 @@ def _length_axes(cache) -> tuple[int, int]:
     return k.ndim - 2, v.ndim - 1
 
 
+def _write_blocks(cache, blocks, slots, starts):
+    """Write row r's block (blocks: the cache's tree, leaves [R, ...] with C slots on the length axis and no batch
+    axis) at slots [starts[r], starts[r] + C) of cache row slots[r]; a row whose slot is out of range (padding,
+    slot B) writes nothing. Only the blocks move, not the whole rows."""
+    axis = _batch_axis(cache)
+    ka, va = _length_axes(cache)
+
+    def put(x, b, length):
+        pos = starts[:, None] + jnp.arange(b.shape[length], dtype=starts.dtype)[None]  # [R, C]
+        index = tuple(slots[:, None] if d == axis else (pos if d == length else slice(None)) for d in range(x.ndim))
+        # the advanced indices (slot, position) are apart: the update's dims are [R, C, the other dims in order]
+        return x.at[index].set(jnp.moveaxis(b, length, 1).astype(x.dtype), mode="drop")
+
+    if kv_cache.is_stacked(cache):
+        return put(cache[0], blocks[0], ka), put(cache[1], blocks[1], va)
+    return tuple((put(k, bk, ka), put(v, bv, va)) for (k, v), (bk, bv) in zip(cache, blocks))
+
+
 def _decoder(apply, params, embeds, positions, mask, cache, cache_index):
     """The decoder over per-layer weights (CPU) or scanned over the stacked ones (TPU/GPU)."""
     if params["layers"] is None:
@@ -171,7 +190,9 @@ class Programs:
 
     def __init__(self, config: ModelConfig, mesh: Mesh | None, shapes: Shapes, compiler_options: dict | None = None):
         """compiler_options: XLA options of the prefill and decode programs; default `loop.compiler_options()`, the
-        ones `generate` compiles with (on CPU: YNNPACK's dot fusion off, 1.7x faster 16-row decode steps)."""
+        ones `generate` compiles with (on CPU: YNNPACK's dot fusion off, 1.7x faster 16-row decode steps). The
+        chunk programs keep them too: `generate`'s prompt options (YNNPACK dots on) made a 16-row chunk call no
+        faster (1.09x the time at C = 64, 1.05x at C/4; benchmarks/results/serve_chunk_options.json, loaded)."""
         self.config, self.mesh, self.shapes = config, mesh, shapes
         self.module = DeepseekVL(config)
         self.traces: collections.Counter = collections.Counter()
@@ -227,6 +248,17 @@ class Programs:
         last = jax.lax.dynamic_slice_in_dim(hidden, n_valid - 1, 1, axis=1)
         return last[0, 0], jax.tree.map(lambda x: jnp.squeeze(x, axis), row)
 
+    def _chunk_block(self, params, row, ids, feats, is_image, start, n_valid):
+        """`_chunk_row`, returning only the chunk's block of the written row: (hidden [D], per layer (k [K, C, H],
+        v [K, H, C]) or stacked)."""
+        last, row = self._chunk_row(params, row, ids, feats, is_image, start, n_valid)
+        c = ids.shape[0]
+        ka, va = _length_axes(row)  # of the row, which has no batch axis
+        cut = lambda x, a: jax.lax.dynamic_slice_in_dim(x, start, c, axis=a)
+        if kv_cache.is_stacked(row):
+            return last, (cut(row[0], ka), cut(row[1], va))
+        return last, tuple((cut(k, ka), cut(v, va)) for k, v in row)
+
     def _chunk(self, params, cache, slots, ids, feats, is_image, starts, n_valid, p: SlotParams):
         """R request rows at once (R in `Shapes.row_buckets`): row r's chunk ids [R, C], feats [R, C, D], is_image
         [R, C] is written at slots [starts[r], starts[r] + C) of cache row slots[r], its first n_valid[r] tokens
@@ -235,10 +267,9 @@ class Programs:
         token)."""
         axis = _batch_axis(cache)
         rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=axis, mode="clip"), cache)
-        run = jax.vmap(functools.partial(self._chunk_row, params), in_axes=(axis, 0, 0, 0, 0, 0), out_axes=(0, axis))
-        last, rows = run(rows, ids, feats, is_image, starts, n_valid)
-        index = (slice(None),) * axis + (slots,)
-        cache = jax.tree.map(lambda x, r: x.at[index].set(r.astype(x.dtype), mode="drop"), cache, rows)
+        run = jax.vmap(functools.partial(self._chunk_block, params), in_axes=(axis, 0, 0, 0, 0, 0))
+        last, blocks = run(rows, ids, feats, is_image, starts, n_valid)
+        cache = _write_blocks(cache, blocks, slots, starts)
         # The LM head and the sampler always run over the largest bucket's rows (the others padded): their dots take
         # another form for few rows (on CPU, M = 2, 4 and M = 8, 16 differ by an ulp at the 117M shape).
         r, pad = last.shape[0], self.shapes.row_buckets[-1] - last.shape[0]
