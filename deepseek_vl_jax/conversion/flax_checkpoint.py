@@ -142,8 +142,8 @@ def read_leaves(source: FlaxSource, paths: list[tuple[str, ...]]) -> dict[tuple[
         from deepseek_vl_jax.conversion import frozen_base
 
         base = frozen_base.host_leaves(source.base, f"checkpoint {source.params_dir}")
-    out = orbax_io.restore_leaves_numpy(source.params_dir, [p for p in paths if p not in base]) if any(
-        p not in base for p in paths) else {}
+    stored = [p for p in paths if p not in base]
+    out = orbax_io.restore_leaves_numpy(source.params_dir, stored) if stored else {}
     out.update({p: base[p] for p in paths if p in base})
     return out
 

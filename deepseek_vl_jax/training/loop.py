@@ -225,13 +225,18 @@ def _train(config, model_dir, data_path, out_dir, eval_path, devices, allow_conf
     if primary and rows.bad:
         logger.message(f"skipped {len(rows.bad)} bad row(s) of {rows.path}: lines {[e.line for e in rows.bad]}")
 
+    base_record = []  # the frozen leaves never change: their record (a pass over the whole base) is made once
+
     def save(done: int, force: bool) -> None:
         """A checkpoint of the trained leaves (with frozen ones: a record of the base they are loaded from)."""
         trained, frozen = opt_lib.split(state.params, config.trainable)
         if not frozen:
             checkpointing.save(mgr, done, state, iterator_state, {**meta, "step": done}, force=force)
             return
-        rec = frozen_base.record(model_dir, frozen, config.model.param_dtype, config.model.dtype, qconfig)
+        if not base_record:
+            base_record.append(frozen_base.record(model_dir, frozen, config.model.param_dtype, config.model.dtype,
+                                                  qconfig))
+        rec = base_record[0]
         checkpointing.save(mgr, done, state, iterator_state, {**meta, "step": done, frozen_base.BASE: rec},
                            force=force, params=trained)
 
