@@ -323,7 +323,8 @@ def default_cpu_dot_policy(avx2_only: bool) -> CpuDotPolicy:
     as one program). Measured in one process, variants alternating (benchmarks/decode_breakdown.py `chain`: the
     decode step's dense products and LM head, 8 rows; results/decode_breakdown.json): YNNPACK dots on / off took
     1.19x the time natively (146.5 vs 123.4 ms, load ~2) and 0.79x under AVX2 emulation (141.0 vs 177.8 ms);
-    bench_cpu_dot_options.py's 4 decode steps at batch 8 (quiet): 1.23x natively, 0.86x under AVX2."""
+    bench_cpu_dot_options.py's 4 decode steps at batch 8 (quiet): 1.23x natively, 0.86x under AVX2; this policy
+    against the one before it under AVX2: 0.78x and 0.91x in two runs (results/cpu_dot_options_avx2_decode8.json)."""
     return CpuDotPolicy(prompt=(), many_rows=() if avx2_only else YNN_DOTS_OFF)
 
 
