@@ -13,6 +13,11 @@ neighbours need (tests/test_serving_block_attention.py checks this bitwise): the
 furthest row needs, as one unbatched value, so under `vmap` each block is a plain slice of every row and the loop
 runs the same steps for all rows.
 
+Where it pays (benchmarks/serve_block_attention.py, CPU, 117M shape, 16 rows): a 64-token prefill chunk, whose 64
+queries per block amortize slicing the block out of the cache (~0.8x the masked full-cache attention's call time).
+Not a decode step: its one query per row and head makes each block a copied slice for a tiny product, and the
+call took ~1.2x as long, so `Programs` keeps decode on the full-cache attention (`Programs(blocked=...)`).
+
 Letters: B batch, T new tokens, S cache slots, N query heads, K key/value heads, G = N / K, H head dim.
 """
 

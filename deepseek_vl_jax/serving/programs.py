@@ -3,7 +3,8 @@
 - `encode`: one image -> its features [P, D] (pixel values [1, 3, H, W], and [1, 3, Hh, Wh] for the hybrid model);
 - `chunk`: C prompt tokens of each of R requests (R in 2, 4, .., >= B: one program per R and chunk length), each
   written into its slot's cache row at slots [start, start + C) (the rows are gathered to be read; only each row's
-  C-slot block is written back), and a token picked from each row's last logits (a request's first token, from its
+  C-slot block is written back; attention reads the rows' 64-slot blocks up to the furthest row's start, not all S
+  slots: `block_attention`), and a token picked from each row's last logits (a request's first token, from its
   last chunk); a piece of at most C/4 tokens (the few before or after an image's
   run) runs as a C/4-token chunk, which costs ~1/3 of a full one;
 - `decode`: up to N decode steps (N = --decode-steps) over all B slots at once, each slot at its own position, with
@@ -21,7 +22,8 @@ N iterations computed it), and the prompt is always computed in chunks of at mos
 the content before them (`caches.boundaries`), so the KV of a prefix is bitwise the same whether it was computed now
 or restored from the prefix cache. `chunk` vmaps one request row's computation over R >= 2 rows: every R >= 2 gives
 a row the same bits whatever the other rows hold (tests/test_serving_prefill_rows.py; see
-`Shapes.row_buckets`), so a request alone runs beside a padding row.
+`Shapes.row_buckets`), so a request alone runs beside a padding row; the attention blocks past a row's own start,
+read because a neighbour needs them, add exactly nothing (tests/test_serving_block_attention.py).
 """
 
 from __future__ import annotations
