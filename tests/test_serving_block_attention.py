@@ -4,7 +4,6 @@ queries and a one-query decode step at starts inside, on and past block edges; a
 wholly masked blocks it is told to read, so that a vmapped row gives the same bits alone as beside a row that needs
 more blocks."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
