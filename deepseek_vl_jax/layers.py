@@ -9,6 +9,8 @@ K key/value heads, H head dim, F feed-forward width, V vocabulary, C channels.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Sequence
 
@@ -162,6 +164,20 @@ def prefill_block(t: int) -> int:
     return max(PREFILL_BLOCK, -(-t // MAX_PREFILL_BLOCKS))
 
 
+_CACHED_ATTENTION = contextvars.ContextVar("cached_attention", default=None)
+
+
+@contextlib.contextmanager
+def cached_attention_as(fn):
+    """Within this context (at trace time), `cached_attention` calls fn with its arguments instead (a provider of
+    the same contract, e.g. the serving programs' block attention, `serving/block_attention.py`)."""
+    token = _CACHED_ATTENTION.set(fn)
+    try:
+        yield
+    finally:
+        _CACHED_ATTENTION.reset(token)
+
+
 def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
                      mask: jax.Array, cache_index: jax.Array, scale: float) -> jax.Array:
     """Attention of T new tokens over a KV cache they are being written into, at slots [cache_index, cache_index + T).
@@ -179,6 +195,8 @@ def cached_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, k_cache: 
     From slot 0 (a static 0: the prefill of a fresh cache) it is `causal_attention` over the new tokens alone, also
     in query blocks.
     """
+    if _CACHED_ATTENTION.get() is not None:
+        return _CACHED_ATTENTION.get()(q, k_new, v_new, k_cache, v_cache, mask, cache_index, scale)
     b, t, n, h = q.shape
     if isinstance(cache_index, int) and cache_index == 0:
         # From slot 0, query t sees only slots <= t, all of them new tokens: the old cache is masked out whole.

@@ -265,6 +265,40 @@ def collect(events):
     return o
 
 
+def test_a_burst_arriving_during_a_prefill_joins_its_chunks(serving_engine, serving_models):
+    """Requests that arrive while a request's first prefill chunk runs are admitted before its next chunk and run
+    in the same chunk calls (one call holds rows of both), and every answer equals its answer alone."""
+    engine = serving_engine("vl", 16)
+    _, _, proc = serving_models("vl")
+    first = (prompt(proc, [], TEXTS[2] + " " + TEXTS[4]), Options(max_tokens=4, temperature=0.0, logprobs=True))
+    burst = [(prompt(proc, [], TEXTS[i] + " " + TEXTS[2]), Options(max_tokens=4, temperature=0.0, logprobs=True))
+             for i in (0, 1, 4)]
+    assert len(caches.boundaries(len(first[0].ids), [], engine.shapes.chunk)) - 1 >= 3  # several full chunks
+    alone = [engine.generate(*r)[0] for r in [first] + burst]
+    config, calls, out = engine.config, [], [queue.Queue() for _ in range(4)]
+    real = engine._chunk_call
+
+    def chunk_call(kind, c, pieces, seqs, **kw):  # the burst arrives while the first request's first chunk runs
+        if seqs and seqs[0] is not None and kind.startswith("prefill"):
+            calls.append({s.request.id for s in seqs})
+            if len(calls) == 1:
+                for i, r in enumerate(burst):
+                    engine.submit(*r, out[i + 1].put)
+        return real(kind, c, pieces, seqs, **kw)
+
+    engine.config = dataclasses.replace(config, prefix_cache=False)
+    engine._chunk_call = chunk_call
+    try:
+        rid = engine.submit(*first, out[0].put)
+        got = [collect(q) for q in out]
+    finally:
+        engine._chunk_call = real
+        engine.config = config
+    assert calls[0] == {rid} and any(rid in ids and len(ids) > 1 for ids in calls[1:])
+    for a, b in zip(alone, got):
+        same(a, b)
+
+
 def test_bad_lengths_name_both_numbers(serving_engine, serving_models):
     engine = serving_engine("vl", 16)
     _, _, proc = serving_models("vl")

@@ -3,7 +3,8 @@
 
 One engine thread loops: drop cancelled requests (their slots are free at once), admit waiting requests into free
 slots (images encoded or taken from the feature cache), run up to `prefill_budget` tokens of queued prefill chunks
-(a prompt's first chunk restores its prefix from the prefix cache, its last picks the first token), then dispatch
+(a prompt's first chunk restores its prefix from the prefix cache, its last picks the first token; requests that
+arrive meanwhile are admitted between chunk calls and join them as rows), then dispatch
 one `decode` call of up to N steps over all slots and, while it runs, hand each sequence the tokens of the previous
 call (pipelined: the decode state stays on the device between calls), and finally put finished answers into the
 prefix cache for the chat's next turn. eos, max_tokens and the cache's end stop a row on the device; the host checks
@@ -126,6 +127,7 @@ class Engine:
         self._inflight: list[tuple] = []  # dispatched `decode` calls not read yet: (picked, valid, row -> sequence)
         self._answers: list[_Sequence] = []  # finished, their slots held until their answer's KV is cached
         self._prefilling: list[_Sequence] = []  # admitted, prompt not fully prefilled yet (first come first served)
+        self._admit_budget = 0  # prompt tokens the current step may still admit
         self.waiting: list[_Request] = []
         self._ids = itertools.count()
         self._lock = threading.Condition()
@@ -275,7 +277,7 @@ class Engine:
                         if self._stop:
                             return
                         self._drop_cancelled()
-                        admit = self._take_admissible()
+                        admit, self._admit_budget = self._take_admissible(self.config.prefill_budget)
                     for request in admit:
                         self._admit(request)
                     self._prefill(self.config.prefill_budget)
@@ -301,10 +303,12 @@ class Engine:
                 self.slots[i] = None
         self._update_gauges()
 
-    def _take_admissible(self) -> list[_Request]:
+    def _take_admissible(self, budget: int, first: bool = True) -> tuple[list[_Request], int]:
+        """Take waiting requests (first come first served) while slots are free and their prompts fit the step's
+        admission budget (`first`: the first one whatever its length). Returns them and the budget left."""
         free = sum(s is None for s in self.slots)
-        taken, budget = [], self.config.prefill_budget
-        while self.waiting and self.waiting[0].options.n <= free and (not taken or budget > 0):
+        taken = []
+        while self.waiting and self.waiting[0].options.n <= free and ((first and not taken) or budget > 0):
             r = self.waiting.pop(0)
             free -= r.options.n
             budget -= len(r.prompt.ids) * r.options.n
@@ -313,7 +317,7 @@ class Engine:
                 seq.slot = self.slots.index(None)
                 self.slots[seq.slot] = seq
         self._update_gauges()
-        return taken
+        return taken, budget
 
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.waiting))
@@ -357,8 +361,18 @@ class Engine:
         does not stall the running sequences). One `chunk` call runs the next block of up to R sequences: the first
         queued one's and those of the sequences after it (first come first served) whose block runs in the same
         chunk length. A sequence's first chunk restores the longest cached prefix (which the sequences before it may
-        just have saved); its last gives its first token."""
+        just have saved); its last gives its first token. Requests that arrived during a chunk call are admitted
+        before the next (within what is left of the step's admission budget), so that a burst arriving while the first
+        of it prefills joins that request's remaining chunks as rows of the same calls."""
+        first = True
         while budget > 0:
+            if not first and self.waiting and self._admit_budget > 0:
+                with self._lock:
+                    self._drop_cancelled()
+                    admit, self._admit_budget = self._take_admissible(self._admit_budget, first=False)
+                for request in admit:
+                    self._admit(request)
+            first = False
             self._prefilling = [q for q in self._prefilling if not q.request.cancelled]  # slots freed already
             if not self._prefilling:
                 return

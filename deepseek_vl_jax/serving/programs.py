@@ -3,7 +3,8 @@
 - `encode`: one image -> its features [P, D] (pixel values [1, 3, H, W], and [1, 3, Hh, Wh] for the hybrid model);
 - `chunk`: C prompt tokens of each of R requests (R in 2, 4, .., >= B: one program per R and chunk length), each
   written into its slot's cache row at slots [start, start + C) (the rows are gathered to be read; only each row's
-  C-slot block is written back), and a token picked from each row's last logits (a request's first token, from its
+  C-slot block is written back; attention reads the rows' 64-slot blocks up to the furthest row's start, not all S
+  slots: `block_attention`), and a token picked from each row's last logits (a request's first token, from its
   last chunk); a piece of at most C/4 tokens (the few before or after an image's
   run) runs as a C/4-token chunk, which costs ~1/3 of a full one;
 - `decode`: up to N decode steps (N = --decode-steps) over all B slots at once, each slot at its own position, with
@@ -21,14 +22,17 @@ N iterations computed it), and the prompt is always computed in chunks of at mos
 the content before them (`caches.boundaries`), so the KV of a prefix is bitwise the same whether it was computed now
 or restored from the prefix cache. `chunk` vmaps one request row's computation over R >= 2 rows: every R >= 2 gives
 a row the same bits whatever the other rows hold (tests/test_serving_prefill_rows.py; see
-`Shapes.row_buckets`), so a request alone runs beside a padding row.
+`Shapes.row_buckets`), so a request alone runs beside a padding row; the attention blocks past a row's own start,
+read because a neighbour needs them, add exactly nothing (tests/test_serving_block_attention.py).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import functools
+import math
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,6 +44,7 @@ from deepseek_vl_jax.config import ModelConfig
 from deepseek_vl_jax.generation import kv_cache, loop, sampling
 from deepseek_vl_jax.model import DeepseekVL
 from deepseek_vl_jax.quantization import quantized_layers
+from deepseek_vl_jax.serving import block_attention
 
 TOP_LOGPROBS = 20  # OpenAI's maximum top_logprobs; always computed, the host keeps what a request asked for
 _SAMPLER = sampling.Sampler(do_sample=True, temperature=True, top_k=True, top_p=True)
@@ -159,6 +164,12 @@ class Shapes:
     decode_steps: int = 1  # N: decode steps per `decode` call
 
     @property
+    def attention_block(self) -> int:
+        """Key slots per block of the programs' attention (`block_attention`): BLOCK, or the largest divisor of S
+        below it."""
+        return math.gcd(self.seq_len, block_attention.BLOCK)
+
+    @property
     def small_chunk(self) -> int:
         """The chunk for a piece of at most C/4 tokens. Which chunk a piece runs in depends only on its length, which
         depends only on the content before it (`caches.boundaries`): a block's KV is still the same bits wherever it
@@ -188,12 +199,18 @@ class Shapes:
 class Programs:
     """The jitted programs for one model config, mesh and `Shapes`. `traces` counts compilations per program."""
 
-    def __init__(self, config: ModelConfig, mesh: Mesh | None, shapes: Shapes, compiler_options: dict | None = None):
+    def __init__(self, config: ModelConfig, mesh: Mesh | None, shapes: Shapes, compiler_options: dict | None = None,
+                 blocked: tuple[str, ...] = ("chunk",)):
         """compiler_options: XLA options of the prefill and decode programs; default `loop.compiler_options()`, the
         ones `generate` compiles with (on CPU: YNNPACK's dot fusion off, 1.7x faster 16-row decode steps). The
         chunk programs keep them too: `generate`'s prompt options (YNNPACK dots on) made a 16-row chunk call no
-        faster (1.09x the time at C = 64, 1.05x at C/4; benchmarks/results/serve_chunk_options.json, loaded)."""
+        faster (1.09x the time at C = 64, 1.05x at C/4; benchmarks/results/serve_chunk_options.json, loaded).
+        blocked: the programs ("chunk", "decode") whose attention reads only the cache blocks their rows use
+        (`block_attention`); the others attend over all S slots, masked. Default the chunk programs only: on CPU a
+        decode step in blocks was slower (each block of a one-query attention is a copied slice;
+        benchmarks/serve_block_attention.py)."""
         self.config, self.mesh, self.shapes = config, mesh, shapes
+        self.blocked = tuple(blocked)
         self.module = DeepseekVL(config)
         self.traces: collections.Counter = collections.Counter()
         opts = loop.compiler_options() if compiler_options is None else compiler_options
@@ -210,6 +227,14 @@ class Programs:
             with quantized_layers():  # layers whose weights are QTensors compute from them (no-op for float ones)
                 return fn(*args)
         return wrapped
+
+    def _attention(self, program: str, starts) -> contextlib.AbstractContextManager:
+        """The attention `program` traces with: in blocks up to the furthest of its rows' `starts` [R] (the slot
+        each row's new tokens are written at), or the model's own."""
+        if program not in self.blocked:
+            return contextlib.nullcontext()
+        bk = self.shapes.attention_block
+        return block_attention.blocked(block_attention.block_count(starts, bk).max(), bk)
 
     def program_count(self) -> int:
         return sum(self.traces.values())
@@ -268,7 +293,8 @@ class Programs:
         axis = _batch_axis(cache)
         rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=axis, mode="clip"), cache)
         run = jax.vmap(functools.partial(self._chunk_block, params), in_axes=(axis, 0, 0, 0, 0, 0))
-        last, blocks = run(rows, ids, feats, is_image, starts, n_valid)
+        with self._attention("chunk", starts):
+            last, blocks = run(rows, ids, feats, is_image, starts, n_valid)
         cache = _write_blocks(cache, blocks, slots, starts)
         # The LM head and the sampler always run over the largest bucket's rows (the others padded): their dots take
         # another form for few rows (on CPU, M = 2, 4 and M = 8, 16 differ by an ulp at the 117M shape).
@@ -304,7 +330,8 @@ class Programs:
 
         def body(carry):
             k, cache, st, out = carry
-            logits, cache = step(cache, st.token, jnp.where(st.active, st.position, s.seq_len - 1))
+            with self._attention("decode", jnp.where(st.active, st.position, 0)):  # idle rows' blocks: unread
+                logits, cache = step(cache, st.token, jnp.where(st.active, st.position, s.seq_len - 1))
             picked = pick(logits, p.replace(counter=st.counter))
             a = st.active
             done = (picked.token[:, None] == eos[None]).any(-1) | (st.remaining <= 1)
