@@ -13,7 +13,8 @@ softmax backward reduces over them. Here the forward pass keeps only the output 
 keeps each block's exp(logits - max) once instead (0.33 GB more temporaries at the benchmark's LoRA step, 1.72 ->
 2.06 GB) and the backward pass recomputes nothing: the LoRA step 1.13x faster in an interleaved A/B
 (`benchmarks/train_ab.py`, results/train_ab_attention.json, load 3-4). The backward pass accumulates dK and dV
-transposed (`_attention_bwd`): the LoRA step 1.035x faster (results/train_ab_lora_attention_transposed.json, load 2).
+transposed (`_attention_bwd`): the LoRA step 1.035x and 1.032x faster
+(results/train_ab_lora_attention_transposed*.json).
 Letters as in `layers`: B batch, T queries, S keys (= T), N query heads, K key/value heads, G = N / K, H head dim.
 """
 
