@@ -6,7 +6,10 @@ interleaved (A B C A B C ...) so that a load change on the shared machine hits e
 A variant is a set of XLA:CPU compiler options (`VARIANTS`) passed to `Lowered.compile` (the same HLO, another dot
 / fusion backend), or `rev:REV`: the step traced with the `--swap` source files as they are at git revision REV
 (their functions put in place of the current ones while it is traced), compiled with the default options; e.g.
-`--variants default,rev:HEAD~1 --swap deepseek_vl_jax/attention_grad.py` times a change against its parent.
+`--variants default,rev:HEAD~1 --swap deepseek_vl_jax/attention_grad.py` times a change against its parent; or
+`remat:POLICY` (`common.RematPolicy`): the step of the model built with that remat policy; or
+`const:MODULE.NAME=VALUE`: the step traced with a module constant set to VALUE (e.g.
+`const:deepseek_vl_jax.training.step.LOSS_CHUNK_BYTES=16777216`).
 Prints and writes per variant: step times, median, the ratio to the first variant, and the compiled step's
 temporaries.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import importlib
 import json
@@ -34,6 +38,10 @@ VARIANTS = {
     "onednn_dot": {**_NO_YNN, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
     "xnn_dot": {**_NO_YNN, "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
     "no_concurrency_scheduler": {"xla_cpu_enable_concurrency_optimized_scheduler": False},
+    "memory_scheduler": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
+    # YNNPACK fuses dots, elementwise ops and reductions by default; these keep only some (XLA's loops the rest)
+    "ynn_dot_only": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+    "ynn_dot_eltwise": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"},
 }
 
 
@@ -86,6 +94,23 @@ def main() -> None:
 
                 fn = functools.partial(step_lib.train_step, *inner.args, **inner.keywords)
                 compiled[n] = jax.jit(fn, donate_argnums=(0,)).lower(state, batch).compile()
+        elif n.startswith("const:"):  # the step traced with a module constant changed: const:MODULE.NAME=VALUE
+            target, value = n[6:].split("=")
+            mod = importlib.import_module(target.rsplit(".", 1)[0])
+            name, saved = target.rsplit(".", 1)[1], getattr(mod, target.rsplit(".", 1)[1])
+            setattr(mod, name, type(saved)(value))
+            try:
+                inner = step.__wrapped__
+                fn = functools.partial(inner.func, *inner.args, **inner.keywords)
+                compiled[n] = jax.jit(fn, donate_argnums=(0,)).lower(state, batch).compile()
+            finally:
+                setattr(mod, name, saved)
+        elif n.startswith("remat:"):  # the same step, the model built with another remat policy
+            inner = step.__wrapped__
+            module = inner.keywords["module"]
+            module = module.clone(config=dataclasses.replace(module.config, remat_policy=n[6:]))
+            fn = functools.partial(inner.func, *inner.args, **{**inner.keywords, "module": module})
+            compiled[n] = jax.jit(fn, donate_argnums=(0,)).lower(state, batch).compile()
         else:
             compiled[n] = lowered.compile(compiler_options=VARIANTS[n] or None)
         compile_s[n] = round(time.perf_counter() - t, 1)
@@ -106,7 +131,7 @@ def main() -> None:
     med = {n: statistics.median(v) for n, v in times.items()}
     result = {"mode": args.mode, "shape": args.shape, "uptime_at_start": uptime,
               "uptime_at_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-              "variants": {n: VARIANTS.get(n, f"{n[4:]}: {args.swap}") for n in names}, "compile_s": compile_s,
+              "variants": {n: VARIANTS.get(n, n if n.startswith(("remat:", "const:")) else f"{n[4:]}: {args.swap}") for n in names}, "compile_s": compile_s,
               "temp_gb": temp_gb,  # the compiled step's temporaries (`memory_analysis`)
               "step_times_s": times,
               "median_s": med, "ratio_to_first": {n: round(med[names[0]] / med[n], 3) for n in names},

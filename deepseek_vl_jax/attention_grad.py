@@ -12,8 +12,10 @@ softmax backward reduces over them. Here the forward pass keeps only the output 
 (rowsum(dO * O) equals rowsum(dP * P) but costs [T, H], not [T, S]). By default (`keep_probs`) the forward pass
 keeps each block's exp(logits - max) once instead (0.33 GB more temporaries at the benchmark's LoRA step, 1.72 ->
 2.06 GB) and the backward pass recomputes nothing: the LoRA step 1.13x faster in an interleaved A/B
-(`benchmarks/train_ab.py`, results/train_ab_attention.json, load 3-4). Letters as in `layers`: B batch, T queries,
-S keys (= T), N query heads, K key/value heads, G = N / K, H head dim.
+(`benchmarks/train_ab.py`, results/train_ab_attention.json, load 3-4). The backward pass accumulates dK and dV
+transposed (`_attention_bwd`): the LoRA step 1.035x and 1.032x faster
+(results/train_ab_lora_attention_transposed*.json).
+Letters as in `layers`: B batch, T queries, S keys (= T), N query heads, K key/value heads, G = N / K, H head dim.
 """
 
 from __future__ import annotations
@@ -96,29 +98,31 @@ def _attention_fwd(q, k, v, mask, scale, block, keep):
 def _attention_bwd(scale, block, keep, res, dout):
     q, k, v, mask, og, lse, ps = res
     b, t, n, h = q.shape
-    qg, kt, vt, mg = _grouped(q, k, v, mask)
+    qg, kt, _, mg = _grouped(q, k, v, mask)
     qs = qg * jnp.asarray(scale, qg.dtype)
     dog = dout.reshape(b, t, k.shape[2], n // k.shape[2], h).transpose(0, 2, 3, 1, 4).astype(_F32)
     delta = jnp.sum(dog * og, axis=-1)  # [B, K, G, T]
-    dk = jnp.zeros(kt.shape, _F32)
-    dv = jnp.zeros(vt.shape, _F32)
+    # dK and dV are accumulated transposed, [B, K, H, S]: as dK^T = Q^T dS and dV^T = dO^T P, the dots read each
+    # block's [T_i, S_i] dS and P as they are (contracting their major axis T) and transpose only the [T_i, H]
+    # operands; dK = dS^T Q and dV = P^T dO made XLA:CPU copy dS and P transposed, block by block
+    vh = v.transpose(0, 2, 3, 1)  # [B, K, H, S]
+    dkh = jnp.zeros(vh.shape, _F32)
+    dvh = jnp.zeros(vh.shape, _F32)
     dqs = []
     for i, (s, e) in enumerate(_blocks(t, block)):
         do = dog[:, :, :, s:e]
         if keep:  # p = exp(logits - max), 1 / its row sum in `lse`: P = p * inv, dV = p^T (dO * inv), dS = p * ..
             p, inv = ps[i], lse[..., s:e, None]
-            dv = dv.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", p, do * inv))
-            dp = jnp.einsum("bkgth,bksh->bkgts", do, vt[:, :, :e], preferred_element_type=_F32)
-            ds = p * ((dp - delta[..., s:e, None]) * inv)
+            dvh = dvh.at[..., :e].add(jnp.einsum("bkgth,bkgts->bkhs", do * inv, p))
         else:
             p = jnp.exp(_logits(qs, kt, mg, s, e) - lse[..., s:e, None])  # 0 where masked (a query seeing no key)
-            dv = dv.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", p, do))
-            dp = jnp.einsum("bkgth,bksh->bkgts", do, vt[:, :, :e], preferred_element_type=_F32)
-            ds = p * (dp - delta[..., s:e, None])
+            dvh = dvh.at[..., :e].add(jnp.einsum("bkgth,bkgts->bkhs", do, p))
+        dp = jnp.einsum("bkgth,bkhs->bkgts", do, vh[..., :e], preferred_element_type=_F32)
+        ds = p * ((dp - delta[..., s:e, None]) * inv) if keep else p * (dp - delta[..., s:e, None])
         dqs.append(jnp.einsum("bkgts,bksh->bkgth", ds, kt[:, :, :e], preferred_element_type=_F32))
-        dk = dk.at[:, :, :e].add(jnp.einsum("bkgts,bkgth->bksh", ds, qs[:, :, :, s:e], preferred_element_type=_F32))
+        dkh = dkh.at[..., :e].add(jnp.einsum("bkgth,bkgts->bkhs", qs[:, :, :, s:e], ds, preferred_element_type=_F32))
     dq = (jnp.concatenate(dqs, axis=3) * scale).transpose(0, 3, 1, 2, 4).reshape(q.shape).astype(q.dtype)
-    return dq, dk.transpose(0, 2, 1, 3).astype(k.dtype), dv.transpose(0, 2, 1, 3).astype(v.dtype), None
+    return dq, dkh.transpose(0, 3, 1, 2).astype(k.dtype), dvh.transpose(0, 3, 1, 2).astype(v.dtype), None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -56,7 +56,8 @@ def test_output_and_gradients_equal_torch_autograd(block, keep):
 def test_gradient_keeps_no_probabilities():
     """Under a scan over 6 layers the automatic gradient keeps every layer's [B, N, T, T] probabilities twice (12.6
     of its 13.5 MB of temporaries); this one keeps none (4.2 MB: one layer's backward blocks, the residuals), and
-    with `keep_probs` each layer's causal blocks once (block 64 of T = 256: 5/8 of [T, T])."""
+    with `keep_probs` each layer's causal blocks once (block 64 of T = 256: 5/8 of [T, T]), give or take one layer's
+    [T, T] of backward working set (the peaks fall in different passes: 4.45 vs 8.54 MB)."""
     b, t, n, h, layers_n, block = 1, 256, 4, 16, 6, 64
     x = jnp.ones((b, t, n, h), jnp.float32)
     mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
@@ -75,5 +76,5 @@ def test_gradient_keeps_no_probabilities():
     kept = stack(attention_grad.causal_attention)  # the default
     assert automatic >= 2 * layers_n * probs_per_layer, automatic
     assert ours <= automatic - layers_n * probs_per_layer, (ours, automatic)
-    assert kept <= ours + layers_n * blocks_per_layer, (kept, ours)
+    assert kept <= ours + layers_n * blocks_per_layer + probs_per_layer, (kept, ours)
     assert kept >= ours + 0.75 * layers_n * blocks_per_layer, (kept, ours)  # (it does keep them)
