@@ -277,7 +277,8 @@ class Engine:
                         if self._stop:
                             return
                         self._drop_cancelled()
-                        admit, self._admit_budget = self._take_admissible(self.config.prefill_budget)
+                        self._admit_budget = self.config.prefill_budget
+                        admit = self._take_admissible()
                     for request in admit:
                         self._admit(request)
                     self._prefill(self.config.prefill_budget)
@@ -303,21 +304,21 @@ class Engine:
                 self.slots[i] = None
         self._update_gauges()
 
-    def _take_admissible(self, budget: int, first: bool = True) -> tuple[list[_Request], int]:
-        """Take waiting requests (first come first served) while slots are free and their prompts fit the step's
-        admission budget (`first`: the first one whatever its length). Returns them and the budget left."""
+    def _take_admissible(self, first: bool = True) -> list[_Request]:
+        """Take waiting requests (first come first served) while slots are free and their prompts fit what is left
+        of the step's admission budget, `_admit_budget` (`first`: the first one whatever its length)."""
         free = sum(s is None for s in self.slots)
         taken = []
-        while self.waiting and self.waiting[0].options.n <= free and ((first and not taken) or budget > 0):
+        while self.waiting and self.waiting[0].options.n <= free and ((first and not taken) or self._admit_budget > 0):
             r = self.waiting.pop(0)
             free -= r.options.n
-            budget -= len(r.prompt.ids) * r.options.n
+            self._admit_budget -= len(r.prompt.ids) * r.options.n
             taken.append(r)
             for seq in r.sequences:  # reserve the slots now so `state()` sees them as running
                 seq.slot = self.slots.index(None)
                 self.slots[seq.slot] = seq
         self._update_gauges()
-        return taken, budget
+        return taken
 
     def _update_gauges(self) -> None:
         self.metrics.queue_depth.set(len(self.waiting))
@@ -369,7 +370,7 @@ class Engine:
             if not first and self.waiting and self._admit_budget > 0:
                 with self._lock:
                     self._drop_cancelled()
-                    admit, self._admit_budget = self._take_admissible(self._admit_budget, first=False)
+                    admit = self._take_admissible(first=False)
                 for request in admit:
                     self._admit(request)
             first = False
