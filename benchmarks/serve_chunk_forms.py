@@ -3,7 +3,10 @@
 third block of a prompt; programs alternating call by call. Forms:
 
 - `whole_rows`: the form before this file (gathers the R cache rows, runs them, scatters the whole rows back);
-- `blocks`: the engine's (gathers the rows, writes back only each row's C-slot block);
+- `vmapped`: the form before `blocks` took its rows in turn (the R rows gathered and run under `vmap`, so every
+  dot has R * C rows; only each row's C-slot block written back);
+- `blocks`: the engine's (the rows in turn, `lax.map`: each reads its own cache row and only its own attention
+  blocks, a padding row computes nothing; only each row's C-slot block written back);
 - each with the decode programs' CPU options (YNNPACK dots off) and with `generate`'s prompt options (XLA's
   defaults: YNNPACK dots on).
 
@@ -53,11 +56,30 @@ def whole_rows_chunk(self, params, cache, slots, ids, feats, is_image, starts, n
     return self._constrain(cache), jax.tree.map(lambda x: x[:r], P.pick(logits, jax.tree.map(edge, p)))
 
 
+def vmapped_chunk(self, params, cache, slots, ids, feats, is_image, starts, n_valid, p):
+    """The `Programs._chunk` before its rows ran in turn: the R rows gathered and run under `vmap`."""
+    import jax
+    import jax.numpy as jnp
+
+    from deepseek_vl_jax.serving import programs as P
+
+    axis = P._batch_axis(cache)
+    rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=axis, mode="clip"), cache)
+    run = jax.vmap(functools.partial(self._chunk_block, params), in_axes=(axis, 0, 0, 0, 0, 0))
+    with self._attention("chunk", starts):
+        last, blocks = run(rows, ids, feats, is_image, starts, n_valid)
+    cache = P._write_blocks(cache, blocks, slots, starts)
+    r, pad = last.shape[0], self.shapes.row_buckets[-1] - last.shape[0]
+    edge = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
+    logits = self._apply(params)(edge(last)[:, None], method="logits")[:, 0]
+    return self._constrain(cache), jax.tree.map(lambda x: x[:r], P.pick(logits, jax.tree.map(edge, p)))
+
+
 def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--forms", default="blocks,whole_rows")
+    parser.add_argument("--forms", default="blocks,vmapped,whole_rows")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--no-offline", action="store_true", help="skip offline generate's prefill")
     parser.add_argument("--out", default="serve_chunk_forms.json", help="file name in benchmarks/results")
@@ -84,18 +106,20 @@ def main() -> None:
     for name, opts in options.items():
         for form in args.forms.split(","):
             progs = programs.Programs(model.config, model.mesh, s, compiler_options=opts)
-            if form == "whole_rows":
-                progs.chunk = jax.jit(progs._counted("chunk", functools.partial(whole_rows_chunk, progs)),
+            other = {"whole_rows": whole_rows_chunk, "vmapped": vmapped_chunk}.get(form)
+            if other is not None:
+                progs.chunk = jax.jit(progs._counted("chunk", functools.partial(other, progs)),
                                       donate_argnums=1, compiler_options=opts)
             forms[f"{form}/{name}"] = progs
     rng = np.random.default_rng(0)
     base = jax.tree.map(lambda x: jax.random.normal(jax.random.key(1), x.shape, x.dtype), engine.cache)
     out = {}
-    for c in (s.chunk, s.small_chunk):
+    for c, r in ((s.chunk, 16), (s.small_chunk, 16), (s.chunk, 2)):
         pieces = [(slot, rng.integers(3, model.config.text.vocab_size, c).astype(np.int32),
-                   rng.normal(size=(c, d)).astype(np.float32), rng.random(c) < 0.5, 2 * s.chunk) for slot in range(16)]
-        arrays = programs.chunk_rows(s, c, d, pieces, 16)
-        params = engine._slot_params([None] * 16)
+                   rng.normal(size=(c, d)).astype(np.float32), rng.random(c) < 0.5, 2 * s.chunk)
+                  for slot in range(16 if r == 16 else 1)]  # R = 2: one request, one padding row
+        arrays = programs.chunk_rows(s, c, d, pieces, r)
+        params = engine._slot_params([None] * r)
         times, bits = {k: [] for k in forms}, {}
         for i in range(args.rounds + 1):
             for name, progs in forms.items():
@@ -110,13 +134,13 @@ def main() -> None:
                     bits[name] = [np.asarray(x) for x in jax.tree.leaves((cache, picked))]
                 del cache
         ref = bits["blocks/decode_options"]
-        out[f"C={c}"] = {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)),
+        out[f"C={c}" + ("" if r == 16 else f", R={r} (one request)")] = {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)),
                                 "same_bits_as_engine": all(np.array_equal(a, b) for a, b in zip(ref, bits[name])),
                                 # paired by round (the calls of a round run back to back): robust to slow drifts
                                 "median_ratio_to_engine": float(np.median(
                                     np.array(t) / np.array(times["blocks/decode_options"])))}
                          for name, t in times.items()}
-        print(c, json.dumps(out[f"C={c}"]), flush=True)
+        print(c, r, json.dumps(out[list(out)[-1]]), flush=True)
     result["chunk_call_s"] = out
     if args.no_offline:
         return finish(result, args.out)

@@ -20,10 +20,12 @@ Batch invariance by construction: `decode` runs each slot's row through the same
 reduction crosses slots), in a loop whose every iteration is that same step (a token does not depend on which of the
 N iterations computed it), and the prompt is always computed in chunks of at most C tokens whose starts depend only on
 the content before them (`caches.boundaries`), so the KV of a prefix is bitwise the same whether it was computed now
-or restored from the prefix cache. `chunk` vmaps one request row's computation over R >= 2 rows: every R >= 2 gives
-a row the same bits whatever the other rows hold (tests/test_serving_prefill_rows.py; see
-`Shapes.row_buckets`), so a request alone runs beside a padding row; the attention blocks past a row's own start,
-read because a neighbour needs them, add exactly nothing (tests/test_serving_block_attention.py).
+or restored from the prefix cache. `chunk` runs one request row's computation for each of its R rows in turn
+(`lax.map`), so every dot a row makes has that one row's shapes whatever R is and whatever the other rows hold:
+under `vmap` the rows' dots had R * C rows, and XLA:CPU's kernels give a row other bits at other row counts on a
+native AVX2 host (CI's AMD EPYC; reproduced under `qemu-x86_64 -cpu EPYC-Rome`), though not on the AVX-512 hosts
+measured before (tests/test_serving_prefill_rows.py). A padding row computes nothing (`lax.cond`), so a request
+alone runs beside one at no cost; a row reads only its own attention blocks.
 """
 
 from __future__ import annotations
@@ -182,10 +184,9 @@ class Shapes:
 
     @property
     def row_buckets(self) -> tuple[int, ...]:
-        """The request-row counts R of the `chunk` programs: 2, 4, ... up to the first power of two >= B. The
-        decoder's dots (M = R * C rows) gave every R the same bits; the LM head did not (a matrix-vector dot at R = 1,
-        another kernel at R = 2, 4 than at 8, 16), so `_chunk` runs it over a fixed row count. R = 1 then measured
-        equal too (benchmarks/serve_prefill_rows.py) but is not used: a lone request runs beside a padding row."""
+        """The request-row counts R of the `chunk` programs: 2, 4, ... up to the first power of two >= B (a lone
+        request runs beside a padding row, which computes nothing). The rows run in turn, so a row's dots do not
+        depend on R; the LM head runs over all the largest bucket's rows at once (a fixed row count)."""
         out = [2]
         while out[-1] < self.slots:
             out.append(out[-1] * 2)
@@ -201,10 +202,12 @@ class Programs:
 
     def __init__(self, config: ModelConfig, mesh: Mesh | None, shapes: Shapes, compiler_options: dict | None = None,
                  blocked: tuple[str, ...] = ("chunk",)):
-        """compiler_options: XLA options of the prefill and decode programs; default `loop.compiler_options()`, the
-        ones `generate` compiles with (on CPU: YNNPACK's dot fusion off, 1.7x faster 16-row decode steps). The
-        chunk programs keep them too: `generate`'s prompt options (YNNPACK dots on) made a 16-row chunk call no
-        faster (1.09x the time at C = 64, 1.05x at C/4; benchmarks/results/serve_chunk_options.json, loaded).
+        """compiler_options: XLA options of the chunk and decode programs; default `loop.compiler_options()` for
+        decode, the ones `generate`'s decode compiles with (on CPU: YNNPACK's dot fusion off, 1.7x faster 16-row
+        decode steps), and `generate`'s prompt options for the chunk (XLA's defaults: YNNPACK dots on). The chunk
+        runs its rows in turn, so its dots have one row's C rows whatever R is, where YNNPACK is the faster
+        (benchmarks/serve_chunk_forms.py, results/serve_chunk_forms_in_turn.json, 117M shape, C = 64: 0.66x the
+        call time of the rows in turn with YNNPACK off at R = 16, 0.55x at R = 2).
         blocked: the programs ("chunk", "decode") whose attention reads only the cache blocks their rows use
         (`block_attention`); the others attend over all S slots, masked. Default the chunk programs only: on CPU a
         decode step in blocks was slower (each block of a one-query attention is a copied slice;
@@ -214,8 +217,9 @@ class Programs:
         self.module = DeepseekVL(config)
         self.traces: collections.Counter = collections.Counter()
         opts = loop.compiler_options() if compiler_options is None else compiler_options
+        chunk_opts = loop.compiler_options(prompt=True) if compiler_options is None else compiler_options
         self.encode = jax.jit(self._counted("encode", self._encode))
-        self.chunk = jax.jit(self._counted("chunk", self._chunk), donate_argnums=1, compiler_options=opts)
+        self.chunk = jax.jit(self._counted("chunk", self._chunk), donate_argnums=1, compiler_options=chunk_opts)
         self.decode = jax.jit(self._counted("decode", self._decode), donate_argnums=1, compiler_options=opts)
         self.save_block = jax.jit(self._counted("save_block", self._save_block))
         self.load_block = jax.jit(self._counted("load_block", self._load_block), donate_argnums=0)
@@ -287,14 +291,21 @@ class Programs:
     def _chunk(self, params, cache, slots, ids, feats, is_image, starts, n_valid, p: SlotParams):
         """R request rows at once (R in `Shapes.row_buckets`): row r's chunk ids [R, C], feats [R, C, D], is_image
         [R, C] is written at slots [starts[r], starts[r] + C) of cache row slots[r], its first n_valid[r] tokens
-        real. A padding row has slot B (out of range: it reads a clipped row and writes nothing). Returns (cache,
+        real. A padding row has slot B (out of range: it computes and writes nothing). Returns (cache,
         Picked [R]: a token picked with p from each row's last real logits; a request's last chunk gives its first
         token)."""
-        axis = _batch_axis(cache)
-        rows = jax.tree.map(lambda x: jnp.take(x, slots, axis=axis, mode="clip"), cache)
-        run = jax.vmap(functools.partial(self._chunk_block, params), in_axes=(axis, 0, 0, 0, 0, 0))
-        with self._attention("chunk", starts):
-            last, blocks = run(rows, ids, feats, is_image, starts, n_valid)
+        axis, b = _batch_axis(cache), self.shapes.slots
+
+        def one(xs):  # one row, in turn (`lax.map`): every dot has the shapes of one row whatever R is
+            slot, start = xs[0], xs[4]
+            row = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, jnp.minimum(slot, b - 1), axis, False),
+                               cache)
+            with self._attention("chunk", start[None]):  # the blocks this row reads, not its neighbours'
+                run = functools.partial(self._chunk_block, params, row, *xs[1:])
+                skip = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run))
+                return jax.lax.cond(slot < b, run, lambda: skip)  # a padding row computes nothing
+
+        last, blocks = jax.lax.map(one, (slots, ids, feats, is_image, starts, n_valid))
         cache = _write_blocks(cache, blocks, slots, starts)
         # The LM head and the sampler always run over the largest bucket's rows (the others padded): their dots take
         # another form for few rows (on CPU, M = 2, 4 and M = 8, 16 differ by an ulp at the 117M shape).
