@@ -293,10 +293,13 @@ def main() -> None:
     params = sum(x.size for x in jax.tree.leaves(model.params))
     lengths = [int(x) for x in args.max_tokens.split(",")]
     concurrencies = [int(x) for x in args.clients.split(",")]
+    from generate_profile import cpu_flags  # the CPU model and its ISA extensions: results differ by host
+
     result = {"shape": f"LLaMA {args.layers}x{args.hidden} ({args.heads} heads, ffn {args.ffn}), SigLIP 6x384 "
                        f"224px/16 -> 196 image tokens, vocab {model.config.text.vocab_size}, {params / 1e6:.0f}M "
                        "parameters, float32", "second_turn_think_s": THINK_S,
               "platform": platform.platform(), "devices": str(jax.devices()[0]), "cpus": os.cpu_count(),
+              **cpu_flags(),
               "uptime_start": uptime(), "load_average_1_5_15": {"start": os.getloadavg()},
               "clients": "this process" if args.clients_in_process else "a separate process", "runs": {}}
     for n, max_tokens in enumerate(lengths):

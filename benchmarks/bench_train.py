@@ -273,6 +273,13 @@ def summarize(r: dict, flops_per_step: float, tokens: int) -> dict:
             "optimizer_state_bytes": r.get("optimizer_state_bytes"), "raw": r}
 
 
+def cpu_flags() -> dict:
+    """The CPU model and its ISA extensions (generate_profile.cpu_flags): results differ by host."""
+    from generate_profile import cpu_flags as flags
+
+    return flags()
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--steps", type=int, default=3)
@@ -335,7 +342,8 @@ def main() -> None:
                      f"vocab {TEXT['vocab_size']}; SigLIP {VISION['num_hidden_layers']}x{VISION['hidden_size']} @ "
                      f"{VISION['image_size']}px), batch {ROWS} x {tokens // ROWS} tokens (1 image + {TEXT_TOKENS} text each), float32, CPU",
         "command": "python " + " ".join(sys.argv),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_avg_at_end": os.getloadavg(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **cpu_flags(),
+                    "load_avg_at_end": os.getloadavg(),
                     "uptime_at_start": uptime_start,
                     "uptime_at_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()},
         "model_flops_per_step": {"all_trainable": full, "vision_frozen": frozen, "lora_r16": lora_flops},
