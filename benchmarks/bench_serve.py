@@ -35,6 +35,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
+from generate_profile import cpu_flags  # noqa: E402  the CPU model and its ISA extensions: results differ by host
 import torchvision_ops  # noqa: E402  transformers imports torchvision: see tests/torchvision_ops.py
 
 torchvision_ops.ensure_importable()
@@ -293,8 +294,6 @@ def main() -> None:
     params = sum(x.size for x in jax.tree.leaves(model.params))
     lengths = [int(x) for x in args.max_tokens.split(",")]
     concurrencies = [int(x) for x in args.clients.split(",")]
-    from generate_profile import cpu_flags  # the CPU model and its ISA extensions: results differ by host
-
     result = {"shape": f"LLaMA {args.layers}x{args.hidden} ({args.heads} heads, ffn {args.ffn}), SigLIP 6x384 "
                        f"224px/16 -> 196 image tokens, vocab {model.config.text.vocab_size}, {params / 1e6:.0f}M "
                        "parameters, float32", "second_turn_think_s": THINK_S,

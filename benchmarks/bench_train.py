@@ -37,6 +37,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
+from generate_profile import cpu_flags  # noqa: E402  the CPU model and its ISA extensions: results differ by host
 
 
 def import_transformers():
@@ -271,13 +272,6 @@ def summarize(r: dict, flops_per_step: float, tokens: int) -> dict:
             "matmul_peak_gflops_per_s": r["matmul_peak_flops"] / 1e9, "peak_rss_gb": r["peak_rss_gb"],
             "losses": r["losses"], "trainable_params": r.get("trainable_params"),
             "optimizer_state_bytes": r.get("optimizer_state_bytes"), "raw": r}
-
-
-def cpu_flags() -> dict:
-    """The CPU model and its ISA extensions (generate_profile.cpu_flags): results differ by host."""
-    from generate_profile import cpu_flags as flags
-
-    return flags()
 
 
 def main() -> None:

@@ -50,10 +50,7 @@ def whole_rows_chunk(self, params, cache, slots, ids, feats, is_image, starts, n
     last, rows = run(rows, ids, feats, is_image, starts, n_valid)
     index = (slice(None),) * axis + (slots,)
     cache = jax.tree.map(lambda x, r: x.at[index].set(r.astype(x.dtype), mode="drop"), cache, rows)
-    r, pad = last.shape[0], self.shapes.row_buckets[-1] - last.shape[0]
-    edge = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
-    logits = self._apply(params)(edge(last)[:, None], method="logits")[:, 0]
-    return self._constrain(cache), jax.tree.map(lambda x: x[:r], P.pick(logits, jax.tree.map(edge, p)))
+    return self._constrain(cache), self._pick_last(params, last, p)
 
 
 def vmapped_chunk(self, params, cache, slots, ids, feats, is_image, starts, n_valid, p):
@@ -69,10 +66,7 @@ def vmapped_chunk(self, params, cache, slots, ids, feats, is_image, starts, n_va
     with self._attention("chunk", starts):
         last, blocks = run(rows, ids, feats, is_image, starts, n_valid)
     cache = P._write_blocks(cache, blocks, slots, starts)
-    r, pad = last.shape[0], self.shapes.row_buckets[-1] - last.shape[0]
-    edge = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
-    logits = self._apply(params)(edge(last)[:, None], method="logits")[:, 0]
-    return self._constrain(cache), jax.tree.map(lambda x: x[:r], P.pick(logits, jax.tree.map(edge, p)))
+    return self._constrain(cache), self._pick_last(params, last, p)
 
 
 def main() -> None:
@@ -134,13 +128,14 @@ def main() -> None:
                     bits[name] = [np.asarray(x) for x in jax.tree.leaves((cache, picked))]
                 del cache
         ref = bits["blocks/decode_options"]
-        out[f"C={c}" + ("" if r == 16 else f", R={r} (one request)")] = {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)),
+        key = f"C={c}" + ("" if r == 16 else f", R={r} (one request)")
+        out[key] = {name: {"median_s": float(np.median(t)), "min_s": float(np.min(t)),
                                 "same_bits_as_engine": all(np.array_equal(a, b) for a, b in zip(ref, bits[name])),
                                 # paired by round (the calls of a round run back to back): robust to slow drifts
                                 "median_ratio_to_engine": float(np.median(
                                     np.array(t) / np.array(times["blocks/decode_options"])))}
                          for name, t in times.items()}
-        print(c, r, json.dumps(out[list(out)[-1]]), flush=True)
+        print(key, json.dumps(out[key]), flush=True)
     result["chunk_call_s"] = out
     if args.no_offline:
         return finish(result, args.out)

@@ -206,8 +206,8 @@ class Programs:
         decode, the ones `generate`'s decode compiles with (on CPU: YNNPACK's dot fusion off, 1.7x faster 16-row
         decode steps), and `generate`'s prompt options for the chunk (XLA's defaults: YNNPACK dots on). The chunk
         runs its rows in turn, so its dots have one row's C rows whatever R is, where YNNPACK is the faster
-        (benchmarks/serve_chunk_forms.py, results/serve_chunk_forms_in_turn.json, 117M shape, C = 64: 0.66x the
-        call time of the rows in turn with YNNPACK off at R = 16, 0.55x at R = 2).
+        (benchmarks/serve_chunk_forms.py, results/serve_chunk_forms_in_turn.json, 117M shape, C = 64: 0.60x the
+        call time of the rows in turn with YNNPACK off at R = 16, 0.65x at R = 2).
         blocked: the programs ("chunk", "decode") whose attention reads only the cache blocks their rows use
         (`block_attention`); the others attend over all S slots, masked. Default the chunk programs only: on CPU a
         decode step in blocks was slower (each block of a one-query attention is a copied slice;
@@ -298,21 +298,27 @@ class Programs:
 
         def one(xs):  # one row, in turn (`lax.map`): every dot has the shapes of one row whatever R is
             slot, start = xs[0], xs[4]
-            row = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, jnp.minimum(slot, b - 1), axis, False),
-                               cache)
+
+            def run():
+                row = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, slot, axis, False), cache)
+                return self._chunk_block(params, row, *xs[1:])
+
             with self._attention("chunk", start[None]):  # the blocks this row reads, not its neighbours'
-                run = functools.partial(self._chunk_block, params, row, *xs[1:])
                 skip = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run))
-                return jax.lax.cond(slot < b, run, lambda: skip)  # a padding row computes nothing
+                return jax.lax.cond(slot < b, run, lambda: skip)  # a padding row reads and computes nothing
 
         last, blocks = jax.lax.map(one, (slots, ids, feats, is_image, starts, n_valid))
         cache = _write_blocks(cache, blocks, slots, starts)
-        # The LM head and the sampler always run over the largest bucket's rows (the others padded): their dots take
-        # another form for few rows (on CPU, M = 2, 4 and M = 8, 16 differ by an ulp at the 117M shape).
+        return self._constrain(cache), self._pick_last(params, last, p)
+
+    def _pick_last(self, params, last, p: SlotParams):
+        """Picked [R] from the rows' last hidden states [R, D]. The LM head and the sampler always run over the
+        largest bucket's rows (the others padded): their dots take another form for few rows (on CPU, M = 2, 4 and
+        M = 8, 16 differ by an ulp at the 117M shape)."""
         r, pad = last.shape[0], self.shapes.row_buckets[-1] - last.shape[0]
         edge = lambda x: jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), mode="edge")
         logits = self._apply(params)(edge(last)[:, None], method="logits")[:, 0]
-        return self._constrain(cache), jax.tree.map(lambda x: x[:r], pick(logits, jax.tree.map(edge, p)))
+        return jax.tree.map(lambda x: x[:r], pick(logits, jax.tree.map(edge, p)))
 
     def _step_row(self, params, row, token, position):
         """One slot: feed `token` at `position` (= its cache slot). row: the slot's cache without the batch axis."""
