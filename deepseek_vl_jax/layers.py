@@ -110,14 +110,57 @@ def attention_with_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
                      block: int | None = None) -> jax.Array:
     """Causal self-attention of T tokens: q [B, T, N, H], k/v [B, T, K, H], mask bool broadcastable to [B, 1, T, T]
-    (causal: query t may see no key after t; padding masked as well) -> [B, T, N, H].
+    (causal: query t may see no key after t; padding masked as well; None: causal alone) -> [B, T, N, H].
 
-    The same math as `attention` (logits and softmax in float32, query heads grouped as [K, G]), in blocks of
-    `block` queries (default `prefill_block(T)`), block i reading only keys [0, end of block i): the keys above the
-    diagonal are never multiplied, and each block's logits [B, K, G, block, S_i] stay small enough for the caches.
-    On XLA:CPU (0.45B shape, T = 640) this is ~2x faster than `jax.nn.dot_product_attention`.
+    The same math as `attention` (logits in float32, query heads grouped as [K, G]) in tiles of `block` // 2
+    queries by `block` keys (default `prefill_block(T)`), flash-attention style: each query tile walks the key tiles
+    up to its own end (the tiles above the diagonal are never multiplied) with an online softmax (a running max and
+    sum per query, the output rescaled as the max grows), so only one tile's logits [B, K, G, block / 2, block] are
+    live at a time and they stay in the caches. One layer's prompt attention at the 0.45B shape (T = 640, one row,
+    XLA:CPU) against blocks of queries over all their keys (`heads_first_attention(causal=True)`, the form before)
+    and torch's `scaled_dot_product_attention`: benchmarks/prefill_attention.py, results/prefill_attention.json.
     """
-    return heads_first_attention(q, k, v, mask, scale, block=block or prefill_block(q.shape[1]), causal=True)
+    b, t, n, h = q.shape
+    kh = k.shape[2]
+    block = block or prefill_block(t)
+    q_tile, k_tile = max(block // 2, 1), block
+    if mask is None:
+        mask = jnp.tril(jnp.ones((t, t), bool))
+    qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, T, H]
+    mask = _grouped(mask, kh, n // kh, t, t)
+    outs = []
+    for qs in range(0, t, q_tile):
+        qe = min(qs + q_tile, t)
+        m = total = acc = None  # running max [B, K, G, tq], sum [B, K, G, tq], output [B, K, G, tq, H] (float32)
+        for ks in range(0, qe, k_tile):
+            ke = min(ks + k_tile, qe)
+            logits = jnp.einsum("bkgth,bksh->bkgts", qg[:, :, :, qs:qe], kt[:, :, ks:ke],
+                                preferred_element_type=jnp.float32) * scale
+            logits = jnp.where(mask[..., qs:qe, ks:ke], logits, _MIN)
+            m_new = logits.max(-1) if m is None else jnp.maximum(m, logits.max(-1))
+            p = jnp.exp(logits - m_new[..., None])
+            pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), vt[:, :, ks:ke],
+                            preferred_element_type=jnp.float32)
+            if m is None:
+                total, acc = p.sum(-1), pv
+            else:
+                rescale = jnp.exp(m - m_new)
+                total, acc = rescale * total + p.sum(-1), rescale[..., None] * acc + pv
+            m = m_new
+        outs.append(acc / total[..., None])
+    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+_MIN = jnp.finfo(jnp.float32).min
+
+
+def _grouped(x: jax.Array, kh: int, g: int, t: int, s: int) -> jax.Array:
+    """A mask or bias broadcastable to [B, N, T, S] -> [B or 1, K or 1, G or 1, T, S] (heads kept unbroadcast)."""
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    x = jnp.broadcast_to(x, x.shape[:2] + (t, s))
+    return x[:, :, None] if x.shape[1] == 1 else x.reshape(x.shape[0], kh, g, t, s)
 
 
 def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float,
@@ -133,13 +176,8 @@ def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
     outs = []
 
-    def grouped(x):  # broadcastable to [B, N, T, S] -> [B or 1, K or 1, G or 1, T, S] (heads kept unbroadcast)
-        x = x.reshape((1,) * (4 - x.ndim) + x.shape)
-        x = jnp.broadcast_to(x, x.shape[:2] + (t, s))
-        return x[:, :, None] if x.shape[1] == 1 else x.reshape(x.shape[0], kh, n // kh, t, s)
-
-    mask = None if mask is None else grouped(mask)
-    bias = None if bias is None else grouped(bias)
+    mask = None if mask is None else _grouped(mask, kh, n // kh, t, s)
+    bias = None if bias is None else _grouped(bias, kh, n // kh, t, s)
     for start in range(0, t, block):
         end = min(start + block, t)
         keys = end if causal else s

@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 . .venv/bin/activate
-exec python -m pytest -q -p no:cacheprovider "$@"
+# Two workers (pytest-xdist), a test file to each: a session is mostly single-threaded compiles and Python, and
+# every module-scoped fixture stays in one process. PYTEST_WORKERS=0: one process.
+exec python -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

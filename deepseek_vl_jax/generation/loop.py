@@ -15,8 +15,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import os
-import re
 from typing import Any
 
 import jax
@@ -272,12 +270,14 @@ class Programs:
 # size B (the rows of its decode dots; `CpuDotPolicy`). This jaxlib hands float32 dots of 8 rows or more to YNNPACK
 # by default (`ynn_fusion`; the prompt's ~600-row GEMMs too), fewer rows to XLA's own kernels. Timed side by side
 # in one process, programs alternating sample by sample (benchmarks/bench_cpu_dot_options.py,
-# results/cpu_dot_options.json; quiet Xeon, 3 rounds, on / off): YNNPACK dots made a batch-8 decode step slower
-# natively (1.23; 1.62 under load), and the prompt programs faster under AVX2 emulation (0.66 at batch 1, 0.60 at
-# batch 8) and no slower natively (0.99, 1.04); a 1-row step compiles to the same kernels either way. So the
-# prompt program keeps XLA's defaults and every decoding program has YNNPACK dots off, and `generate` runs as two
-# programs (`SplitGenerate`: the second dispatch is the split's cost, the KV cache is handed over in place); except
-# that on a CPU limited to AVX2 the decoding programs of 8+ rows keep XLA's defaults too (`default_cpu_dot_policy`).
+# results/cpu_dot_options.json, on / off): YNNPACK dots made a batch-8 decode step slower on every native CPU
+# measured (a quiet Xeon with AVX-512: 1.23x, 1.62x under load; a native AVX2 AMD EPYC: 2.32x), and the prompt
+# programs no slower (Xeon 0.99 / 1.04, EPYC 1.03 / 0.95 at batch 1 / 8; faster under AVX2 emulation on the Xeon,
+# 0.66 / 0.60); a 1-row step compiles to the same kernels either way. So the prompt program keeps XLA's defaults
+# and every decoding program has YNNPACK dots off, and `generate` runs as two programs (`SplitGenerate`: the second
+# dispatch is the split's cost, the KV cache is handed over in place). (Until stop 30 a CPU limited to AVX2 kept
+# YNNPACK dots from 8 rows, from a measurement under AVX2 emulation, `--xla_cpu_max_isa=AVX2` on the Xeon: 0.79x;
+# on the native AVX2 host the same choice made batch-8 decode 2.3x slower: results/cpu_dot_options.json.)
 # Passed per program (`jax.jit(compiler_options=)`), so nothing else in the process changes and no environment
 # variable is involved; TPU/GPU programs get none.
 YNN_DOTS_OFF = (("xla_cpu_experimental_ynn_fusion_type", ""),)
@@ -301,34 +301,8 @@ class CpuDotPolicy:
         return dict(self.few_rows if rows < self.many_rows_from else self.many_rows)
 
 
-def xla_cpu_avx2_only(cpuinfo: str = "/proc/cpuinfo", xla_flags: str | None = None) -> bool:
-    """Whether XLA:CPU compiles for an x86 CPU limited to AVX2: the host has AVX2 and no AVX-512 (its
-    /proc/cpuinfo flags), or XLA_FLAGS caps the ISA below AVX-512 (`--xla_cpu_max_isa=AVX2`, ...). False where
-    neither can be read (not Linux, not x86): those keep the AVX-512 choice, the one measured longest."""
-    flags = os.environ.get("XLA_FLAGS", "") if xla_flags is None else xla_flags
-    capped = re.search(r"--xla_cpu_max_isa=(\w+)", flags)
-    if capped and not capped.group(1).upper().startswith(("AVX512", "AMX")):
-        return True
-    try:
-        with open(cpuinfo) as f:
-            ext = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return False
-    return "avx2" in ext and "avx512f" not in ext
-
-
-def default_cpu_dot_policy(avx2_only: bool) -> CpuDotPolicy:
-    """The prompt program with XLA's defaults (YNNPACK dots) and the decoding programs without, except, on a CPU
-    limited to AVX2, the decoding programs of 8 rows or more keep XLA's defaults too (so a batch of 8+ generates
-    as one program). Measured in one process, variants alternating (benchmarks/decode_breakdown.py `chain`: the
-    decode step's dense products and LM head, 8 rows; results/decode_breakdown.json): YNNPACK dots on / off took
-    1.19x the time natively (146.5 vs 123.4 ms, load ~2) and 0.79x under AVX2 emulation (141.0 vs 177.8 ms);
-    bench_cpu_dot_options.py's 4 decode steps at batch 8 (quiet): 1.23x natively, 0.86x under AVX2; this policy
-    against the one before it under AVX2: 0.78x and 0.91x in two runs (results/cpu_dot_options_avx2_decode8.json)."""
-    return CpuDotPolicy(prompt=(), many_rows=() if avx2_only else YNN_DOTS_OFF)
-
-
-CPU_DOT_POLICY = default_cpu_dot_policy(xla_cpu_avx2_only())
+# The prompt program with XLA's defaults (YNNPACK dots), the decoding programs without, on every CPU (see above).
+CPU_DOT_POLICY = CpuDotPolicy(prompt=())
 
 
 def compiler_options(rows: int = 1, policy: CpuDotPolicy | None = None, prompt: bool = False) -> dict | None:
