@@ -1,7 +1,8 @@
 """Causal self-attention with a memory-efficient gradient (flash-attention style), for training.
 
-The forward pass is `layers.causal_attention` (the same blocks of queries, each reading only the keys up to its
-end). Differentiated, that function keeps every block's probabilities [B, K, G, block, S_i] for the backward pass,
+Undifferentiated, the forward pass is `layers.causal_attention` (tiled, online softmax); differentiated, blocks of
+queries, each reading only the keys up to its end. Differentiated as written, blocked attention keeps every block's
+probabilities [B, K, G, block, S_i] for the backward pass,
 in a scanned decoder for all layers at once (1.2 GB of the 0.45B benchmark's LoRA step, twice over), and its
 softmax backward reduces over them. Here the forward pass keeps only the output and each query's logsumexp
 [B, K, G, T], and the backward pass recomputes each block's probabilities from them:

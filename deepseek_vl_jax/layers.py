@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from deepseek_vl_jax import common
 
 Dtype = Any
+_MIN = jnp.finfo(jnp.float32).min  # the masked logit (finite: a row with no visible key stays finite)
 
 
 def dense(features: int, axes: tuple[str, str], use_bias: bool, dtype: Dtype, param_dtype: Dtype, name: str,
@@ -101,7 +102,7 @@ def attention_with_probs(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arr
     if bias is not None:
         logits = logits + f32(bias)
     if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        logits = jnp.where(mask, logits, _MIN)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bnts,bsnh->btnh", probs, f32(v))
     return out.astype(q.dtype), probs
@@ -153,9 +154,6 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array |
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
-_MIN = jnp.finfo(jnp.float32).min
-
-
 def _grouped(x: jax.Array, kh: int, g: int, t: int, s: int) -> jax.Array:
     """A mask or bias broadcastable to [B, N, T, S] -> [B or 1, K or 1, G or 1, T, S] (heads kept unbroadcast)."""
     x = x.reshape((1,) * (4 - x.ndim) + x.shape)
@@ -186,7 +184,7 @@ def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
         if bias is not None:
             logits = logits + bias[..., start:end, :keys].astype(jnp.float32)
         if mask is not None:
-            logits = jnp.where(mask[..., start:end, :keys], logits, jnp.finfo(jnp.float32).min)
+            logits = jnp.where(mask[..., start:end, :keys], logits, _MIN)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, vt[:, :, :keys], preferred_element_type=jnp.float32))
     out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
@@ -263,7 +261,7 @@ def _cached_attention(q, k_new, v_new, k_cache, v_cache, mask, cache_index, scal
     old = jnp.einsum("btkgh,bksh->bkgts", qg, k_cache, preferred_element_type=jnp.float32)
     new = jnp.einsum("btkgh,bskh->bkgts", qg, k_new, preferred_element_type=jnp.float32)
     logits = jnp.concatenate([old, new], axis=-1) * scale
-    logits = jnp.where(jnp.concatenate([mask_old, mask_new], axis=-1)[:, :, None], logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(jnp.concatenate([mask_old, mask_new], axis=-1)[:, :, None], logits, _MIN)
     probs = jax.nn.softmax(logits, axis=-1)
     p_old, p_new = probs[..., :s].astype(v_cache.dtype), probs[..., s:].astype(v_new.dtype)
     out = (jnp.einsum("bkgts,bkhs->btkgh", p_old, v_cache, preferred_element_type=jnp.float32)

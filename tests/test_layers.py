@@ -1,6 +1,6 @@
 """The attention forms of `layers` against transformers' eager attention (`eager_attention_forward`, the reference
-LLaMA's attention), float32: the blocked causal prefill form and the cached form from slot 0, over several
-blocks, grouped-query heads and left padding."""
+LLaMA's attention), float32: the tiled causal prefill form (online softmax) and the cached form from slot 0, over
+several tiles, grouped-query heads and left padding."""
 
 import types
 
