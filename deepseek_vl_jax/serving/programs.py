@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deepseek_vl_jax import multimodal
 from deepseek_vl_jax.config import ModelConfig
-from deepseek_vl_jax.generation import kv_cache, loop, sampling
+from deepseek_vl_jax.generation import kv_cache, loop, row_dots, sampling
 from deepseek_vl_jax.model import DeepseekVL
 from deepseek_vl_jax.quantization import quantized_layers
 from deepseek_vl_jax.serving import block_attention
@@ -225,10 +225,14 @@ class Programs:
         self.load_block = jax.jit(self._counted("load_block", self._load_block), donate_argnums=0)
 
     def _counted(self, name, fn):
+        one_row = self.mesh is None and row_dots.ENABLED
+
         @functools.wraps(fn)
         def wrapped(*args):
             self.traces[name] += 1
-            with quantized_layers():  # layers whose weights are QTensors compute from them (no-op for float ones)
+            # QTensor weights compute from them (a no-op for float ones); one-row Dense layers (a 1-slot decode, a
+            # 1-token chunk) as `generate`'s do on CPU without a mesh
+            with quantized_layers(), row_dots.one_row_dots(one_row):
                 return fn(*args)
         return wrapped
 
