@@ -7,7 +7,8 @@ Model: a DeepSeek-VL shape of ~0.45B parameters (LLaMA 12 layers, hidden 1024, 1
 transformers and saved once (cached in --checkpoint), loaded by both libraries. float32 unless stated.
 
 Measures: memory bandwidth (same run), batch-1 decode tokens/s and its fraction of the bandwidth roofline (weight
-bytes read per token / bandwidth), batch-8 decode throughput, time to first token (image encoding + prefill),
+bytes read per token / bandwidth; also `--paired-rounds` rounds of bandwidth and decode measured back to back,
+their median fraction: `decode_batch1_paired_roofline`), batch-8 decode throughput, time to first token (image encoding + prefill),
 compile time of the first call, compilations over a run of varied prompts, bfloat16 weights (correctness, speed).
 Decode rates are differences of two generation lengths (prefill cancels), best of `--repeats`.
 `--sweep` also times the decode step under XLA CPU option sets, each in a fresh subprocess (flags are read once).
@@ -97,6 +98,41 @@ def measure_bandwidth() -> dict:
     out["read_GBps"] = max(out.values())
     out["numpy_copy_read_plus_write_GBps"] = round(2 * half.nbytes / t_copy / 1e9, 2)
     return out
+
+
+def paired_roofline(model, batch, steps: int, rounds: int, weight_bytes: int) -> dict:
+    """Batch-1 decode against a roofline measured beside it: `rounds` times, the bandwidth (`measure_bandwidth`)
+    right before one timed call of the compiled decode loop (`steps` steps from a prefilled state: one measured
+    interval, no difference of two lengths, so a hiccup can only lower a rate, never raise it). This host's speed
+    drifts by up to 2x within minutes, so a fraction of a bandwidth measured minutes apart mixes two machines (one
+    such run read 160%); each round here compares the two within seconds. Every round and the median fraction."""
+    import jax
+    import jax.numpy as jnp
+
+    from deepseek_vl_jax.generation import kv_cache, loop, sampling, weights
+    from deepseek_vl_jax.generation.inputs import place, prepare_inputs
+
+    progs = loop.programs(model.config, sampling.Sampler(), None)
+    params, sp = weights.generation_params(model), sampling.SamplingParams.create()
+    stop = loop.StopParams(eos=jnp.full((4,), -1, jnp.int32), pad=jnp.int32(TEXT["pad_token_id"]),
+                           max_new_tokens=jnp.int32(steps + 1))
+    inputs = place(prepare_inputs(model, batch, steps + 1)[0], None)
+    gen_len = kv_cache.gen_buffer_length(steps + 1)
+    prefilled = lambda: jax.block_until_ready(progs.prefill(params, inputs, jax.random.key(0), sp, stop, gen_len))
+    jax.block_until_ready(progs.decode(params, prefilled(), sp, stop))  # compile
+    out = []
+    for _ in range(rounds):
+        read = measure_bandwidth()["read_GBps"]
+        state = prefilled()
+        t0 = time.perf_counter()
+        jax.block_until_ready(progs.decode(params, state, sp, stop))
+        rate = steps / (time.perf_counter() - t0)
+        out.append({"read_GBps": read, "ours_tokens_per_s": round(rate, 2),
+                    "fraction_of_roofline": round(rate * weight_bytes / (read * 1e9), 3)})
+    fractions = sorted(r["fraction_of_roofline"] for r in out)
+    return {"rounds": out, "median_fraction_of_roofline": fractions[len(fractions) // 2], "decode_steps": steps,
+            "method": "per round: bandwidth (best of jnp / torch sums and gemvs over 1 GiB), then one timed call of "
+                      "the decode-loop program from a prefilled state; fraction = tokens/s x weight bytes / bandwidth"}
 
 
 def text_batch(batch: int, length: int, seed: int = 0) -> dict:
@@ -350,12 +386,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="/tmp/dsvl_bench_045b", help="where the random checkpoint is cached")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--paired-rounds", type=int, default=5,
+                        help="rounds of (bandwidth, batch-1 decode) measured back to back")
     parser.add_argument("--sweep", action="store_true", help="also time XLA CPU option sets (subprocesses)")
     parser.add_argument("--sweep-only", action="store_true", help="run only the sweep, merged into the results file")
     parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--isa", choices=("native", "avx2"), default="native",
                         help="avx2: emulate an AVX2 machine (XLA, torch, oneDNN, MKL limited to AVX2)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled breakdown")
+    parser.add_argument("--paired-only", action="store_true",
+                        help="rerun only the paired batch-1 roofline rounds, merged into this machine's entry")
     parser.add_argument("--breakdown-only", action="store_true",
                         help="rerun only the profiled breakdown, merged into this machine's entry")
     parser.add_argument("--speed-only", action="store_true",
@@ -421,12 +461,19 @@ def main(argv=None) -> int:
     result["sizes"] = sizes = weight_bytes(ours)
     runner = Runner(ours, hf)
     result["transformers_threads"] = pick_torch_threads(hf)
-    if args.breakdown_only:
+    if args.breakdown_only or args.paired_only:
         with open(args.out) as f:
             stored = json.load(f)
         entry = stored["machines"][P.machine_key(result["machine"])]
-        entry["breakdown"] = breakdown(ours, hf, image_batch(40), text_batch(8, 64, seed=1))
-        entry["breakdown"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+        if args.paired_only:
+            entry["decode_batch1_paired_roofline"] = pr = paired_roofline(
+                ours, image_batch(40), 40, args.paired_rounds, sizes["decode_weight_bytes"])
+            pr["load_average_at_start_end"] = [result["environment"]["load_average_at_start"],
+                                               [round(x, 2) for x in os.getloadavg()]]
+            print(json.dumps(pr, indent=1))
+        else:
+            entry["breakdown"] = breakdown(ours, hf, image_batch(40), text_batch(8, 64, seed=1))
+            entry["breakdown"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
         with open(args.out, "w") as f:
             json.dump(stored, f, indent=2)
             f.write("\n")
@@ -471,6 +518,10 @@ def main(argv=None) -> int:
         "ours_fraction_of_roofline": round(ours_b1 / roof, 3), "transformers_fraction_of_roofline": round(hf_b1 / roof, 3),
         "ours_fraction_of_roofline_incl_kv_cache_reads": round(ours_b1 / roof_kv, 3),
     }
+
+    print("batch-1 decode beside the bandwidth, paired ...", flush=True)
+    result["decode_batch1_paired_roofline"] = paired_roofline(ours, img, long, args.paired_rounds,
+                                                              sizes["decode_weight_bytes"])
 
     print("batch-8 decode ...", flush=True)
     b8 = text_batch(8, 64, seed=1)
@@ -567,6 +618,11 @@ def write(args, result: dict, start: float) -> int:
           f"tok/s -> {d1['speedup_ours_over_transformers']}x; roofline {d1['roofline_tokens_per_s (weights / read_GBps)']}"
           f" tok/s: ours {d1['ours_fraction_of_roofline']:.0%}, transformers {d1['transformers_fraction_of_roofline']:.0%}"
           f" ({d1['ours_fraction_of_roofline_incl_kv_cache_reads']:.0%} counting the KV cache reads)")
+    if "decode_batch1_paired_roofline" in result:
+        pr = result["decode_batch1_paired_roofline"]
+        print(f"batch-1 decode beside its bandwidth, {len(pr['rounds'])} rounds: "
+              + ", ".join(f"{r['ours_tokens_per_s']} tok/s at {r['read_GBps']} GB/s" for r in pr["rounds"])
+              + f" -> median {pr['median_fraction_of_roofline']:.0%} of the roofline")
     print(f"batch-8 decode: ours {d8['ours_tokens_per_s']} tok/s, transformers {d8['transformers_tokens_per_s']} tok/s"
           f" -> {d8['speedup_ours_over_transformers']}x")
     print(f"time to first token: ours {tt['ours']} s, transformers {tt['transformers']} s -> "

@@ -24,9 +24,7 @@ from jax.sharding import Mesh
 
 from deepseek_vl_jax import multimodal
 from deepseek_vl_jax.config import ModelConfig
-from deepseek_vl_jax.generation import kv_cache, sampling, stopping
-from deepseek_vl_jax.generation import row_dots as row_dots_module
-from deepseek_vl_jax.generation.row_dots import one_row_dots
+from deepseek_vl_jax.generation import kv_cache, row_dots, sampling, stopping
 from deepseek_vl_jax.model import DeepseekVL
 from deepseek_vl_jax.quantization import quantized_layers
 
@@ -395,28 +393,28 @@ def programs(config: ModelConfig, sampler: sampling.Sampler, mesh: Mesh | None,
     """The jitted generation functions for one model config, static sampler, mesh and extras (cached)."""
     module = DeepseekVL(config)
 
-    # one-row Dense layers as blocked dots on CPU (`row_dots`), where no mesh may shard their input axis
-    row_dots = functools.partial(one_row_dots, mesh is None and row_dots_module.ENABLED)
+    # Dense/Embed layers whose weights are QTensors compute from them (a no-op for float ones); on CPU without a mesh
+    # (which may shard their input axis), one-row float Dense layers as blocked dots (`row_dots`)
+    one_row = mesh is None and row_dots.ENABLED
 
     def gen(params, inputs, rng, sp, stop, gen_len):
         _TRACES["generate"] += 1
-        # QTensor weights compute from them (a no-op for float ones)
-        with quantized_layers(), row_dots():
+        with quantized_layers(), row_dots.one_row_dots(one_row):
             return run(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop, extras)
 
     def pre(params, inputs, rng, sp, stop, gen_len):
         _TRACES["prefill"] += 1
-        with quantized_layers(), row_dots():
+        with quantized_layers(), row_dots.one_row_dots(one_row):
             return prefill(module, sampler, mesh, gen_len, params, inputs, rng, sp, stop, extras)
 
     def step(params, state, sp, stop):
         _TRACES["step"] += 1
-        with quantized_layers(), row_dots():
+        with quantized_layers(), row_dots.one_row_dots(one_row):
             return decode_step(module, sampler, params, state, sp, stop, extras)
 
     def dec(params, state, sp, stop):
         _TRACES["decode"] += 1
-        with quantized_layers(), row_dots():
+        with quantized_layers(), row_dots.one_row_dots(one_row):
             return decode_loop(module, sampler, params, state, sp, stop, extras)
 
     prefill_program = ByRows(pre, _prompt_rows, prompt=True, static_argnums=5)

@@ -36,8 +36,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-BLOCKS = 16  # blocks of kernel rows (measured: 8-16 equally fast on 2 cores, 2-4 not); 64+ rows each from K = 1024
-ENABLED = True  # read when `loop.programs` / serving's `Programs` are made: benchmarks and tests compare both forms
+# Blocks of kernel rows: 64+ rows each from K = 1024. A one-off sweep on the AVX2 EPYC (not in the benchmark), 1 row,
+# 1024 x 2816 / 2816 x 1024: 8, 16, 32 blocks 18.4, 18.5, 18.2 / 15.9, 17.3, 15.6 GB/s; 2 and 4 blocks 12.5, 13.1 /
+# 11.5, 15.6.
+BLOCKS = 16
+# Read when `loop.programs` / serving's `Programs` are made: benchmarks and tests compare both forms in one process.
+# Not part of a `program_cache` key: a store holds the form of the process that compiled its programs.
+ENABLED = True
 
 
 def blocked_matvec(x: jax.Array, kernel: jax.Array) -> jax.Array:
