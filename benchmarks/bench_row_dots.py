@@ -89,33 +89,28 @@ def products(rounds: int, rows_list=(1, 2, 4, 8)) -> dict:
 
 def decode_step(checkpoint: str, rounds: int) -> dict:
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     import bench_generate as B
     import deepseek_vl_jax as D
-    from deepseek_vl_jax.generation import kv_cache, loop, row_dots, sampling, weights
-    from deepseek_vl_jax.generation.inputs import place, prepare_inputs
+    from decode_rates import prefilled_decode
+    from deepseek_vl_jax.generation import loop, row_dots
 
     model = D.load_pretrained(checkpoint, progress=False)
-    params, sp = weights.generation_params(model), sampling.SamplingParams.create()
-    stop = loop.StopParams(eos=jnp.full((4,), -1, jnp.int32), pad=jnp.int32(B.TEXT["pad_token_id"]),
-                           max_new_tokens=jnp.int32(64))
-    inputs = place(prepare_inputs(model, B.image_batch(40), 48)[0], None)
-    gen_len = kv_cache.gen_buffer_length(48)
     variants = {}
     for enabled in (True, False):
         row_dots.ENABLED = enabled
         loop.programs.cache_clear()
-        variants["blocks" if enabled else "one dot"] = loop.programs(model.config, sampling.Sampler(), None)
+        variants["blocks" if enabled else "one dot"] = prefilled_decode(model, B.image_batch(40), 48,
+                                                                        B.TEXT["pad_token_id"])
     row_dots.ENABLED = True
     loop.programs.cache_clear()
     times, tokens, steps = {n: [] for n in variants}, {}, 16
     names = list(variants)
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            progs = variants[name]
-            state = progs.prefill(params, inputs, jax.random.key(0), sp, stop, gen_len)
+            progs, params, sp, stop, prefilled = variants[name]
+            state = prefilled()
             for _ in range(2):
                 state = progs.step(params, state, sp, stop)
             jax.block_until_ready(state)
