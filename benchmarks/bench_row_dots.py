@@ -47,6 +47,15 @@ def _median_rounds(programs: dict, rounds: int, samples: int = 5) -> dict:
     return {n: statistics.median(v) for n, v in times.items()}
 
 
+def chain(mv):
+    """x, kernels -> x after each product mv(x, w) in turn (a dependent chain: no product can be skipped)."""
+    def f(x, kernels):
+        for w in kernels:
+            x = x + mv(x, w).sum(-1, keepdims=True) * 1e-6
+        return x
+    return f
+
+
 def products(rounds: int, rows_list=(1, 2, 4, 8)) -> dict:
     import jax
     import jax.numpy as jnp
@@ -60,13 +69,6 @@ def products(rounds: int, rows_list=(1, 2, 4, 8)) -> dict:
         ws = [jnp.asarray(rng.standard_normal((k, n), dtype=np.float32)) for _ in range(count)]
         wt = [w.T.copy() for w in ws]
         nbytes = 4 * k * n * count
-
-        def chain(mv):
-            def f(x, kernels):
-                for w in kernels:
-                    x = x + mv(x, w).sum(-1, keepdims=True) * 1e-6
-                return x
-            return f
 
         forms = {
             "one dot, [in, out]": (lambda x, w: x @ w, ws),
