@@ -24,9 +24,8 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import generate_profile as P  # noqa: E402
-from bench_row_dots import chain  # noqa: E402
+from bench_row_dots import OFF, chain  # noqa: E402
 
-OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
 SHAPES = ((1024, 2816, 40), (2816, 1024, 40), (1024, 1024, 96))  # K, N, kernels in the chain
 
 
