@@ -79,9 +79,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     out_dtype = q.dtype
     if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
         return attention_with_probs(q, k, v, mask, scale, bias)[0]
-    if jax.default_backend() == "cpu":  # faster there; long sequences (SAM's global attention) in query blocks
+    if jax.default_backend() == "cpu":  # faster there, in query blocks whose logits stay in a core's cache
         h = q.shape[-1]
-        block = prefill_block(q.shape[1]) if q.shape[1] > LONG_ATTENTION else None
+        block = cpu_query_block(q.shape[1])
         return heads_first_attention(q, k, v, mask, h**-0.5 if scale is None else scale, bias, block)
     if q.dtype != jnp.float32 and bias is not None:
         bias = bias.astype(q.dtype)
@@ -170,34 +170,55 @@ def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     b, t, n, h = q.shape
     kh, s = k.shape[2], k.shape[1]
     block = block or t
-    qg = q.reshape(b, t, kh, n // kh, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
+    g = n // kh
+    qg = q.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    mask = None if mask is None else _grouped(mask, kh, g, t, s)
+    bias = None if bias is None else _grouped(bias, kh, g, t, s)
+    gl = "g"
+    if g == 1:  # no unit group axis: with it, XLA:CPU copies every block's logits (results/encoder_attention.json)
+        qg, gl = qg[:, :, 0], ""
+        mask = None if mask is None else mask[:, :, 0]
+        bias = None if bias is None else bias[:, :, 0]
     outs = []
-
-    mask = None if mask is None else _grouped(mask, kh, n // kh, t, s)
-    bias = None if bias is None else _grouped(bias, kh, n // kh, t, s)
     for start in range(0, t, block):
         end = min(start + block, t)
         keys = end if causal else s
-        logits = jnp.einsum("bkgth,bksh->bkgts", qg[:, :, :, start:end], kt[:, :, :keys],
+        logits = jnp.einsum(f"bk{gl}th,bksh->bk{gl}ts", qg[..., start:end, :], kt[:, :, :keys],
                             preferred_element_type=jnp.float32) * scale
         if bias is not None:
             logits = logits + bias[..., start:end, :keys].astype(jnp.float32)
         if mask is not None:
             logits = jnp.where(mask[..., start:end, :keys], logits, _MIN)
         probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, vt[:, :, :keys], preferred_element_type=jnp.float32))
-    out = jnp.concatenate(outs, axis=3) if len(outs) > 1 else outs[0]
+        outs.append(jnp.einsum(f"bk{gl}ts,bksh->bk{gl}th", probs, vt[:, :, :keys],
+                               preferred_element_type=jnp.float32))
+    out = jnp.concatenate(outs, axis=-2) if len(outs) > 1 else outs[0]
+    out = out.reshape(b, kh, g, t, h)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
 
 
 PREFILL_BLOCK = 128  # queries per block of a prompt's attention (`causal_attention`, `cached_attention`)
 MAX_PREFILL_BLOCKS = 8  # longer prompts take longer blocks (the program's size stays bounded)
-LONG_ATTENTION = 1024  # `attention` on CPU splits longer query sequences into blocks (logits ~1/8 the size)
+LONG_ATTENTION = 1024  # `attention` on CPU splits longer query sequences into blocks ...
+LONG_ATTENTION_BLOCK = 128  # ... of this many queries (or more, to make at most MAX_LONG_ATTENTION_BLOCKS blocks)
+MAX_LONG_ATTENTION_BLOCKS = 32
 
 
 def prefill_block(t: int) -> int:
     return max(PREFILL_BLOCK, -(-t // MAX_PREFILL_BLOCKS))
+
+
+def cpu_query_block(t: int) -> int | None:
+    """Queries per block of `attention` on CPU (None: all T at once). Measured in the towers on an AVX-512 Xeon
+    (benchmarks/encoder_attention.py, results/encoder_attention.json): SigLIP (576 tokens) and SAM's windowed
+    layers (196) are fastest in one block; SAM ViT-B's global layers (4096 tokens) take 1016 ms of attention per
+    layer in 8 blocks of 512 queries, 749 in 32 blocks of 128 (torch's SDPA 760), and the whole SAM tower at 1024
+    px 9.5 s -> 7.4-7.7 s."""
+    if t <= LONG_ATTENTION:
+        return None
+    fewest = -(-t // MAX_LONG_ATTENTION_BLOCKS)
+    return max(LONG_ATTENTION_BLOCK, -(-fewest // 16) * 16)
 
 
 _CACHED_ATTENTION = contextvars.ContextVar("cached_attention", default=None)

@@ -93,16 +93,43 @@ def test_prefill_blocks_stay_few():
     assert -(-4096 // layers.prefill_block(4096)) == layers.MAX_PREFILL_BLOCKS
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("block", [None, 64])
-def test_heads_first_attention_with_a_bias_matches_torch(block):
-    """Bidirectional attention with an additive bias (SAM's relative positions) in query blocks or not, against
-    torch's scaled_dot_product_attention with the same float mask."""
-    q, k, v, _ = _inputs(3)
-    k, v = np.repeat(k, N // K, axis=2), np.repeat(v, N // K, axis=2)
+def test_heads_first_attention_with_a_bias_matches_torch(block, grouped):
+    """Bidirectional attention with an additive bias (SAM's relative positions) in query blocks or not, one key
+    head per query head (the towers: no group axis) or grouped, against torch's scaled_dot_product_attention with
+    the same float mask."""
+    q, k, v, _ = _inputs(3)  # K key heads for N query heads
+    if not grouped:
+        k, v = np.repeat(k, N // K, axis=2), np.repeat(v, N // K, axis=2)
     bias = np.random.default_rng(4).standard_normal((B, N, T, T)).astype(np.float32)
     out = layers.heads_first_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), None, H**-0.5,
                                        jnp.asarray(bias), block)
-    t = lambda x: torch.from_numpy(x).transpose(1, 2)
+    t = lambda x: torch.from_numpy(np.repeat(x, N // x.shape[2], axis=2)).transpose(1, 2)
     ref = torch.nn.functional.scaled_dot_product_attention(t(q), t(k), t(v), attn_mask=torch.from_numpy(bias),
                                                            scale=H**-0.5).transpose(1, 2).numpy()
+    np.testing.assert_allclose(np.asarray(out), ref, atol=TOL_BIAS, rtol=0)
+
+
+def test_cpu_attention_blocks_only_long_sequences():
+    """The towers' attention on CPU: one block up to LONG_ATTENTION queries (SigLIP, SAM's windows), blocks of
+    LONG_ATTENTION_BLOCK beyond (SAM's global layers), never more than MAX_LONG_ATTENTION_BLOCKS of them."""
+    assert layers.cpu_query_block(576) is None and layers.cpu_query_block(layers.LONG_ATTENTION) is None
+    assert layers.cpu_query_block(4096) == layers.LONG_ATTENTION_BLOCK
+    for t in (1100, 4096, 20000, 70000):
+        block = layers.cpu_query_block(t)
+        assert block % 16 == 0 and -(-t // block) <= layers.MAX_LONG_ATTENTION_BLOCKS
+
+
+def test_attention_of_a_long_sequence_with_a_bias_matches_torch():
+    """`layers.attention` past LONG_ATTENTION queries (in blocks on CPU, a short last one here), with a bias."""
+    t, n, h = 1100, 2, 16
+    rng = np.random.default_rng(7)
+    q, k, v = (rng.standard_normal((1, t, n, h)).astype(np.float32) for _ in range(3))
+    bias = rng.standard_normal((1, n, t, t)).astype(np.float32)
+    assert t % layers.cpu_query_block(t)
+    out = layers.attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), bias=jnp.asarray(bias), scale=h**-0.5)
+    tt = lambda x: torch.from_numpy(x).transpose(1, 2)
+    ref = torch.nn.functional.scaled_dot_product_attention(tt(q), tt(k), tt(v), attn_mask=torch.from_numpy(bias),
+                                                           scale=h**-0.5).transpose(1, 2).numpy()
     np.testing.assert_allclose(np.asarray(out), ref, atol=TOL_BIAS, rtol=0)
