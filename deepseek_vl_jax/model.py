@@ -53,18 +53,20 @@ class DeepseekVL(nn.Module):
         global_ = self.high_res_vision_proj(self.high_res_vision_neck(hidden[0]))
         return fuse_high_res(last, global_, self.high_res_vision_alpha)
 
-    def encode_images(self, pixel_values: jax.Array, high_res_pixel_values: jax.Array | None = None) -> jax.Array:
-        """pixel_values [N, 3, H, W] (and [N, 3, Hh, Wh] for the hybrid model) -> image features [N, P, D]."""
-        low, _ = self.vision_model(pixel_values)
+    def encode_images(self, pixel_values: jax.Array, high_res_pixel_values: jax.Array | None = None,
+                      vision_layers=None) -> jax.Array:
+        """pixel_values [N, 3, H, W] (and [N, 3, Hh, Wh] for the hybrid model) -> image features [N, P, D].
+        vision_layers: None, or SigLIP's per-block params (`SiglipVisionModel`'s `layers_params`)."""
+        low, _ = self.vision_model(pixel_values, vision_layers)
         if not self.config.is_hybrid:
             return self.aligner(low)
         return self.aligner(low, self.high_res_features(high_res_pixel_values))
 
-    def embed(self, input_ids, pixel_values=None, high_res_pixel_values=None) -> jax.Array:
+    def embed(self, input_ids, pixel_values=None, high_res_pixel_values=None, vision_layers=None) -> jax.Array:
         """Token embeddings [B, T, D] with image features in the image-token positions."""
         embeds = self.language_model.embed(input_ids)
         if pixel_values is not None:
-            feats = self.encode_images(pixel_values, high_res_pixel_values)
+            feats = self.encode_images(pixel_values, high_res_pixel_values, vision_layers)
             embeds = multimodal.merge_image_embeddings(embeds, input_ids, feats, self.config.image_token_id)
         return embeds
 

@@ -110,7 +110,11 @@ class SiglipVisionModel(nn.Module):
     remat_policy: common.RematPolicy = common.RematPolicy.NONE
 
     @nn.compact
-    def __call__(self, pixel_values: jax.Array):
+    def __call__(self, pixel_values: jax.Array, layers_params=None):
+        """layers_params: None (the blocks scanned over the stacked `layers` params) or one param tree per block
+        (`generation.weights.split_layers`: views of the stacked arrays; the params given to `apply` then need no
+        `layers`). On CPU XLA copies each block's weights out of the stacked arrays in a scan (the dynamic slice
+        is not fused into the dots): SigLIP at the 0.45B benchmark's size, 648 -> 620 ms."""
         c = self.config
         x = jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(self.dtype)  # [B, H, W, C]
         x = nn.Conv(
@@ -127,12 +131,17 @@ class SiglipVisionModel(nn.Module):
                          nn.with_logical_partitioning(nn.initializers.normal(0.02), (common.POSITIONS, common.EMBED)),
                          (c.num_patches, c.hidden_size), self.param_dtype)
         x = x + pos.astype(x.dtype)[None]
-        block = layers.remat(SiglipBlock, self.remat_policy)
-        x, _ = nn.scan(
-            block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-            length=c.num_hidden_layers,
-            metadata_params={nn.PARTITION_NAME: common.LAYERS},
-        )(c, self.dtype, self.param_dtype, name="layers")(x, None)
+        if layers_params is not None:
+            unbound = SiglipBlock(c, self.dtype, self.param_dtype, parent=None)
+            for p in layers_params:
+                x, _ = unbound.apply({"params": p}, x)
+        else:
+            block = layers.remat(SiglipBlock, self.remat_policy)
+            x, _ = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                length=c.num_hidden_layers,
+                metadata_params={nn.PARTITION_NAME: common.LAYERS},
+            )(c, self.dtype, self.param_dtype, name="layers")(x, None)
         x = layers.layer_norm(c.layer_norm_eps, self.param_dtype, "post_layernorm")(x).astype(self.dtype)
         pooled = SiglipPoolingHead(c, self.dtype, self.param_dtype, name="head")(x) if c.vision_use_head else None
         return x, pooled

@@ -37,7 +37,7 @@ def test_prefill_then_decode_equals_full_forward(generation_checkpoints, kind, l
     step = jax.jit(lambda p, s: loop.decode_step(module, sampler, p, s, sp, stop))
 
     if layout == "scan":
-        params = {"params": model.params, "layers": None}
+        params = {"params": model.params, "layers": None, "vision_layers": None}
     else:
         params = weights.split_layers(model.params, fuse=layout == "fused")
         assert ("qkv_proj" in params["layers"][0]["self_attn"]) == (layout == "fused")

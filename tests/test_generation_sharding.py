@@ -39,14 +39,18 @@ def test_sharded_generate_equals_one_device(checkpoint, layout):
     want = generate(single, inputs, **kw)
     np.testing.assert_array_equal(generate(model, inputs, **kw), want)
     # the per-layer trees are views of the stacked weights: each shard aliases the stacked shard's memory
-    layer1 = weights.generation_params(model)["layers"][1]
-    q1 = layer1["self_attn"]["q_proj"]["kernel"]
+    # (SigLIP's blocks too)
+    split = weights.generation_params(model)
+    for tower, layer1 in (("language_model", split["layers"][1]), ("vision_model", split["vision_layers"][1])):
+        q1 = layer1["self_attn"]["q_proj"]["kernel"]
+        stacked = model.params[tower]["layers"]["self_attn"]["q_proj"]["kernel"]
+        assert "layers" not in split["params"][tower]
+        assert tuple(q1.sharding.spec) == tuple(stacked.sharding.spec)[1:]
+        for view, whole in zip(q1.addressable_shards, stacked.addressable_shards):
+            assert view.device == whole.device
+            offset = view.data.unsafe_buffer_pointer() - whole.data.unsafe_buffer_pointer()
+            assert offset == view.data.nbytes  # layer 1 starts one layer into the stacked buffer
     stacked = model.params["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"]
-    assert tuple(q1.sharding.spec) == tuple(stacked.sharding.spec)[1:]
-    for view, whole in zip(q1.addressable_shards, stacked.addressable_shards):
-        assert view.device == whole.device
-        offset = view.data.unsafe_buffer_pointer() - whole.data.unsafe_buffer_pointer()
-        assert offset == view.data.nbytes  # layer 1 starts one layer into the stacked buffer
     # q/k/v and gate/up fuse (new buffers, on request) unless tensor parallelism shards their output axis
     if layout == "fsdp":
         qkv = weights.split_layers(model.params, fuse=True)["layers"][0]["self_attn"]["qkv_proj"]["kernel"]

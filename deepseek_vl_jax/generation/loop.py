@@ -1,8 +1,9 @@
 """The compiled parts of generation: prefill (vision encoders + prompt, once), one decode step, and the whole
 decode loop as one `lax.while_loop` that stops at max_new_tokens or when every row has emitted an end token.
 
-`params` here is `weights.generation_params(model)`: {"params": the rest, "layers": one tree per decoder layer}
-(CPU), or {"params": the model's params, "layers": None} (the decoder scanned over its stacked layers).
+`params` here is `weights.generation_params(model)`: {"params": the rest, "layers": one tree per decoder layer,
+"vision_layers": one per SigLIP block} (CPU), or {"params": the model's params, "layers": None, "vision_layers":
+None} (the decoder and SigLIP scanned over their stacked layers).
 Shapes: B batch, T padded prompt length (a bucket), G generated-token buffer, S = T + G cache slots, V vocabulary.
 Prompts are left-padded, so the last prompt slot holds every row's last real token.
 
@@ -105,7 +106,8 @@ def prompt_logits(module: DeepseekVL, mesh: Mesh | None, gen_len: int, params, i
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     b, t = ids.shape
     apply = functools.partial(module.apply, {"params": params["params"]})
-    embeds = apply(ids, inputs.get("pixel_values"), inputs.get("high_res_pixel_values"), method="embed")
+    embeds = apply(ids, inputs.get("pixel_values"), inputs.get("high_res_pixel_values"), params.get("vision_layers"),
+                   method="embed")
     key_valid = jnp.zeros((b, t + gen_len), bool).at[:, :t].set(mask.astype(bool))
     cache = kv_cache.init_cache(config.text, b, t + gen_len, embeds.dtype, stacked=params["layers"] is None)
     cache = kv_cache.constrain_cache(cache, mesh, config.text)

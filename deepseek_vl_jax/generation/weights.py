@@ -1,7 +1,8 @@
 """The parameters in the layout generation runs on, held once. On CPU with float weights: the decoder's stacked
 layers split into one tree per layer (see `llama.apply_layers` for why) whose arrays are views of the stacked ones
-(the same memory, no copy), everything else the model's own parameters. On TPU/GPU, and on CPU for a quantized
-decoder (`quantized_decoder`): the model's own parameters, the decoder scanned over its stacked layers. Either way
+(the same memory, no copy), SigLIP's blocks the same way, everything else the model's own parameters. On TPU/GPU,
+and on CPU for a quantized decoder (`quantized_decoder`): the model's own parameters, the decoder and SigLIP
+scanned over their stacked layers. Either way
 a generating model holds its weights once, float or quantized (`QTensor` leaves split like any other: values and
 scales).
 
@@ -96,14 +97,17 @@ def _split_views(stacked) -> tuple:
 
 
 def split_layers(params, fuse: bool = False) -> dict:
-    """{"params": params without language_model.layers, "layers": (layer 0 tree, layer 1 tree, ...)}.
-    The layer trees are views of the stacked arrays (`layer_views`), or with `fuse` new buffers with q/k/v and
-    gate/up concatenated (not where tensor parallelism shards their output axis)."""
-    lm = params["language_model"]
-    rest = dict(params, language_model={k: v for k, v in lm.items() if k != "layers"})
+    """{"params": params without language_model.layers and vision_model.layers, "layers": (layer 0 tree, layer 1
+    tree, ...), "vision_layers": SigLIP's block trees}. The layer trees are views of the stacked arrays
+    (`layer_views`), or with `fuse` new buffers with q/k/v and gate/up concatenated (not where tensor parallelism
+    shards their output axis); SigLIP's blocks are always views (`siglip.SiglipVisionModel` says why)."""
+    lm, vm = params["language_model"], params["vision_model"]
+    rest = dict(params, language_model={k: v for k, v in lm.items() if k != "layers"},
+                vision_model={k: v for k, v in vm.items() if k != "layers"})
     if fuse and not can_fuse(lm["layers"]):
         raise ValueError("cannot fuse q/k/v or gate/up: their output axis is sharded (tensor parallelism)")
-    return {"params": rest, "layers": _split_fused(lm["layers"]) if fuse else _split_views(lm["layers"])}
+    return {"params": rest, "layers": _split_fused(lm["layers"]) if fuse else _split_views(lm["layers"]),
+            "vision_layers": _split_views(vm["layers"])}
 
 
 def split_on(model) -> bool:
@@ -153,10 +157,10 @@ def release_heap_after_compiles() -> bool:
 
 def generation_params(model) -> dict:
     """`split_layers(model.params)` where `split_on(model)` (cached on the model, recomputed if its params object is
-    replaced), else {"params": model.params, "layers": None}. Installs `release_heap_after_compiles`."""
+    replaced), else {"params": model.params, "layers": None, "vision_layers": None}. Installs `release_heap_after_compiles`."""
     release_heap_after_compiles()
     if not split_on(model):
-        return {"params": model.params, "layers": None}
+        return {"params": model.params, "layers": None, "vision_layers": None}
     cached = model.__dict__.get("_generation_params")
     if cached is None or cached[0] is not model.params:
         cached = (model.params, split_layers(model.params))

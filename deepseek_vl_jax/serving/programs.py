@@ -262,7 +262,8 @@ class Programs:
 
     def _encode(self, params, pixel_values, high_res_pixel_values):
         """pixel_values [1, 3, H, W] -> features [P, D]."""
-        return self._apply(params)(pixel_values, high_res_pixel_values, method="encode_images")[0]
+        return self._apply(params)(pixel_values, high_res_pixel_values, params.get("vision_layers"),
+                                   method="encode_images")[0]
 
     def _chunk_row(self, params, row, ids, feats, is_image, start, n_valid):
         """One request row: ids [C], feats [C, D] (image features where is_image [C]), written at slots
