@@ -79,7 +79,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | Non
     out_dtype = q.dtype
     if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
         return attention_with_probs(q, k, v, mask, scale, bias)[0]
-    if jax.default_backend() == "cpu":  # faster there, in query blocks whose logits stay in a core's cache
+    if jax.default_backend() == "cpu":  # faster there; long sequences (SAM's global attention) in query blocks
         h = q.shape[-1]
         block = cpu_query_block(q.shape[1])
         return heads_first_attention(q, k, v, mask, h**-0.5 if scale is None else scale, bias, block)
@@ -210,11 +210,11 @@ def prefill_block(t: int) -> int:
 
 
 def cpu_query_block(t: int) -> int | None:
-    """Queries per block of `attention` on CPU (None: all T at once). Measured in the towers on an AVX-512 Xeon
+    """Queries per block of `attention` on CPU (None: all T at once). Measured on an AVX-512 Xeon
     (benchmarks/encoder_attention.py, results/encoder_attention.json): SigLIP (576 tokens) and SAM's windowed
-    layers (196) are fastest in one block; SAM ViT-B's global layers (4096 tokens) take 1016 ms of attention per
-    layer in 8 blocks of 512 queries, 749 in 32 blocks of 128 (torch's SDPA 760), and the whole SAM tower at 1024
-    px 9.5 s -> 7.4-7.7 s."""
+    layers (196) are fastest in one block inside their towers; one of SAM ViT-B's global layers (4096 tokens)
+    takes 1089 ms of attention in 8 blocks of 512 queries, 760 in 32 blocks of 128 (torch's SDPA 708), and the
+    whole SAM tower at 1024 px 8.71 s -> 7.37 s (transformers' 7.48)."""
     if t <= LONG_ATTENTION:
         return None
     fewest = -(-t // MAX_LONG_ATTENTION_BLOCKS)

@@ -157,7 +157,8 @@ def release_heap_after_compiles() -> bool:
 
 def generation_params(model) -> dict:
     """`split_layers(model.params)` where `split_on(model)` (cached on the model, recomputed if its params object is
-    replaced), else {"params": model.params, "layers": None, "vision_layers": None}. Installs `release_heap_after_compiles`."""
+    replaced), else {"params": model.params, "layers": None, "vision_layers": None}. Installs
+    `release_heap_after_compiles`."""
     release_heap_after_compiles()
     if not split_on(model):
         return {"params": model.params, "layers": None, "vision_layers": None}
